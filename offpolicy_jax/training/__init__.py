@@ -1,0 +1,22 @@
+"""The RL engine: train state and optimizers, the sharded train step, checkpoints, logging, the loop.
+
+Read in this order: ``optim`` (optimizers and schedules), ``state`` (the train state), ``step`` (one
+jitted update with gradient accumulation and the non-finite guard), ``checkpoint`` (orbax save and
+exact resume), ``logging`` (metrics.jsonl, TensorBoard, progress bar), ``loop`` (rollout -> reward ->
+advantage -> update).
+"""
+
+from offpolicy_jax.training.optim import OptimizerConfig, make_optimizer, make_schedule
+from offpolicy_jax.training.state import TrainState, create_train_state
+from offpolicy_jax.training.step import make_train_step, NonFiniteError, NonFiniteGuard
+
+__all__ = [
+    "OptimizerConfig",
+    "make_optimizer",
+    "make_schedule",
+    "TrainState",
+    "create_train_state",
+    "make_train_step",
+    "NonFiniteError",
+    "NonFiniteGuard",
+]

@@ -1,0 +1,83 @@
+"""Metrics: ``metrics.jsonl`` and TensorBoard event files in the workdir, a tqdm progress bar, and
+the final one-line JSON summary. Only process 0 writes (multi-host runs log once)."""
+
+import json
+import math
+import os
+import sys
+
+import numpy as np
+
+# Metrics that measure the machine, not the run: excluded when comparing a resumed run with an
+# uninterrupted one.
+TIMING_KEYS = ("tokens_per_s", "step_s", "rollout_s", "reward_s", "update_s", "eval_s", "wall_s")
+
+
+def to_python(value):
+    """A JSON-friendly float/int from a numpy/JAX scalar (NaN and inf become strings)."""
+    value = np.asarray(value)
+    if value.dtype.kind in "iub":
+        return int(value)
+    value = float(value)
+    if math.isfinite(value):
+        return value
+    return str(value)
+
+
+class MetricsLogger:
+    """Appends one JSON object per step to ``metrics.jsonl`` and mirrors scalars to TensorBoard.
+
+    On resume, ``truncate_after(step)`` drops lines logged after the restored checkpoint, so the
+    file of a killed-and-resumed run is identical (up to timing keys) to an uninterrupted run's.
+    """
+
+    def __init__(self, workdir: str, *, is_main: bool = True, tensorboard: bool = True):
+        self.is_main = is_main
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self._writer = None
+        if is_main:
+            os.makedirs(workdir, exist_ok=True)
+            if tensorboard:
+                from tensorboardX import SummaryWriter
+                self._writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+    def truncate_after(self, step: int) -> None:
+        """Keeps only the records with ``record['step'] <= step``."""
+        if not self.is_main or not os.path.exists(self.path):
+            return
+        with open(self.path) as f:
+            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(kept)
+        os.replace(tmp, self.path)
+
+    def write(self, step: int, metrics: dict) -> dict:
+        record = {"step": int(step), **{k: to_python(v) for k, v in sorted(metrics.items())}}
+        if self.is_main:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            if self._writer is not None:
+                for key, value in record.items():
+                    if key != "step" and isinstance(value, (int, float)):
+                        self._writer.add_scalar(key, value, step)
+        return record
+
+    def read(self) -> list[dict]:
+        if not os.path.exists(self.path):
+            return []
+        with open(self.path) as f:
+            return [json.loads(line) for line in f if line.strip()]
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.flush()
+            self._writer.close()
+
+
+def print_summary(summary: dict, *, is_main: bool = True) -> None:
+    """The run's last line on stdout: one JSON object (the contract scripts and tests parse)."""
+    if is_main:
+        sys.stdout.flush()
+        print(json.dumps({k: to_python(v) if not isinstance(v, str) else v
+                          for k, v in summary.items()}), flush=True)
