@@ -1,0 +1,68 @@
+"""The flags every experiment file shares (absl). Each experiment adds its algorithm's own flags.
+
+Defining them here, once, is what lets a test parse every launch script and README command
+against the real definitions: a renamed flag breaks that test instead of a user's run.
+"""
+
+from absl import flags
+
+from offpolicy_jax.training.loop import RunConfig
+
+_DEFAULTS = RunConfig(workdir="")
+
+WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics.jsonl, "
+                              "TensorBoard events. Reusing it resumes the run. Default: "
+                              "./workdirs/<experiment>.")
+MODEL = flags.DEFINE_string("model", _DEFAULTS.model, "A Hugging Face checkpoint directory "
+                            "(config.json + safetensors + tokenizer) or the alias 'tiny-arith' "
+                            "(the embedded default, built and cached on first use).")
+DATASET = flags.DEFINE_string("dataset", _DEFAULTS.dataset, "'arith' (embedded), 'gsm8k', "
+                              "'math500', or a JSONL path (see --prompt_field/--answer_field).")
+PROMPT_FIELD = flags.DEFINE_string("prompt_field", _DEFAULTS.prompt_field,
+                                   "JSONL datasets: the field holding the question.")
+ANSWER_FIELD = flags.DEFINE_string("answer_field", _DEFAULTS.answer_field,
+                                   "JSONL datasets: the field holding the gold answer.")
+STEPS = flags.DEFINE_integer("steps", _DEFAULTS.steps, "Rollout batches (RL iterations).")
+SEED = flags.DEFINE_integer("seed", _DEFAULTS.seed, "Seed for data order, sampling, init.")
+MESH = flags.DEFINE_string("mesh", _DEFAULTS.mesh, "Device mesh 'data,fsdp,tensor'; -1 takes the "
+                           "remaining devices.")
+BATCH_SIZE = flags.DEFINE_integer("batch_size", _DEFAULTS.batch_size, "Prompts per iteration.")
+GROUP_SIZE = flags.DEFINE_integer("group_size", _DEFAULTS.group_size, "Responses per prompt.")
+MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", _DEFAULTS.max_new_tokens,
+                                      "Response length budget (tokens).")
+TEMPERATURE = flags.DEFINE_float("temperature", _DEFAULTS.temperature, "Rollout temperature.")
+TOP_K = flags.DEFINE_integer("top_k", None, "Rollout top-k (None: off).")
+TOP_P = flags.DEFINE_float("top_p", None, "Rollout top-p (None: off).")
+LEARNING_RATE = flags.DEFINE_float("learning_rate", _DEFAULTS.learning_rate, "Peak learning rate.")
+OPTIMIZER = flags.DEFINE_enum("optimizer", _DEFAULTS.optimizer, ["adamw", "adafactor"],
+                              "Optimizer.")
+GRAD_CLIP = flags.DEFINE_float("grad_clip", _DEFAULTS.grad_clip, "Global-norm gradient clip.")
+NUM_MICROBATCHES = flags.DEFINE_integer("num_microbatches", _DEFAULTS.num_microbatches,
+                                        "Gradient-accumulation steps per optimizer update.")
+EVAL_EVERY = flags.DEFINE_integer("eval_every", _DEFAULTS.eval_every, "Held-out evaluation every "
+                                  "N iterations (0 disables periodic evaluation; the start and "
+                                  "the end are always evaluated).")
+EVAL_SIZE = flags.DEFINE_integer("eval_size", _DEFAULTS.eval_size, "Held-out prompts.")
+EVAL_SAMPLES = flags.DEFINE_integer("eval_samples", _DEFAULTS.eval_samples,
+                                    "Samples per held-out prompt (pass@1 is their mean).")
+EVAL_TEMPERATURE = flags.DEFINE_float("eval_temperature", _DEFAULTS.eval_temperature,
+                                      "Sampling temperature of the held-out evaluation.")
+CKPT_EVERY = flags.DEFINE_integer("ckpt_every", _DEFAULTS.ckpt_every, "Checkpoint every N "
+                                  "iterations (and at the end).")
+DTYPE = flags.DEFINE_enum("dtype", _DEFAULTS.dtype, ["float32", "bfloat16"], "Parameter dtype.")
+PROGRESS = flags.DEFINE_bool("progress", _DEFAULTS.progress, "Show a progress bar.")
+
+
+def run_config(experiment_name: str) -> RunConfig:
+    """A ``RunConfig`` from the parsed shared flags."""
+    return RunConfig(
+        workdir=WORKDIR.value or f"workdirs/{experiment_name}",
+        model=MODEL.value, dataset=DATASET.value, prompt_field=PROMPT_FIELD.value,
+        answer_field=ANSWER_FIELD.value, steps=STEPS.value, seed=SEED.value, mesh=MESH.value,
+        batch_size=BATCH_SIZE.value, group_size=GROUP_SIZE.value,
+        max_new_tokens=MAX_NEW_TOKENS.value, temperature=TEMPERATURE.value, top_k=TOP_K.value,
+        top_p=TOP_P.value, learning_rate=LEARNING_RATE.value, optimizer=OPTIMIZER.value,
+        grad_clip=GRAD_CLIP.value, num_microbatches=NUM_MICROBATCHES.value,
+        eval_every=EVAL_EVERY.value, eval_size=EVAL_SIZE.value, eval_samples=EVAL_SAMPLES.value,
+        eval_temperature=EVAL_TEMPERATURE.value, ckpt_every=CKPT_EVERY.value, dtype=DTYPE.value,
+        progress=PROGRESS.value)

@@ -1,0 +1,121 @@
+"""From sampled responses to training arrays, and the training-side log-probs of those responses.
+
+Layout of one packed batch (N rows = prompts x group size):
+
+    tokens  [N, P + R]   left-padded prompt (P = prompt bucket) | response, right-padded (R)
+    attention_mask       1 on real prompt tokens and on response tokens up to the response length
+    positions            0, 1, ... from the first real token of each row (left padding skipped)
+    response_mask [N, R] 1 on generated tokens up to and including EOS (the losses' ``mask``)
+
+The log-prob of response token ``j`` (at column ``P + j``) comes from the hidden state at column
+``P + j - 1``, so only the last ``R`` hidden states are projected to the vocabulary; the prompt's
+logits are never materialised.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from offpolicy_jax import models
+
+
+def bucket_length(length: int, minimum: int = 8) -> int:
+    """Smallest power of two >= ``length`` (and >= ``minimum``): few distinct shapes, few compiles."""
+    bucket = minimum
+    while bucket < length:
+        bucket *= 2
+    return bucket
+
+
+@dataclasses.dataclass
+class PackedBatch:
+    """Host-side (numpy) arrays of a rollout batch, ready to be fed to the train step."""
+
+    tokens: np.ndarray           # [N, P + R] int32
+    attention_mask: np.ndarray   # [N, P + R] int32
+    positions: np.ndarray        # [N, P + R] int32
+    response_mask: np.ndarray    # [N, R] float32
+    prompt_length: int           # P (the bucket), static
+
+    @property
+    def num_response_tokens(self) -> int:
+        return self.response_mask.shape[1]
+
+    def model_inputs(self) -> dict:
+        return {"tokens": self.tokens, "attention_mask": self.attention_mask,
+                "positions": self.positions, "mask": self.response_mask}
+
+
+def pack_sequences(prompt_tokens: list[list[int]], response_tokens: np.ndarray,
+                   response_lengths: np.ndarray, *, pad_id: int,
+                   prompt_bucket: int | None = None) -> PackedBatch:
+    """Packs ragged prompts and right-padded responses into one left/right-padded batch.
+
+    Args:
+      prompt_tokens: N token-id lists (one per row; repeat a prompt for each sample of its group).
+      response_tokens: [N, R] int, padded after each row's length.
+      response_lengths: [N] number of generated tokens per row (EOS included).
+      pad_id: token id used for padding (masked out everywhere).
+      prompt_bucket: P; defaults to ``bucket_length`` of the longest prompt.
+    """
+    response_tokens = np.asarray(response_tokens, np.int32)
+    response_lengths = np.asarray(response_lengths, np.int32)
+    num_rows, num_response = response_tokens.shape
+    if len(prompt_tokens) != num_rows or response_lengths.shape != (num_rows,):
+        raise ValueError(
+            f"pack_sequences: {len(prompt_tokens)} prompts, response_tokens {response_tokens.shape}"
+            f" and response_lengths {response_lengths.shape} must agree on N")
+    longest = max(len(p) for p in prompt_tokens)
+    prompt_bucket = prompt_bucket or bucket_length(longest)
+    if longest > prompt_bucket:
+        raise ValueError(f"a prompt has {longest} tokens, more than prompt_bucket={prompt_bucket}")
+    tokens = np.full((num_rows, prompt_bucket + num_response), pad_id, np.int32)
+    attention_mask = np.zeros_like(tokens)
+    for row, prompt in enumerate(prompt_tokens):
+        tokens[row, prompt_bucket - len(prompt):prompt_bucket] = prompt
+        attention_mask[row, prompt_bucket - len(prompt):prompt_bucket] = 1
+    response_mask = (np.arange(num_response)[None, :] < response_lengths[:, None])
+    tokens[:, prompt_bucket:] = np.where(response_mask, response_tokens, pad_id)
+    attention_mask[:, prompt_bucket:] = response_mask
+    positions = np.maximum(np.cumsum(attention_mask, axis=1) - 1, 0).astype(np.int32)
+    return PackedBatch(tokens=tokens, attention_mask=attention_mask, positions=positions,
+                       response_mask=response_mask.astype(np.float32),
+                       prompt_length=prompt_bucket)
+
+
+def response_log_probs(cfg, params, tokens, attention_mask, positions, *, num_response: int,
+                       temperature: float = 1.0, with_vocab_mean: bool = False,
+                       with_entropy: bool = False) -> dict:
+    """Per-token log-probs of the response under ``params``: ``log softmax(z / T)[y_t]``.
+
+    Args:
+      cfg, params: the policy.
+      tokens, attention_mask, positions: [N, P + R] packed batch (see ``pack_sequences``).
+      num_response: R (static).
+      temperature: the sampling temperature T the behaviour log-probs were computed with (the
+        trainer must divide by the same T, or importance ratios are biased); 0 (greedy) means 1.
+      with_vocab_mean: also return ``vocab_mean`` = mean_a log softmax(z/T)_a (ROVER's M(s)).
+      with_entropy: also return the per-token entropy of softmax(z/T).
+
+    Returns: dict with ``logp`` [N, R] float32 (and ``vocab_mean`` / ``entropy`` [N, R]).
+    """
+    hidden = models.apply_hidden(cfg, params, tokens, attention_mask=attention_mask,
+                                 positions=positions)
+    total = tokens.shape[1]
+    # Column P + j - 1 predicts response token j.
+    predicting = hidden[:, total - num_response - 1:total - 1]
+    logits = models.hidden_to_logits(cfg, params, predicting).astype(jnp.float32)
+    if temperature and temperature != 1.0:
+        logits = logits / temperature
+    targets = tokens[:, total - num_response:]
+    log_normaliser = jax.nn.logsumexp(logits, axis=-1)
+    target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    out = {"logp": target_logits - log_normaliser}
+    if with_vocab_mean:
+        out["vocab_mean"] = jnp.mean(logits, axis=-1) - log_normaliser
+    if with_entropy:
+        probs = jax.nn.softmax(logits, axis=-1)
+        out["entropy"] = log_normaliser - jnp.sum(probs * logits, axis=-1)
+    return out
