@@ -1,0 +1,327 @@
+"""The embedded task ``arith``: procedurally generated multi-step integer arithmetic.
+
+A problem is an expression over small positive integers with ``+``, ``-`` and ``*`` (optionally
+with parentheses), e.g. ``12+7*3``. Its demonstration shows one operation per step, in the order
+a person would evaluate it (innermost / higher precedence first, then left to right), and ends in
+the boxed answer the verifier reads::
+
+    prompt:    "Q: 12+7*3\\nA: "
+    response:  "7*3=21, 12+21=33. \\boxed{33}"
+    gold:      "33"
+
+Everything is deterministic given a seed. The held-out split is fixed and disjoint from training
+by construction: an expression belongs to the held-out split iff a hash of its text falls in the
+first ``heldout_percent`` of 100 buckets, so no training seed can ever produce a held-out problem
+(and the held-out set itself does not depend on the training seed).
+
+Difficulty knobs (``ArithConfig``): the number of operands, their range, the operators, a bound
+on every intermediate value (which keeps each step within the digits a tiny model can learn), and
+parentheses. The defaults (2-4 operands in 1..9, ``+ - *``, ``|values| <= 99``) give prompts of at
+most 14 characters and responses of at most about 50, a task a ~1-5 M-parameter character-level
+transformer learns partially with a few minutes of supervised training on a CPU: enough for
+sampled answers to be right often but not always (pass@1 well below pass@8), which leaves room
+for RL.
+"""
+
+import dataclasses
+import hashlib
+import random
+from collections.abc import Iterator
+
+SPLITS = ("train", "heldout")
+
+# Operator precedence: higher binds tighter.
+_PRECEDENCE = {"+": 1, "-": 1, "*": 2}
+_APPLY = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
+
+# The held-out set is one fixed sequence whatever the training seed, so that every run of every
+# experiment measures the same problems (a larger --eval_size extends it, keeping the prefix).
+HELDOUT_SEED = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class ArithConfig:
+    """Difficulty knobs of the ``arith`` task.
+
+    Attributes:
+      min_operands: fewest numbers in an expression (>= 2, so there is always a step).
+      max_operands: most numbers in an expression.
+      min_operand: smallest number drawn (uniformly, inclusive).
+      max_operand: largest number drawn (uniformly, inclusive).
+      operators: the operators drawn from (uniformly), a subset of ``"+-*"``.
+      max_intermediate: every intermediate and final value satisfies ``|v| <= max_intermediate``;
+        problems that break it are redrawn. This caps the digits any single step needs.
+      parentheses: when True, expressions are random binary trees rendered with the parentheses
+        they need (e.g. ``(3+4)*2``); when False, flat expressions evaluated by precedence.
+      heldout_percent: percentage (0-100) of the expression space reserved for the held-out split.
+    """
+
+    min_operands: int = 2
+    max_operands: int = 4
+    min_operand: int = 1
+    max_operand: int = 9
+    operators: str = "+-*"
+    max_intermediate: int = 99
+    parentheses: bool = False
+    heldout_percent: int = 10
+
+    def validate(self) -> None:
+        """Raises ``ValueError`` naming the first inconsistent knob."""
+        checks = [
+            (2 <= self.min_operands <= self.max_operands,
+             f"ArithConfig needs 2 <= min_operands <= max_operands, got min_operands="
+             f"{self.min_operands}, max_operands={self.max_operands}"),
+            (0 <= self.min_operand <= self.max_operand,
+             f"ArithConfig needs 0 <= min_operand <= max_operand, got {self.min_operand}, "
+             f"{self.max_operand}"),
+            (bool(self.operators) and set(self.operators) <= set(_PRECEDENCE),
+             f"ArithConfig.operators must be a non-empty subset of '+-*', got "
+             f"{self.operators!r}"),
+            (self.max_intermediate >= self.max_operand,
+             f"ArithConfig.max_intermediate={self.max_intermediate} is below max_operand="
+             f"{self.max_operand}: no problem could satisfy it"),
+            (0 < self.heldout_percent < 100,
+             f"ArithConfig.heldout_percent must be in (0, 100), got {self.heldout_percent}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    """One arithmetic problem with its worked solution.
+
+    Attributes:
+      expression: the expression text, e.g. ``"12+7*3"``.
+      answer: its integer value.
+      steps: one ``"a op b=c"`` string per operation, in evaluation order.
+    """
+
+    expression: str
+    answer: int
+    steps: tuple[str, ...]
+
+    @property
+    def prompt(self) -> str:
+        return format_prompt(self.expression)
+
+    @property
+    def response(self) -> str:
+        """The demonstration: the steps, then the boxed answer."""
+        return ", ".join(self.steps) + f". \\boxed{{{self.answer}}}"
+
+    @property
+    def gold(self) -> str:
+        return str(self.answer)
+
+
+def format_prompt(expression: str) -> str:
+    """The prompt for an expression: ``"Q: <expression>\\nA: "`` (the response follows)."""
+    return f"Q: {expression}\nA: "
+
+
+# ---------------------------------------------------------------------------------------------
+# Expression trees. A tree is either an int (a leaf) or a tuple (op, left, right).
+
+
+def _render(tree) -> str:
+    """Text of a tree, with exactly the parentheses that make parsing it give back the same tree:
+    a left child is bracketed when it binds looser than its parent, a right child when it binds
+    no tighter (so ``a-(b-c)`` and ``a+(b+c)`` keep their structure and their step order)."""
+    if isinstance(tree, int):
+        return str(tree)
+    op, left, right = tree
+    left_text, right_text = _render(left), _render(right)
+    if not isinstance(left, int) and _PRECEDENCE[left[0]] < _PRECEDENCE[op]:
+        left_text = f"({left_text})"
+    if not isinstance(right, int) and _PRECEDENCE[right[0]] <= _PRECEDENCE[op]:
+        right_text = f"({right_text})"
+    return f"{left_text}{op}{right_text}"
+
+
+def _flat_tree(operands: list[int], operators: list[str]):
+    """The tree of a flat expression under the usual rules: ``*`` before ``+``/``-``, each level
+    left-associative."""
+    # Fold every run of products into one subtree, then fold the sums left to right.
+    terms, term_ops = [operands[0]], []
+    for op, value in zip(operators, operands[1:]):
+        if op == "*":
+            terms[-1] = ("*", terms[-1], value)
+        else:
+            terms.append(value)
+            term_ops.append(op)
+    tree = terms[0]
+    for op, term in zip(term_ops, terms[1:]):
+        tree = (op, tree, term)
+    return tree
+
+
+def _random_tree(rng: random.Random, operands: list[int], operators: str):
+    """A uniformly split random binary tree over ``operands`` (in order)."""
+    if len(operands) == 1:
+        return operands[0]
+    split = rng.randint(1, len(operands) - 1)
+    return (rng.choice(operators), _random_tree(rng, operands[:split], operators),
+            _random_tree(rng, operands[split:], operators))
+
+
+def _evaluate(tree, steps: list[str]) -> int:
+    """Value of ``tree``; appends one ``"a op b=c"`` per operation in post-order (left first)."""
+    if isinstance(tree, int):
+        return tree
+    op, left, right = tree
+    a = _evaluate(left, steps)
+    b = _evaluate(right, steps)
+    value = _APPLY[op](a, b)
+    steps.append(f"{a}{op}{b}={value}")
+    return value
+
+
+def _max_abs_value(tree) -> int:
+    """Largest ``|value|`` over every leaf and every intermediate result of ``tree``."""
+    if isinstance(tree, int):
+        return abs(tree)
+    _, left, right = tree
+    return max(abs(_evaluate(tree, [])), _max_abs_value(left), _max_abs_value(right))
+
+
+def problem_from_tree(tree) -> Problem:
+    """The ``Problem`` (expression text, answer, worked steps) of an expression tree."""
+    steps: list[str] = []
+    answer = _evaluate(tree, steps)
+    return Problem(expression=_render(tree), answer=answer, steps=tuple(steps))
+
+
+def parse_expression(expression: str) -> Problem:
+    """Parses an ``arith`` expression (non-negative integers, ``+ - *``, parentheses) into a
+    ``Problem`` with its worked steps. Used to check the generator and to solve a given prompt.
+
+    Raises:
+      ValueError: naming the position of the first character that does not fit the grammar.
+    """
+    position = 0
+
+    def fail(what: str):
+        raise ValueError(f"cannot parse arith expression {expression!r} at position "
+                         f"{position}: {what}")
+
+    def parse_sum():
+        nonlocal position
+        tree = parse_product()
+        while position < len(expression) and expression[position] in "+-":
+            op = expression[position]
+            position += 1
+            tree = (op, tree, parse_product())
+        return tree
+
+    def parse_product():
+        nonlocal position
+        tree = parse_atom()
+        while position < len(expression) and expression[position] == "*":
+            position += 1
+            tree = ("*", tree, parse_atom())
+        return tree
+
+    def parse_atom():
+        nonlocal position
+        if position < len(expression) and expression[position] == "(":
+            position += 1
+            tree = parse_sum()
+            if position >= len(expression) or expression[position] != ")":
+                fail("expected ')'")
+            position += 1
+            return tree
+        start = position
+        while position < len(expression) and expression[position].isdigit():
+            position += 1
+        if start == position:
+            fail("expected a number or '('")
+        return int(expression[start:position])
+
+    tree = parse_sum()
+    if position != len(expression):
+        fail("unexpected trailing text")
+    steps: list[str] = []
+    answer = _evaluate(tree, steps)
+    return Problem(expression=expression, answer=answer, steps=tuple(steps))
+
+
+# ---------------------------------------------------------------------------------------------
+# Splits and generation.
+
+
+def split_of(expression: str, heldout_percent: int = ArithConfig.heldout_percent) -> str:
+    """``"heldout"`` or ``"train"``: a fixed function of the expression text (SHA-256 bucket), so
+    the two splits are disjoint whatever the seeds used to draw from them."""
+    bucket = int.from_bytes(hashlib.sha256(expression.encode("utf-8")).digest()[:8], "big") % 100
+    return "heldout" if bucket < heldout_percent else "train"
+
+
+def random_problem(rng: random.Random, config: ArithConfig = ArithConfig(),
+                   max_attempts: int = 10_000) -> Problem:
+    """One problem drawn from ``config``'s distribution (either split), redrawing those with an
+    intermediate value beyond ``config.max_intermediate``."""
+    for _ in range(max_attempts):
+        count = rng.randint(config.min_operands, config.max_operands)
+        operands = [rng.randint(config.min_operand, config.max_operand) for _ in range(count)]
+        if config.parentheses:
+            tree = _random_tree(rng, operands, config.operators)
+        else:
+            tree = _flat_tree(operands, [rng.choice(config.operators) for _ in range(count - 1)])
+        if _max_abs_value(tree) <= config.max_intermediate:
+            return problem_from_tree(tree)
+    raise ValueError(f"no problem within max_intermediate={config.max_intermediate} in "
+                     f"{max_attempts} draws from {config}")
+
+
+def iterate_problems(split: str, seed: int, config: ArithConfig = ArithConfig(), *,
+                     unique: bool = False) -> Iterator[Problem]:
+    """An endless deterministic stream of ``split`` problems (``"train"`` or ``"heldout"``).
+
+    Args:
+      split: which side of the fixed hash split to draw from.
+      seed: any int; the stream depends only on ``(split, seed, config)``.
+      config: difficulty knobs.
+      unique: skip expressions already produced (the stream then ends with a ``ValueError`` when
+        the split runs out of new expressions for a long stretch).
+    """
+    if split not in SPLITS:
+        raise ValueError(f"unknown arith split {split!r}; expected one of {SPLITS}")
+    config.validate()
+    # String seeding is stable across Python versions and processes (no hash randomisation).
+    rng = random.Random(f"arith/{split}/{seed}")
+    seen: set[str] = set()
+    misses = 0
+    while True:
+        problem = random_problem(rng, config)
+        if split_of(problem.expression, config.heldout_percent) != split or (
+                unique and problem.expression in seen):
+            misses += 1
+            if misses > 100_000:
+                raise ValueError(f"the arith {split!r} split of {config} ran out of new "
+                                 f"problems after {len(seen)}; widen the knobs or ask for fewer")
+            continue
+        misses = 0
+        seen.add(problem.expression)
+        yield problem
+
+
+def generate_problems(num: int, split: str, seed: int,
+                      config: ArithConfig = ArithConfig(), *, unique: bool = False
+                      ) -> list[Problem]:
+    """The first ``num`` problems of ``iterate_problems(split, seed, config, unique=unique)``."""
+    stream = iterate_problems(split, seed, config, unique=unique)
+    return [next(stream) for _ in range(num)]
+
+
+def heldout_problems(num: int, config: ArithConfig = ArithConfig()) -> list[Problem]:
+    """The fixed held-out set: ``num`` distinct held-out problems, the same in every run (a larger
+    ``num`` extends the list and keeps its prefix)."""
+    return generate_problems(num, "heldout", HELDOUT_SEED, config, unique=True)
+
+
+def demonstrations(num: int, seed: int, config: ArithConfig = ArithConfig()
+                   ) -> list[tuple[str, str]]:
+    """``num`` training ``(prompt, response)`` pairs for supervised warm-starting (train split)."""
+    return [(p.prompt, p.response) for p in generate_problems(num, "train", seed, config)]

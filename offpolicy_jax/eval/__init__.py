@@ -1,0 +1,7 @@
+"""Evaluation: sampling-based metrics (``metrics``: unbiased pass@k, maj@k) and the code that
+samples, verifies and scores prompt sets (``runner``), shared by the evaluation harness and the RL
+loop's periodic held-out evaluation so both report the same numbers.
+
+Submodules are imported explicitly (``from offpolicy_jax.eval import metrics``) so that using the
+metrics does not import JAX.
+"""
