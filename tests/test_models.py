@@ -74,3 +74,168 @@ def test_apply_hidden_and_hidden_to_logits_compose_to_apply(checkpoints):
     assert hidden.shape == tokens.shape + (cfg.hidden_size,)
     np.testing.assert_allclose(models.hidden_to_logits(cfg, params, hidden),
                                models.apply(cfg, params, tokens, mask), rtol=1e-6, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# KV cache.
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama"])
+def test_cached_prefill_and_decode_match_full_forward(checkpoints, family):
+    cfg, params = models.load_hf_checkpoint(checkpoints[family])
+    tokens, mask = left_padded_batch(cfg.vocab_size, lengths=(6, 3, 1), seed=1)
+    batch, prompt_len = tokens.shape
+    decode_steps = 4
+    continuation = np.random.default_rng(2).integers(2, cfg.vocab_size, (batch, decode_steps))
+    full_tokens = np.concatenate([tokens, continuation], axis=1).astype(np.int32)
+    full_mask = np.concatenate([mask, np.ones_like(continuation)], axis=1)
+    expected = models.apply(cfg, params, full_tokens, full_mask)
+
+    step = jax.jit(lambda p, t, c, m: models.apply_cached(cfg, p, t, c, token_mask=m))
+    cache = models.init_cache(cfg, batch, prompt_len + decode_steps + 2)
+    logits, cache = step(params, jnp.asarray(tokens), cache, jnp.asarray(mask))
+    pieces = [logits]
+    for t in range(decode_steps):
+        logits, cache = step(params, jnp.asarray(continuation[:, t:t + 1]), cache,
+                             jnp.ones((batch, 1), jnp.int32))
+        pieces.append(logits)
+    cached = np.concatenate([np.asarray(p) for p in pieces], axis=1)
+    assert int(cache["index"]) == prompt_len + decode_steps
+    np.testing.assert_array_equal(np.asarray(cache["mask"])[:, :full_mask.shape[1]],
+                                  full_mask.astype(bool))
+    assert max_abs_diff_on_real_tokens(cached, expected, full_mask) <= 1e-5
+    assert step._cache_size() == 2  # one compile for prefill, one for decode
+
+
+def test_cached_decode_with_explicit_positions_and_masked_step(checkpoints):
+    """A row that is already finished (token_mask 0) does not disturb the others."""
+    cfg, params = models.load_hf_checkpoint(checkpoints["qwen3"])
+    tokens, mask = left_padded_batch(cfg.vocab_size, lengths=(4, 2), seed=3)
+    cache = models.init_cache(cfg, 2, 8)
+    positions = models.default_positions(jnp.asarray(mask))
+    _, cache = models.apply_cached(cfg, params, tokens, cache, positions, mask)
+    next_token = np.array([[5], [7]], np.int32)
+    step_mask = np.array([[1], [0]], np.int32)
+    step_positions = np.array([[4], [2]], np.int32)
+    logits, cache = models.apply_cached(cfg, params, next_token, cache, step_positions, step_mask)
+    full = models.apply(cfg, params, np.concatenate([tokens[:1], next_token[:1]], axis=1))
+    np.testing.assert_allclose(logits[0, 0], full[0, -1], atol=1e-5)
+    assert not bool(cache["mask"][1, 4])
+    with pytest.raises(ValueError, match="do not fit a cache of 8 slots"):
+        models.apply_cached(cfg, params, np.zeros((2, 9), np.int32), models.init_cache(cfg, 2, 8))
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoint round trips.
+
+
+@pytest.mark.parametrize("family,max_shard_bytes", [("qwen2", None), ("llama", 40_000),
+                                                    ("qwen3", None)])
+def test_round_trip_through_save_hf_checkpoint(checkpoints, tmp_path, family, max_shard_bytes):
+    """HF -> ours -> save_hf_checkpoint -> transformers gives the same logits (and our reload the
+    same parameters); a small shard limit exercises the sharded layout with its index."""
+    cfg, params = models.load_hf_checkpoint(checkpoints[family])
+    kwargs = {} if max_shard_bytes is None else {"max_shard_bytes": max_shard_bytes}
+    models.save_hf_checkpoint(tmp_path, cfg, params, **kwargs)
+    if max_shard_bytes is not None:
+        index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+        assert len(set(index["weight_map"].values())) > 1
+        assert not (tmp_path / "model.safetensors").exists()
+    tokens, mask = left_padded_batch(cfg.vocab_size)
+    original = hf_tiny.torch_logits(checkpoints[family], tokens, mask)
+    resaved = hf_tiny.torch_logits(tmp_path, tokens, mask)
+    np.testing.assert_array_equal(resaved[mask.astype(bool)], original[mask.astype(bool)])
+    cfg2, params2 = models.load_hf_checkpoint(tmp_path)
+    assert cfg2 == cfg
+    jax.tree.map(np.testing.assert_array_equal, params2, params)
+
+
+def test_bfloat16_parameters_round_trip(checkpoints, tmp_path):
+    cfg, params = models.load_hf_checkpoint(checkpoints["qwen3"], dtype=jnp.bfloat16)
+    assert cfg.dtype == "bfloat16"
+    assert all(leaf.dtype == jnp.bfloat16 for leaf in jax.tree.leaves(params))
+    models.save_hf_checkpoint(tmp_path, cfg, params)
+    assert json.loads((tmp_path / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    _, reloaded = models.load_hf_checkpoint(tmp_path, dtype=jnp.bfloat16)
+    jax.tree.map(np.testing.assert_array_equal, reloaded, params)
+    tokens, mask = left_padded_batch(cfg.vocab_size)
+    logits = models.apply(cfg, params, tokens, mask)
+    assert logits.dtype == jnp.float32
+    reference = hf_tiny.torch_logits(checkpoints["qwen3"], tokens, mask)
+    # bfloat16 compute: a sanity bound, not parity.
+    assert max_abs_diff_on_real_tokens(logits, reference, mask) < 0.25
+
+
+def test_init_params_round_trip_to_transformers(tmp_path):
+    """Our random init saved with save_hf_checkpoint is a valid transformers model."""
+    cfg = models.ModelConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_layers=2,
+                             num_heads=4, num_kv_heads=1, qkv_bias=True,
+                             tie_word_embeddings=True)
+    params = models.init_params(cfg, jax.random.key(0))
+    assert params["layers"]["qkv"].shape == (2, 32, 1, 6, 8)
+    assert "lm_head" not in params
+    models.save_hf_checkpoint(tmp_path, cfg, params)
+    tokens, mask = left_padded_batch(cfg.vocab_size)
+    reference = hf_tiny.torch_logits(tmp_path, tokens, mask)
+    assert max_abs_diff_on_real_tokens(models.apply(cfg, params, tokens, mask), reference,
+                                       mask) <= PARITY_TOLERANCE
+
+
+def test_tokenizer_loads_from_checkpoint_dir(checkpoints):
+    tokenizer = models.load_tokenizer(checkpoints["qwen2"])
+    text = "What is 12 + 35? The answer is \\boxed{47}."
+    ids = tokenizer(text)["input_ids"]
+    assert tokenizer.decode(ids) == text
+    assert tokenizer.eos_token == "<|endoftext|>" and tokenizer.pad_token_id is not None
+
+
+# ---------------------------------------------------------------------------------------------
+# Sharding.
+
+
+def test_sharded_load_and_forward_match_single_device(checkpoints):
+    assert jax.device_count() == 8
+    mesh = models.make_mesh("1,4,2")
+    assert dict(mesh.shape) == {"data": 1, "fsdp": 4, "tensor": 2}
+    path = checkpoints["qwen2"]
+    cfg, params = models.load_hf_checkpoint(path)
+    _, sharded = models.load_hf_checkpoint(path, mesh=mesh)
+    qkv_sharding = sharded["layers"]["qkv"].sharding
+    assert qkv_sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None, None)
+    assert len(qkv_sharding.device_set) == 8
+    tokens, mask = left_padded_batch(cfg.vocab_size, lengths=(9, 5, 1, 7))
+    forward = jax.jit(models.apply, static_argnums=0)
+    single = forward(cfg, params, tokens, mask)
+    batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
+    distributed = forward(cfg, sharded, jax.device_put(tokens, batch_sharding),
+                          jax.device_put(mask, batch_sharding))
+    np.testing.assert_allclose(distributed, single, atol=1e-5, rtol=1e-5)
+    # shard_params places already-loaded parameters the same way.
+    placed = models.shard_params(params, mesh)
+    assert placed["layers"]["gate_up"].sharding.spec == sharded["layers"]["gate_up"].sharding.spec
+
+
+def test_partition_specs_fail_on_unmatched_parameter_and_fit_the_mesh():
+    with pytest.raises(ValueError, match=r"no partition rule matches parameter\(s\) \['extra/w'\]"):
+        models.partition_specs({"embed": jnp.zeros((4, 4)), "extra": {"w": jnp.zeros(3)}})
+    mesh = models.make_mesh("1,2,4")
+    # 2 key/value heads cannot be split 4 ways: that dimension is replicated instead.
+    specs = models.partition_specs({"layers": {"qkv": jax.ShapeDtypeStruct((2, 8, 2, 4, 4),
+                                                                           jnp.float32)}}, mesh)
+    assert specs["layers"]["qkv"] == jax.sharding.PartitionSpec(None, "fsdp", None, None, None)
+
+
+@pytest.mark.parametrize("spec,message", [
+    ("1,3,1", r"needs 3 devices \(1 x 3 x 1\) but 8 are available"),
+    ("-1,-1,1", "a single -1"),
+    ("1,2", "sizes for"),
+    ("a,b,c", "three comma-separated integers"),
+    ("3,-1,1", "8 devices are not divisible by 3"),
+])
+def test_make_mesh_rejects_bad_specs(spec, message):
+    with pytest.raises(ValueError, match=message):
+        models.make_mesh(spec)
+
+
+def test_make_mesh_fills_in_minus_one():
+    assert dict(models.make_mesh("2,-1,1").shape) == {"data": 2, "fsdp": 4, "tensor": 1}
