@@ -241,19 +241,16 @@ class _SafetensorsReader:
         """Opens every file (parses every header) so corruption is reported up front."""
         for filename in self.files:
             self._open(filename)
-            size = (self.directory / filename).stat().st_size
+            file_path = self.directory / filename
             # A header that parses but promises more bytes than the file holds means truncation.
-            handle = self._open(filename)
-            names = list(handle.keys())
-            if names:
-                end = max(_data_end_offset(self.directory / filename))
-                if end > size:
-                    raise CheckpointError(
-                        f"safetensors file {self.directory / filename} is truncated: its header "
-                        f"describes {end} bytes, the file has {size}")
+            end = max(_data_end_offsets(file_path), default=0)
+            size = file_path.stat().st_size
+            if end > size:
+                raise CheckpointError(f"safetensors file {file_path} is truncated: its header "
+                                      f"describes {end} bytes, the file has {size}")
 
 
-def _data_end_offset(file_path: pathlib.Path):
+def _data_end_offsets(file_path: pathlib.Path):
     """Byte offsets (from file start) at which each tensor's data ends, per the header."""
     with open(file_path, "rb") as f:
         header_len = int.from_bytes(f.read(8), "little")
