@@ -50,7 +50,10 @@ class PromptIterator:
                    .shuffle(seed=seed)
                    .repeat(None)
                    .batch(batch_size, batch_fn=list))
-        self._dataset = dataset.to_iter_dataset()
+        # The records are already in memory: reading threads would only contend for the GIL
+        # (grain's advice for in-memory data) and a prefetch buffer would gain nothing.
+        self._dataset = dataset.to_iter_dataset(
+            grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
         self._iterator = iter(self._dataset)
 
     @property
