@@ -334,39 +334,44 @@ def _paper_objective(logp, old, ref, rewards, lengths, *, group_size, std, eps_l
     return -total
 
 
+def _check_against_paper(ours, seed, *, std, eps_high, beta, normaliser):
+    logp, old, ref, mask, rewards, lengths = _random_group_batch(seed=seed)
+
+    def paper(lp):
+        return _paper_objective(lp, old, ref, rewards, lengths, group_size=4, std=std,
+                                eps_low=0.2, eps_high=eps_high, beta=beta,
+                                normaliser=lambda i: normaliser(logp.shape[0], lengths, i))
+
+    def loss(lp):
+        return ours(lp, old, rewards, mask, ref)[0]
+
+    np.testing.assert_allclose(loss(logp), paper(logp), rtol=1e-5)
+    np.testing.assert_allclose(jax.jit(loss)(logp), paper(logp), rtol=1e-5)
+    np.testing.assert_allclose(jax.grad(loss)(logp), jax.grad(paper)(logp), rtol=1e-4, atol=1e-7)
+
+
 def test_grpo_equals_deepseekmath_formula():
-    logp, old, ref, mask, rewards, lengths = _random_group_batch()
-    # J = (1/G) Σ_i (1/|o_i|) Σ_t [...]: weight 1 / (B · |o_i|).
-    weight = lambda i: 1.0 / (logp.shape[0] * lengths[i])  # noqa: E731
-    paper = lambda lp: _paper_objective(lp, old, ref, rewards, lengths, group_size=4, std=True,  # noqa: E731
-                                        eps_low=0.2, eps_high=0.2, beta=0.04, normaliser=weight)
-    ours = lambda lp: losses.grpo(lp, old, rewards, mask, group_size=4, ref_logp=ref)[0]  # noqa: E731
-    np.testing.assert_allclose(ours(logp), paper(logp), rtol=1e-5)
-    np.testing.assert_allclose(jax.grad(ours)(logp), jax.grad(paper)(logp), rtol=1e-4, atol=1e-7)
-    np.testing.assert_allclose(jax.jit(ours)(logp), paper(logp), rtol=1e-5)
+    # J = (1/G) Σ_i (1/|o_i|) Σ_t [...]: weight 1 / (B · |o_i|); β = 0.04, std-normalised.
+    _check_against_paper(
+        lambda lp, old, r, m, ref: losses.grpo(lp, old, r, m, group_size=4, ref_logp=ref),
+        seed=0, std=True, eps_high=0.2, beta=0.04,
+        normaliser=lambda batch, lengths, i: 1.0 / (batch * lengths[i]))
 
 
 def test_dr_grpo_equals_paper_formula():
-    logp, old, ref, mask, rewards, lengths = _random_group_batch(seed=1)
-    max_len = 8
-    # No std, constant normaliser 1 / (B · L_max), no KL.
-    weight = lambda i: 1.0 / (logp.shape[0] * max_len)  # noqa: E731
-    paper = lambda lp: _paper_objective(lp, old, ref, rewards, lengths, group_size=4, std=False,  # noqa: E731
-                                        eps_low=0.2, eps_high=0.2, beta=0.0, normaliser=weight)
-    ours = lambda lp: losses.dr_grpo(lp, old, rewards, mask, group_size=4, max_len=max_len)[0]  # noqa: E731
-    np.testing.assert_allclose(ours(logp), paper(logp), rtol=1e-5)
-    np.testing.assert_allclose(jax.grad(ours)(logp), jax.grad(paper)(logp), rtol=1e-4, atol=1e-7)
+    # No std, constant normaliser 1 / (B · L_max) with L_max = 8, no KL.
+    _check_against_paper(
+        lambda lp, old, r, m, ref: losses.dr_grpo(lp, old, r, m, group_size=4, max_len=8),
+        seed=1, std=False, eps_high=0.2, beta=0.0,
+        normaliser=lambda batch, lengths, i: 1.0 / (batch * 8))
 
 
 def test_dapo_equals_paper_formula():
-    logp, old, ref, mask, rewards, lengths = _random_group_batch(seed=2)
     # Token-level: every token weighted 1 / Σ_i |o_i|; clip [1 − 0.2, 1 + 0.28]; no KL.
-    weight = lambda i: 1.0 / float(np.sum(lengths))  # noqa: E731
-    paper = lambda lp: _paper_objective(lp, old, ref, rewards, lengths, group_size=4, std=True,  # noqa: E731
-                                        eps_low=0.2, eps_high=0.28, beta=0.0, normaliser=weight)
-    ours = lambda lp: losses.dapo(lp, old, rewards, mask, group_size=4)[0]  # noqa: E731
-    np.testing.assert_allclose(ours(logp), paper(logp), rtol=1e-5)
-    np.testing.assert_allclose(jax.grad(ours)(logp), jax.grad(paper)(logp), rtol=1e-4, atol=1e-7)
+    _check_against_paper(
+        lambda lp, old, r, m, ref: losses.dapo(lp, old, r, m, group_size=4),
+        seed=2, std=True, eps_high=0.28, beta=0.0,
+        normaliser=lambda batch, lengths, i: 1.0 / float(np.sum(lengths)))
 
 
 def test_group_compositions_zero_variance_and_extremes_are_finite():

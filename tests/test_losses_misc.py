@@ -26,7 +26,8 @@ def call(fn, *args, jit=False, **kwargs):
 # DPO fixture, β = 0.1. Chosen: tokens [−1, −2] -> log π(y_w) = −3, reference −4.
 # Rejected: one real token −5 (the second is padding) -> −5, reference −4.5.
 #   h = 0.1·[(−3 + 4) − (−5 + 4.5)] = 0.15;  loss = log(1 + e^{−0.15}) = 0.6209570
-#   d loss / d chosen token = −β(1 − σ(h)) = −0.1·(1 − 0.5374298) = −0.0462570; rejected: +0.0462570.
+#   d loss / d chosen token = −β(1 − σ(h)) = −0.1·(1 − 0.5374298) = −0.0462570;
+#   d loss / d rejected (unmasked) token = +0.0462570.
 CHOSEN = jnp.array([[-1.0, -2.0]])
 REF_CHOSEN = jnp.array([[-2.0, -2.0]])
 REJECTED = jnp.array([[-5.0, 123.0]])
@@ -123,7 +124,7 @@ def test_policy_losses_table_and_docstrings():
                 "rover", "nll", "dpo", "spin"}
     assert expected <= set(losses.POLICY_LOSSES)
     documented = [getattr(losses, name) for name in losses.__all__
-                  if callable(getattr(losses, name)) and not isinstance(getattr(losses, name), dict)]
+                  if inspect.isfunction(getattr(losses, name))]
     for fn in documented:
         doc = inspect.getdoc(fn) or ""
         assert doc, fn.__name__

@@ -352,7 +352,8 @@ def test_token_logprobs_and_vocab_mean_equals_naive_log_softmax():
 def test_rover_hand_values(jit):
     # log π/π_old = [.1, .2, (masked)], M_θ − M_old = [.3, .4, .5], r̃ = .5, ρ = β_Q = 1.
     #   Q = [.1, .2]; Q̂_0 = .5 + .4 = .9 (successor t = 1); Q̂_1 = .5 (t = 2 is masked: terminal)
-    #   loss = ((.1 − .9)² + (.2 − .5)²) / 2 = (.64 + .09) / 2 = .365; dL/dlogp = (Q − Q̂) = [−.8, −.3]
+    #   loss = ((.1 − .9)² + (.2 − .5)²) / 2 = (.64 + .09) / 2 = .365
+    #   dL/dlogp = 2 (Q − Q̂) / 2 = [−.8, −.3]
     old = jnp.array([[-1.0, -2.0, -3.0]])
     logp = old + jnp.array([[0.1, 0.2, 7.0]])
     old_mean = jnp.array([[-5.0, -5.0, -5.0]])

@@ -1,4 +1,4 @@
-"""Shared pieces of every loss: shape checks, masking, aggregation, masked statistics, KL estimators.
+"""Shared pieces of every loss: shape checks, masking, aggregation, masked statistics, KL.
 
 Conventions (see ``shared/DESIGN.md``): token arrays are ``[B, T]``, per-sequence arrays ``[B]``,
 logits ``[B, T, V]``; ``mask`` is 1 on generated tokens (up to and including EOS) and 0 on padding.
@@ -13,7 +13,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+AGGREGATIONS = (
+    "token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 
 # |log-ratio| bound applied before ``exp`` wherever a ratio multiplies an advantage or enters a
 # statistic. exp(20) ~ 4.9e8: far outside any trust region, yet finite in float32 even when summed
@@ -225,7 +226,7 @@ def aggregate(token_losses, mask, agg: str = "token-mean", *, max_len: int | Non
 
 
 def sequence_sum(token_values, mask) -> jax.Array:
-    """``Σ_t m[i,t] x[i,t]`` per sequence, e.g. the sequence log-prob ``log π(y|x)``. [B, T] -> [B]."""
+    """``Σ_t m[i,t] x[i,t]`` per sequence, e.g. the sequence log-prob log π(y|x). [B, T] -> [B]."""
     return masked_sum(token_values, as_mask(mask), axis=-1)
 
 
@@ -257,7 +258,8 @@ def kl_k3(logp, ref_logp, *, clamp: float | None = None,
       clamp: if set, the estimate is clipped to ``[-clamp, clamp]`` — verl's ``low_var_kl`` uses 10.
         Default None (the paper's unclamped estimator).
       log_ratio_bound: ``u`` is clipped to ``[-bound, bound]`` before the exponential so the value
-        stays finite for extreme log-ratios (verl uses 20); None disables it. Exact when |u| ≤ bound.
+        stays finite for extreme log-ratios (verl uses 20); None disables it. Exact for
+        |u| ≤ bound.
     """
     u = jnp.asarray(ref_logp, jnp.float32) - jnp.asarray(logp, jnp.float32)
     if log_ratio_bound is not None:

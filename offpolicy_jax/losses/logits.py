@@ -46,7 +46,8 @@ def token_logprobs_and_vocab_mean(logits, tokens, *, temperature: float = 1.0
     """Sampled-token log-probs and the vocabulary-mean log-prob, sharing one ``logsumexp``.
 
         logp[b, t]       = z[b, t, y_t] / T − logsumexp(z[b, t] / T)
-        vocab_mean[b, t] = (1/|V|) Σ_a log softmax(z[b, t] / T)_a = mean(z[b, t] / T) − logsumexp(z[b, t] / T)
+        vocab_mean[b, t] = (1/|V|) Σ_a log softmax(z[b, t] / T)_a
+                         = mean(z[b, t] / T) − logsumexp(z[b, t] / T)
 
     ``vocab_mean`` is ROVER's M(s_t) (arXiv 2509.24981, the successor mean-Q
     Q̄(s) = ρ·(M_θ(s) − M_old(s))). |V| is the logits' last dimension, padded vocabulary rows

@@ -67,7 +67,8 @@ def topr(logp, behaviour_logp, rewards, mask, *, baseline=0.0, ratio_level: str 
 
     Gradient (TOPR Eqs. 7–8), with ``[z]_a^b = min(max(z, a), b)`` and τ ~ μ (behaviour policy):
 
-        ∇J = Σ_{R(τ)≥0} [π(τ)/μ(τ)]_{a⁺}^{b⁺} R(τ) ∇log π(τ) + Σ_{R(τ)<0} [π(τ)/μ(τ)]_{a⁻}^{b⁻} R(τ) ∇log π(τ)
+        ∇J = Σ_{R(τ)≥0} [π(τ)/μ(τ)]_{a⁺}^{b⁺} R(τ) ∇log π(τ)
+           + Σ_{R(τ)<0} [π(τ)/μ(τ)]_{a⁻}^{b⁻} R(τ) ∇log π(τ)
 
     Canonical TOPR: a⁺ = b⁺ = 1 (positives: plain SFT), a⁻ = 0, b⁻ = 1 (negatives: truncated IS,
     so a negative's weight decays to 0 as π moves away from it and the objective stays bounded,

@@ -38,8 +38,8 @@ def clipped_surrogate(ratio, lower, upper, advantages, *, dual_clip: float | Non
     if dual_clip is None:
         active["dual_clipped"] = jnp.zeros(jnp.shape(token_losses), bool)
         return token_losses, active
-    # Dual clip (Ye et al. 2020, arXiv 1912.09729): for A < 0 a huge ratio would make −A·ρ unbounded;
-    # cap the loss at −c·A (c > 1).
+    # Dual clip (Ye et al. 2020, arXiv 1912.09729): for A < 0 a huge ratio would make −A·ρ
+    # unbounded; cap the loss at −c·A (c > 1).
     dual_bound = -dual_clip * advantages
     active["dual_clipped"] = (advantages < 0) & (token_losses > dual_bound)
     token_losses = jnp.where(advantages < 0, jnp.minimum(token_losses, dual_bound), token_losses)
@@ -168,8 +168,8 @@ def _group_clipped_objective(logp, old_logp, rewards, mask, *, group_size, ref_l
                              kl_clamp, agg, max_len) -> tuple[jax.Array, dict]:
     """advantage (group-relative) → clipped surrogate → + β·KL(π_θ‖π_ref) → one aggregation.
 
-    Aggregation is linear, so ``agg(ℓ_clip + β·k) = agg(ℓ_clip) + β·agg(k)`` and the clip term can be
-    computed by :func:`ppo_clip` itself.
+    Aggregation is linear, so ``agg(ℓ_clip + β·k) = agg(ℓ_clip) + β·agg(k)`` and the clip term can
+    be computed by :func:`ppo_clip` itself.
     """
     batch, _ = common.check_token_arrays(logp=logp, old_logp=old_logp, mask=mask)
     common.check_sequence_array("rewards", rewards, batch)
@@ -206,7 +206,8 @@ def grpo(logp, old_logp, rewards, mask, *, group_size: int, ref_logp=None, eps: 
     """GRPO: group-normalised outcome advantage, PPO clip, per-token k3 KL to π_ref in the loss.
 
         Â_i   = (r_i − mean(r)) / (std(r) + 1e-6)
-        J     = (1/G) Σ_i (1/|o_i|) Σ_t [ min(ρ_{i,t} Â_i, clip(ρ_{i,t}, 1−ε, 1+ε) Â_i) − β k3_{i,t} ]
+        J     = (1/G) Σ_i (1/|o_i|) Σ_t [ min(ρ_{i,t} Â_i, clip(ρ_{i,t}, 1−ε, 1+ε) Â_i)
+                                         − β k3_{i,t} ]
         loss  = −J
 
     DeepSeekMath, Shao et al. 2024, https://arxiv.org/abs/2402.03300, Eq. 3 (objective) and Eq. 4
@@ -244,10 +245,10 @@ def dr_grpo(logp, old_logp, rewards, mask, *, group_size: int, max_len: int | No
 
     Liu et al. 2025, "Understanding R1-Zero-Like Training: A Critical Perspective",
     https://arxiv.org/abs/2503.20783. The constant ``L_max`` (aggregation
-    ``seq-mean-token-sum-norm``) removes the length bias of ``1/|o_i|``; dropping ``/std`` removes the
-    question-difficulty bias. The KL term defaults to off (β = 0), as in the paper's Dr. GRPO objective
-    with a rule-based verifier [unconfirmed against the PDF; ALGORITHMS.md only says "everything
-    else as GRPO" — pass ``kl_coef=0.04, ref_logp=...`` for that reading].
+    ``seq-mean-token-sum-norm``) removes the length bias of ``1/|o_i|``; dropping ``/std`` removes
+    the question-difficulty bias. The KL term defaults to off (β = 0), as in the paper's Dr. GRPO
+    objective with a rule-based verifier [unconfirmed against the PDF; ALGORITHMS.md only says
+    "everything else as GRPO" — pass ``kl_coef=0.04, ref_logp=...`` for that reading].
 
     Args:
       logp, old_logp, rewards, mask, group_size, ref_logp, eps, kl_coef, kl_estimator: as
@@ -268,7 +269,8 @@ def dapo(logp, old_logp, rewards, mask, *, group_size: int, eps_low: float = 0.2
     """DAPO's policy loss: GRPO advantage, clip-higher, token-level mean, no KL.
 
         Â_{i,t} = (r_i − mean(r)) / (std(r) + 1e-6)
-        loss    = −(1/Σ_i |o_i|) Σ_i Σ_t min(ρ_{i,t} Â_{i,t}, clip(ρ_{i,t}, 1−ε_low, 1+ε_high) Â_{i,t})
+        loss    = −(1/Σ_i |o_i|) Σ_i Σ_t min(ρ_{i,t} Â_{i,t},
+                                            clip(ρ_{i,t}, 1−ε_low, 1+ε_high) Â_{i,t})
 
     Yu et al. 2025, "DAPO: An Open-Source LLM Reinforcement Learning System at Scale",
     https://arxiv.org/abs/2503.14476 (ε_low = 0.2, ε_high = 0.28, KL removed). DAPO's two other

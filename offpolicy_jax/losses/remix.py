@@ -65,7 +65,9 @@ def mix_ppg(logp, old_logp, behaviour_logp, advantages, mask, *, eps_low: float 
         ratio, jnp.maximum(centre - eps_low, 0.0), centre + eps_high, advantages,
         dual_clip=dual_clip)
     loss = common.aggregate(token_losses, mask, agg, max_len=max_len)
-    metrics = ppo._clip_metrics(loss, active, ratio, logp - old_logp, advantages, mask)  # noqa: SLF001
+    # ``approx_kl`` and the clip fractions refer to the current policy π_k (log π_θ − log π_k).
+    metrics = ppo._clip_metrics(  # noqa: SLF001 (same package)
+        loss, active, ratio, logp - old_logp, advantages, mask)
     metrics.update(common.ratio_stats("ratio", log_ratio, mask))
     metrics.update(common.ratio_stats("behaviour_ratio", behaviour_log_ratio, mask))
     metrics["off_policy_fraction"] = common.masked_mean(behaviour_log_ratio != 0, mask)
@@ -159,7 +161,8 @@ def remix(logp, old_logp, behaviour_logp, advantages, mask, *, base_logp, prev_l
       base_logp, prev_logp: [B, T] KL anchors, as :func:`kl_convex`.
       step: training step for :func:`kl_convex_lambda` (default schedule).
       kl_coef: β.
-      entropy: optional [B, T] per-token entropy of π_θ (e.g. :func:`token_entropy`, differentiated).
+      entropy: optional [B, T] per-token entropy of π_θ (e.g. :func:`token_entropy`,
+        differentiated).
       entropy_coef: c.
       eps_low, eps_high, dual_clip, agg: as :func:`mix_ppg`; kl_estimator: as :func:`kl_convex`.
 
