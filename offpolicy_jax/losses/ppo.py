@@ -132,9 +132,7 @@ def value_loss(values, old_values, returns, mask, *, clip_eps: float | None = 0.
     Returns: ``(loss, metrics)`` with ``vf_loss``, ``vf_clip_fraction``, ``value_mean``,
     ``return_mean``, ``value_error`` (masked mean of (V − R)²).
     """
-    shape = common.check_token_arrays(values=values, old_values=old_values, returns=returns,
-                                      mask=mask)
-    del shape
+    common.check_token_arrays(values=values, old_values=old_values, returns=returns, mask=mask)
     mask = common.as_mask(mask)
     values = common.masked_zero(values, mask)
     old_values = common.masked_zero(jax.lax.stop_gradient(old_values), mask)
