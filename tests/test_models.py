@@ -239,3 +239,22 @@ def test_make_mesh_rejects_bad_specs(spec, message):
 
 def test_make_mesh_fills_in_minus_one():
     assert dict(models.make_mesh("2,-1,1").shape) == {"data": 2, "fsdp": 4, "tensor": 1}
+
+
+def test_remat_gives_the_same_gradients():
+    cfg = models.ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
+                             num_heads=4, num_kv_heads=2, qk_norm=True, head_dim=16)
+    params = models.init_params(cfg, jax.random.key(1))
+    tokens, mask = left_padded_batch(cfg.vocab_size, lengths=(6, 4))
+
+    def loss(p, remat):
+        logp = models.log_softmax(models.apply(cfg, p, tokens, mask, remat=remat))
+        targets = jnp.asarray(tokens[:, 1:])
+        picked = jnp.take_along_axis(logp[:, :-1], targets[..., None], axis=-1)[..., 0]
+        return -jnp.sum(picked * mask[:, 1:]) / jnp.sum(mask[:, 1:])
+
+    plain = jax.jit(jax.grad(loss), static_argnums=1)(params, False)
+    remat = jax.jit(jax.grad(loss), static_argnums=1)(params, True)
+    for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(remat)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    assert all(bool(jnp.any(g != 0)) for g in jax.tree.leaves(plain))

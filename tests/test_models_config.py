@@ -99,7 +99,7 @@ def test_config_is_hashable_and_a_static_jit_argument():
     assert cfg.model_type == "llama" and cfg.head_dim == 4
     assert hash(cfg) == hash(models.ModelConfig(**cfg.__dict__))
     params = models.init_params(cfg, 0)
-    forward = jax.jit(models.apply, static_argnums=0)
+    forward = jax.jit(lambda c, p, t: models.apply(c, p, t), static_argnums=0)
     tokens = jnp.zeros((1, 3), jnp.int32)
     forward(cfg, params, tokens)
     forward(models.ModelConfig(**cfg.__dict__), params, tokens)
