@@ -258,3 +258,14 @@ def test_remat_gives_the_same_gradients():
     for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(remat)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
     assert all(bool(jnp.any(g != 0)) for g in jax.tree.leaves(plain))
+
+
+def test_pad_token_ids_are_irrelevant_even_out_of_range(checkpoints):
+    cfg, params = models.load_hf_checkpoint(checkpoints["llama"])
+    tokens, mask = left_padded_batch(cfg.vocab_size)
+    reference = models.apply(cfg, params, tokens, mask)
+    for pad_id in (7, cfg.vocab_size + 5, -1):
+        padded = np.where(mask.astype(bool), tokens, pad_id).astype(np.int32)
+        logits = models.apply(cfg, params, padded, mask)
+        assert np.all(np.isfinite(np.asarray(logits)))
+        assert max_abs_diff_on_real_tokens(logits, reference, mask) <= 1e-6

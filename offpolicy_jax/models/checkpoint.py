@@ -300,7 +300,7 @@ def load_hf_checkpoint(path, dtype=jnp.float32, mesh=None, *, compute_dtype=None
     our_shapes = param_shapes(cfg, param_dtype)
     _validate_tensors(cfg, rows, our_shapes, reader)
 
-    specs = partitioning.partition_specs(our_shapes) if mesh is not None else None
+    specs = partitioning.partition_specs(our_shapes, mesh) if mesh is not None else None
     params = {}
     for row in rows:
         shape_struct = _get_path(our_shapes, row.path)
@@ -315,8 +315,11 @@ def load_hf_checkpoint(path, dtype=jnp.float32, mesh=None, *, compute_dtype=None
         if mesh is None:
             placed = jax.device_put(host)
         else:
+            # Each device receives only its own shard; also correct on multi-host meshes, where
+            # every process holds the full host copy but addresses only its local devices.
             sharding = jax.sharding.NamedSharding(mesh, _get_path(specs, row.path))
-            placed = jax.device_put(host, sharding)
+            placed = jax.make_array_from_callback(host.shape, sharding,
+                                                  lambda index, host=host: host[index])
         _set_path(params, row.path, placed)
     return cfg, params
 

@@ -227,7 +227,9 @@ class Decoder(nn.Module):
         embed = self.param("embed", normal, (cfg.vocab_size, cfg.hidden_size), self.param_dtype)
         if not cfg.tie_word_embeddings:
             self.param("lm_head", normal, (cfg.hidden_size, cfg.vocab_size), self.param_dtype)
-        x = jnp.take(embed, tokens, axis=0).astype(dt)
+        # "clip": an out-of-range pad id must not become a NaN row (the default "fill" mode)
+        # that would leak into real positions through 0 * NaN in masked attention.
+        x = jnp.take(embed, tokens, axis=0, mode="clip").astype(dt)
         cos, sin = rope_angles(cfg, positions, dt)
 
         layer_cls = DecoderLayer
