@@ -402,7 +402,8 @@ def guarded_pow(base, exponent):
 def guarded_factorial(arg):
     if isinstance(arg, sympy.Number):
         if not (isinstance(arg, sympy.Integer) and 0 <= arg <= MAX_FACTORIAL_ARG):
-            raise TooLarge(f"factorial of {arg} is refused (allowed: integers 0..{MAX_FACTORIAL_ARG})")
+            shown = str(arg) if len(str(arg)) <= 12 else f"a {len(str(arg))}-character number"
+            raise TooLarge(f"factorial of {shown} refused (allowed: integers 0..{MAX_FACTORIAL_ARG})")
     return sympy.factorial(arg)
 
 
@@ -458,6 +459,7 @@ def _symbol(name: str):
 _RELATIONS = {"=": "=", "<": "<", ">": ">", "leq": "<=", "geq": ">=", "ne": "!=", "in": "in",
               "approx": "=", "equiv": "=", "to": "to"}
 _FUNCTION_LETTERS = set("fghFGHPQIuy")  # f(x), u(t): function application rather than product
+_NON_ATOM_COMMANDS = {"cup", "pm", "mp", "cap", "rfloor", "rceil"}
 _MATRIX_ENVS = {"pmatrix", "bmatrix", "matrix", "vmatrix", "Bmatrix", "smallmatrix", "array"}
 
 
@@ -579,7 +581,7 @@ class _Parser:
         if tok.kind in ("num", "id"):
             return True
         if tok.kind == "cmd":
-            return tok.value not in _RELATIONS and tok.value not in ("cup", "pm", "mp", "cap")
+            return tok.value not in _RELATIONS and tok.value not in _NON_ATOM_COMMANDS
         if tok.kind == "env_begin":
             return True
         return tok.kind == "op" and tok.value in ("(", "[", "{", "\\{", "|")
@@ -614,6 +616,17 @@ class _Parser:
             else:
                 return value
 
+    def _prime_follows(self) -> bool:
+        """Consumes ``^\\prime`` / ``^{\\prime}`` (a derivative mark) if it is next."""
+        if self.peek(1).kind == "cmd" and self.peek(1).value == "prime":
+            self.pos += 2
+            return True
+        if (self.peek(1).kind == "op" and self.peek(1).value == "{" and self.peek(2).kind == "cmd"
+                and self.peek(2).value == "prime" and self.peek(3).value == "}"):
+            self.pos += 4
+            return True
+        return False
+
     def _closing_bar(self) -> bool:
         return getattr(self, "_bar_depth", 0) > 0
 
@@ -622,7 +635,9 @@ class _Parser:
         self.enter()
         try:
             value, lit = self.parse_postfix()
-            if self.at("op", "^"):
+            if self.at("op", "^") and self._prime_follows():
+                value = _prime(value)
+            elif self.at("op", "^"):
                 self.next()
                 exponent = self.parse_exponent()
                 value = _combine(value, exponent, guarded_pow)
@@ -670,7 +685,8 @@ class _Parser:
                 else:
                     raise ParseError("subscript on a non-symbol")
             elif self.at("op", "'"):
-                raise ParseError("derivative primes are not supported")
+                self.next()
+                value = _prime(value)
             else:
                 return value, lit
 
@@ -936,6 +952,13 @@ class _Parser:
         if power is not None:
             value = _combine(value, power, guarded_pow)
         return value
+
+
+def _prime(value):
+    """``y'``: the derivative of a named quantity, kept as the symbol ``y'``."""
+    if isinstance(value, sympy.Symbol):
+        return sympy.Symbol(value.name + "'")
+    raise ParseError("prime on something that is not a symbol")
 
 
 def _divide(x, y):
