@@ -218,7 +218,7 @@ class Decoder(nn.Module):
 
     cfg: ModelConfig
     param_dtype: Any = jnp.float32
-    remat: bool = False
+    remat: bool | str = False
 
     @nn.compact
     def __call__(self, tokens, positions, allowed, cache_kv=None, write_index=None):
@@ -234,8 +234,11 @@ class Decoder(nn.Module):
 
         layer_cls = DecoderLayer
         if self.remat:
-            # Recompute each layer's activations in the backward pass: memory O(L·B·T·D).
-            layer_cls = nn.remat(DecoderLayer, prevent_cse=False)
+            # Recompute each layer's activations in the backward pass; a policy name from
+            # jax.checkpoint_policies (e.g. "dots_with_no_batch_dims_saveable") keeps some.
+            policy = (getattr(jax.checkpoint_policies, self.remat)
+                      if isinstance(self.remat, str) else None)
+            layer_cls = nn.remat(DecoderLayer, prevent_cse=False, policy=policy)
         layers = nn.scan(layer_cls, variable_axes={"params": 0}, split_rngs={"params": True},
                          in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
                          length=cfg.num_layers)(cfg, self.param_dtype, name="layers")
@@ -289,7 +292,7 @@ def _check_tokens(tokens) -> None:
 
 
 def apply_hidden(cfg: ModelConfig, params: dict, tokens: Array, attention_mask: Array | None = None,
-                 positions: Array | None = None, *, remat: bool = False) -> Array:
+                 positions: Array | None = None, *, remat: bool | str = False) -> Array:
     """Final-normed hidden states [B, T, D] in the compute dtype.
 
     Args:
@@ -299,7 +302,8 @@ def apply_hidden(cfg: ModelConfig, params: dict, tokens: Array, attention_mask: 
         A query sees key s iff s ≤ t and ``attention_mask[b, s]``.
       positions: [B, T] RoPE positions; default ``cumsum(mask) − 1`` clipped at 0, so that a
         left-padded row numbers its first real token 0.
-      remat: recompute each layer in the backward pass (activation checkpointing).
+      remat: recompute each layer in the backward pass (activation checkpointing): True for
+        full recomputation, or the name of a ``jax.checkpoint_policies`` policy.
     """
     _check_tokens(tokens)
     batch, length = tokens.shape
@@ -332,7 +336,7 @@ def hidden_to_logits(cfg: ModelConfig, params: dict, hidden: Array) -> Array:
 
 
 def apply(cfg: ModelConfig, params: dict, tokens: Array, attention_mask: Array | None = None,
-          positions: Array | None = None, *, remat: bool = False) -> Array:
+          positions: Array | None = None, *, remat: bool | str = False) -> Array:
     """Logits [B, T, V] float32 of a (possibly left-padded) batch; see ``apply_hidden``."""
     hidden = apply_hidden(cfg, params, tokens, attention_mask, positions, remat=remat)
     return hidden_to_logits(cfg, params, hidden)
