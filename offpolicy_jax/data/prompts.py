@@ -5,8 +5,8 @@ Sources (the ``--dataset`` flag):
 * ``arith`` — the embedded task (``data.arith``): prompts in the task's own format
   (``"Q: 12+7*3\\nA: "``), which is what the embedded ``tiny-arith`` model is trained on; no
   instruction and no chat template are added.
-* ``gsm8k`` — training prompts from ``gsm8k_train.jsonl``, held-out prompts from the benchmark
-  (test split, via ``rewards.load_benchmark``).
+* ``gsm8k`` — training prompts from the GSM8K train split, held-out prompts from its test split
+  (both via ``rewards.load_benchmark``, which also normalises the golds).
 * ``math500`` and the other benchmark names — only a test split exists, so a fixed subset of
   ``eval_size`` problems is held out and the rest is used for training (for debugging and
   small-scale studies; do not report results on the training part).
@@ -173,12 +173,6 @@ def split_heldout(records: list[dict], eval_size: int, *, source: str = "dataset
     return train, heldout
 
 
-def _gsm8k_train_path(data_dir: str | None) -> str:
-    from offpolicy_jax import rewards
-    directory = data_dir or rewards.default_data_dir()
-    return os.path.join(directory, "gsm8k_train.jsonl")
-
-
 def load_train_and_eval(dataset: str, *, prompt_field: str = "question",
                         answer_field: str = "answer", eval_size: int = 64, seed: int = 0,
                         tokenizer=None, use_chat_template: bool = True,
@@ -216,8 +210,7 @@ def load_train_and_eval(dataset: str, *, prompt_field: str = "question",
         return split_heldout(to_prompt_records(questions, **format_kwargs), eval_size,
                              source=dataset)
     if dataset == "gsm8k":
-        train = to_prompt_records(read_jsonl_questions(_gsm8k_train_path(data_dir)),
-                                  **format_kwargs)
+        train = benchmark_records("gsm8k_train", data_dir=data_dir, **format_kwargs)
         test = benchmark_records("gsm8k", data_dir=data_dir, **format_kwargs)
         # The whole test split when eval_size covers it, else a fixed subset of it.
         heldout = test if eval_size >= len(test) else split_heldout(
