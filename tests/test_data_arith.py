@@ -91,3 +91,14 @@ def test_exhausted_unique_split_raises():
     tiny = arith.ArithConfig(max_operands=2, max_operand=2, operators="+")   # 4 expressions
     with pytest.raises(ValueError, match="ran out"):
         arith.generate_problems(10, "train", 0, tiny, unique=True)
+
+
+def test_demonstrations_pass_the_verifier():
+    from offpolicy_jax import rewards
+    for problem in arith.generate_problems(100, "train", seed=2,
+                                           config=arith.ArithConfig(parentheses=True)):
+        assert rewards.extract_answer(problem.response) == problem.gold
+        assert rewards.is_equivalent(problem.gold, rewards.extract_answer(problem.response))
+        wrong = problem.response.replace(f"\\boxed{{{problem.gold}}}",
+                                         f"\\boxed{{{problem.answer + 1}}}")
+        assert not rewards.is_equivalent(problem.gold, rewards.extract_answer(wrong))
