@@ -1,4 +1,4 @@
-"""A character-level tokenizer saved as a Hugging Face tokenizer (the embedded ``tiny-arith`` model's).
+"""A character-level tokenizer saved as a Hugging Face tokenizer (the embedded model's).
 
 One token per character of a fixed alphabet (by default printable ASCII and newline), plus the
 special tokens ``<pad>``, ``<bos>``, ``<eos>`` and ``<unk>``. It is built with the ``tokenizers``
