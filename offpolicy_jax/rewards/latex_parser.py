@@ -522,7 +522,7 @@ class _Parser:
         return values[0] if len(values) == 1 else Items(tuple(values))
 
     def parse_item(self):
-        """item := text | union (relop union)*"""
+        """item := text | union (relop union)*;  union := sum (\\cup sum)*"""
         # Leading words ("\text{the answer is} 5", "x \text{ is }") are dropped when math follows.
         words = []
         while self.at("text") or self.at("word"):
@@ -545,16 +545,16 @@ class _Parser:
         return operands[0]
 
     def parse_union(self):
-        parts = [self.parse_expr()]
+        parts = [self.parse_sum()]
         while self.at("cmd", "cup") or self.at("op", "U"):
             self.next()
-            parts.append(self.parse_expr())
+            parts.append(self.parse_sum())
         if len(parts) == 1:
             return parts[0]
         return IntervalUnion(tuple(_as_intervals(parts)))
 
-    def parse_expr(self):
-        """expr := [+|-|pm] term ((+|-|pm|mp) term)*"""
+    def parse_sum(self):
+        """sum := [+|-|pm] term ((+|-|pm|mp) term)*"""
         sign = None
         if self.at("op", "+") or self.at("op", "-") or self.at("cmd", "pm") or self.at("cmd", "mp"):
             sign = self.next().value
@@ -779,7 +779,7 @@ class _Parser:
                 self.enter()
                 self._bar_depth = getattr(self, "_bar_depth", 0) + 1
                 try:
-                    inner = self.parse_expr()
+                    inner = self.parse_sum()
                     self.expect("op", "|")
                 finally:
                     self._bar_depth -= 1
@@ -835,7 +835,7 @@ class _Parser:
                     break
                 if self.at("end"):
                     raise ParseError("unterminated matrix")
-                row.append(_scalar_or_raise(self.parse_expr()))
+                row.append(_scalar_or_raise(self.parse_sum()))
                 if self.at("op", "&"):
                     self.next()
                 elif self.at("op", "\\\\"):
@@ -868,7 +868,7 @@ class _Parser:
                 index = None
                 if self.at("op", "["):
                     self.next()
-                    index = _scalar_or_raise(self.parse_expr())
+                    index = _scalar_or_raise(self.parse_sum())
                     self.expect("op", "]")
                 if self.at("op", "("):  # plain text sqrt(2)
                     arg = _scalar_or_raise(self.parse_atom()[0])
@@ -878,7 +878,7 @@ class _Parser:
                 self.leave()
             if index is None:
                 return _unary(arg, sympy.sqrt), None
-            return guarded_pow(arg, _divide(sympy.Integer(1), index)), None
+            return _unary(arg, lambda x: _nth_root(x, index)), None
         if name == "binom":
             n = self.parse_group_arg()
             k = self.parse_group_arg()
@@ -897,7 +897,7 @@ class _Parser:
         if name in ("lfloor", "lceil"):
             self.enter()
             try:
-                inner = self.parse_expr()
+                inner = self.parse_sum()
                 self.expect("cmd", "rfloor" if name == "lfloor" else "rceil")
             finally:
                 self.leave()
@@ -952,6 +952,14 @@ class _Parser:
         if power is not None:
             value = _combine(value, power, guarded_pow)
         return value
+
+
+def _nth_root(value, index):
+    """``\\sqrt[n]{x}``; an odd root of a negative number is the real root (``\\sqrt[3]{-8} = -2``)."""
+    if (isinstance(index, sympy.Integer) and index % 2 == 1 and isinstance(value, sympy.Number)
+            and value < 0):
+        return -guarded_pow(-value, _divide(sympy.Integer(1), index))
+    return guarded_pow(value, _divide(sympy.Integer(1), index))
 
 
 def _prime(value):
