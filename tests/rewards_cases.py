@@ -243,6 +243,7 @@ CASES = [
     ("\\text{(C)}", "\\textbf{(C)} 12", True, "choice"),
     ("\\text{(C)}", "(D)", False, "choice"),
     ("\\text{(C)}", "B", False, "choice"),
+    ("\\text{(C)}", "\\text{(C)} + 1", False, "choice"),
     ("MR=SRMC", "MR = SRMC", True, "text"),
     ("\\alpha", "\\alpha", True, "text"),
     ("\\alpha", "\\beta", False, "text"),

@@ -189,7 +189,7 @@ def canonical_text(answer: str) -> str:
 
 
 _CHOICE_GOLD_RE = re.compile(r"^\(?([A-E])\)?$")
-_CHOICE_PRED_RE = re.compile(r"^(?:\(([A-E])\)|([A-E])\)?)(?:$|[\s:.,])")
+_CHOICE_PRED_RE = re.compile(r"^(?:\(([A-E])\)|([A-E])\)?)(?:$|[:.,]|\s+(?![-+*/^=]))")
 
 
 def _strip_text_commands(answer: str) -> str:
@@ -200,7 +200,8 @@ def choice_letter(answer: str, *, is_gold: bool) -> str | None:
     """Rule 2: the multiple-choice letter an answer names, or None.
 
     A gold must be exactly a letter A-E, optionally in parentheses or ``\\text{}``. A prediction
-    may continue after the letter (``(C) 12``, ``C) twelve``) but must start with it.
+    may continue after the letter (``(C) 12``, ``C) twelve``) but must start with it, and what
+    follows must not continue an expression (``(C) + 1`` names no choice).
     """
     s = _strip_text_commands(answer).replace("$", "").strip()
     if is_gold:
