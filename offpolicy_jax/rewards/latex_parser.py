@@ -162,6 +162,12 @@ UNIT_WORDS = {
     "times", "ways", "points", "items", "apples", "per", "each", "mi", "kmh", "radians", "rad",
 }
 
+def is_math_word(word: str) -> bool:
+    """Whether a plain word means something mathematical (``pi``, ``sin``, ``or``), not a noun."""
+    low = word.lower()
+    return low in _FUNCTIONS or low in _WORD_CONSTANTS or low in _SEPARATOR_WORDS
+
+
 _TEXT_COMMANDS = {"text", "textbf", "textit", "mathrm", "mbox", "textrm", "mathbf", "textsf",
                   "operatorname", "mathit", "textup", "boldsymbol", "bm", "rm", "bf"}
 _DROP_COMMANDS = {"left", "right", "displaystyle", "bigl", "bigr", "Bigl", "Bigr", "big", "Big",
@@ -598,7 +604,7 @@ class _Parser:
                 else:
                     value = _combine(value, rhs, _divide)
                 lit = None
-            elif self.at("text"):
+            elif self.at("text") or self.at("word"):
                 self.next()  # a unit after a value: "15\mbox{ cm}^2", "5 \text{ dollars}"
                 if self.at("op", "^"):
                     self.next()

@@ -30,7 +30,8 @@ Equivalence rules, applied in this order (each is documented on the function tha
    - other scalars are compared by :func:`scalars_equal`: exactly when both are rationals,
      otherwise numerically at 40 significant digits with relative tolerance :data:`REL_TOL`
      (1e-12). ``3.14`` is not ``\\pi``, ``1.414`` is not ``\\sqrt2``, ``1-1/e`` is not ``1+1/e``;
-     expressions with variables are compared at 6 deterministic sample points;
+     expressions with variables are compared at 6 deterministic sample points (3 in (0.3, 2.3),
+     3 in (2.5, 19.5));
    - ``x = 5`` and ``f(x) = 2x`` equal ``5`` / ``2x`` (labels are dropped); two equations are equal
      when ``lhs - rhs`` agree up to a non-zero constant factor;
    - inequalities become intervals (``x \\le 3`` = ``(-\\infty, 3]``, ``3 \\ge x``; ``x<1`` or
@@ -189,7 +190,7 @@ def canonical_text(answer: str) -> str:
 
 
 _CHOICE_GOLD_RE = re.compile(r"^\(?([A-E])\)?$")
-_CHOICE_PRED_RE = re.compile(r"^(?:\(([A-E])\)|([A-E])\)?)(?:$|[:.,]|\s+(?![-+*/^=]))")
+_CHOICE_PRED_RE = re.compile(r"^(?:\(([A-E])\)|([A-E])\)?)(?:$|[:.]?\s+(?![-+*/^=,]))")
 
 
 def _strip_text_commands(answer: str) -> str:
@@ -216,6 +217,19 @@ def _words(answer: str) -> str:
     return re.sub(r"[^a-z0-9]+", "", _strip_text_commands(answer).lower())
 
 
+_PLAIN_TEXT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 .,'\-]*$")
+
+
+def _same_text(gold: str, pred: str) -> bool:
+    """Rule 3: a word gold equals a prediction that is plain words with the same letters.
+
+    The prediction must be words only (after removing ``\\text{}``-like wrappers and ``$``), so
+    ``-(\\text{Evelyn})`` or ``Evelyn + 1`` do not pass as ``Evelyn``.
+    """
+    plain = _strip_text_commands(pred).replace("$", "").strip().rstrip(".")
+    return bool(_PLAIN_TEXT_RE.match(plain)) and bool(_words(gold)) and _words(gold) == _words(pred)
+
+
 @dataclasses.dataclass(frozen=True)
 class PreparedAnswer:
     """An answer string ready for the parser, plus what was stripped from it."""
@@ -228,6 +242,7 @@ class PreparedAnswer:
 _DEGREE_RE = re.compile(r"\^\s*\{?\s*\\circ\s*\}?|°|\\degree|\\circ")
 _PERCENT_RE = re.compile(r"\\%|%|\\text\{\s*percent\s*\}|\bpercent\b")
 _THOUSANDS_LATEX_RE = re.compile(r"(\d)(?:,\\!|\{,\}|\\,)(?=\d{3}(?!\d))")
+_COUNTED_NOUN_RE = re.compile(r"^([-+]?\d[\d,]*(?:\.\d+)?)\s+([A-Za-z]{2,})(?: [A-Za-z]+)*$")
 _PLAIN_THOUSANDS_RE = re.compile(r"^[-+]?\d{1,3}(?:,\d{3})+(?:\.\d+)?$")
 
 
@@ -239,7 +254,8 @@ def prepare(answer: str) -> PreparedAnswer:
       ``1,234,567`` lose their separators (``1,2`` stays a list);
     - a degree sign (``^\\circ``, ``°``, ``\\text{ degrees}``) and a percent sign (``\\%``, ``%``)
       are removed and remembered (see :func:`alternatives`);
-    - ``\\$`` and a trailing period are removed.
+    - ``\\$`` and a trailing period are removed, and so are plain words after a plain number
+      (``18 cookies`` -> ``18``).
     """
     s = answer.strip()
     boxed = _last_boxed(s)
@@ -253,6 +269,9 @@ def prepare(answer: str) -> PreparedAnswer:
     percent = bool(_PERCENT_RE.search(s))
     s = _PERCENT_RE.sub("", s)
     s = s.strip().rstrip(".").strip()
+    counted = _COUNTED_NOUN_RE.match(s)
+    if counted and not lp.is_math_word(counted.group(2)):  # "18 cookies", "$1,234.50 per week": a plain number followed by plain words
+        s = counted.group(1)
     if _PLAIN_THOUSANDS_RE.match(s):
         s = s.replace(",", "")
     return PreparedAnswer(s, percent, degrees)
@@ -403,9 +422,11 @@ def _sample_points(symbols):
     for k in range(_SAMPLE_POINTS):
         point = {}
         for j, sym in enumerate(symbols):
-            # distinct values in (0.3, 2.3), different for every symbol and point
+            # distinct values, different for every symbol and point: half of the points in
+            # (0.3, 2.3), half in (2.5, 19.5) so that integer-valued parts (floor) vary too
             frac = ((k + 1) * 0.6180339887498949 + (j + 1) * 0.4142135623730951) % 1.0
-            point[sym] = sympy.Float(0.3 + 2.0 * frac, EVAL_DIGITS)
+            low, width = (0.3, 2.0) if k % 2 == 0 else (2.5, 17.0)
+            point[sym] = sympy.Float(low + width * frac, EVAL_DIGITS)
         points.append(point)
     return points
 
@@ -647,8 +668,12 @@ def check(gold: str, pred: str | None) -> Verdict:
         gold_readings = _readings(gold)
     except (RecursionError, lp.ParseError):
         gold_readings = None
-    if gold_readings is None or all(isinstance(g, lp.Text) for g in gold_readings):
-        same = bool(_words(gold)) and _words(gold) == _words(pred)
+    if gold_readings is None:
+        # A gold the parser does not understand: only the same text (ignoring case) matches.
+        same = canonical_text(gold).casefold() == canonical_text(pred).casefold()
+        return Verdict(same, "same text" if same else "gold not parseable; text differs")
+    if all(isinstance(g, lp.Text) for g in gold_readings):
+        same = _same_text(gold, pred)
         return Verdict(same, "same text" if same else "text differs")
     try:
         pred_readings = _readings(pred)
