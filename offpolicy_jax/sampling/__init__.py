@@ -7,7 +7,7 @@
 
 ``out.logprobs`` is ``log_softmax(logits / T)`` of each sampled token, the quantity the trainer
 recomputes; ``out.truncated_logprobs`` is the log-prob under the top-k / top-p distribution the
-token was actually drawn from. See ``distribution`` for the sampling math and ``generate`` for
+token was actually drawn from. See ``distribution`` for the sampling math and ``sampler`` for
 bucketing, the prefill / decode programs and the host loop.
 """
 
@@ -15,7 +15,7 @@ from offpolicy_jax.sampling.distribution import (SamplingParams, sample_categori
                                                  sample_from_logits, sampling_log_probs,
                                                  top_k_keep_mask, top_p_keep_mask,
                                                  validate_sampling_params)
-from offpolicy_jax.sampling.generate import DEFAULT_STEPS_PER_DISPATCH, SampleOutput, generate
+from offpolicy_jax.sampling.sampler import DEFAULT_STEPS_PER_DISPATCH, SampleOutput, generate
 
 __all__ = [
     "DEFAULT_STEPS_PER_DISPATCH", "SampleOutput", "SamplingParams", "generate",

@@ -36,7 +36,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from offpolicy_jax import models
-from offpolicy_jax.sampling import distribution
+from offpolicy_jax.sampling import decode, distribution
 
 # Smallest prompt-length bucket: shorter prompts share one compiled prefill.
 MIN_PROMPT_BUCKET = 8
@@ -189,6 +189,14 @@ def _constrain(tree, specs, mesh):
 _BATCH = P(models.BATCH_AXES)
 
 
+def _decode_cache_specs(cache) -> dict:
+    """Per-layer cache [B, KV, S, hd]: rows over data x fsdp, KV heads over tensor (as the
+    attention weights' heads)."""
+    layer_spec = P(models.BATCH_AXES, "tensor", None, None)
+    return {"k": tuple(layer_spec for _ in cache["k"]), "v": tuple(layer_spec for _ in cache["v"]),
+            "mask": _BATCH, "index": P()}
+
+
 def _state_specs(state) -> dict:
     """Decode-state arrays are all batch-major except the scalars."""
     return {name: (_BATCH if value.ndim else P()) for name, value in state.items()}
@@ -248,18 +256,16 @@ def _prefill(cfg, params, prompt_tokens, prompt_mask, row_keys, row_valid, max_n
       (cache with Bp * num_samples rows of P + response_bucket slots, decode state).
     """
     batch, prompt_len = prompt_tokens.shape
-    cache = models.init_cache(cfg, batch, prompt_len + response_bucket)
-    cache = _constrain(cache, models.cache_partition_specs(cache), mesh)
-    positions = models.default_positions(prompt_mask)
-    logits, cache = models.apply_cached(cfg, params, prompt_tokens, cache, positions, prompt_mask)
-    last_logits = logits[:, -1]  # [Bp, V]: left padding puts every prompt's end in the last column
+    last_logits, cache = decode.prefill_last_logits(cfg, params, prompt_tokens, prompt_mask,
+                                                    prompt_len + response_bucket)
     if num_samples > 1:
         cache = {"k": jnp.repeat(cache["k"], num_samples, axis=1),
                  "v": jnp.repeat(cache["v"], num_samples, axis=1),
                  "mask": jnp.repeat(cache["mask"], num_samples, axis=0),
                  "index": cache["index"]}
         last_logits = jnp.repeat(last_logits, num_samples, axis=0)
-    cache = _constrain(cache, models.cache_partition_specs(cache), mesh)
+    cache = decode.to_decode_cache(cache)
+    cache = _constrain(cache, _decode_cache_specs(cache), mesh)
     rows = batch * num_samples
     prompt_lengths = jnp.repeat(jnp.sum(prompt_mask, axis=1, dtype=jnp.int32), num_samples)
     state = {
@@ -282,9 +288,12 @@ def _prefill(cfg, params, prompt_tokens, prompt_mask, row_keys, row_valid, max_n
     return cache, _constrain(state, _state_specs(state), mesh)
 
 
+_split_layer_params = jax.jit(decode.split_layer_params, static_argnums=0)
+
+
 @functools.partial(jax.jit, donate_argnums=(2,), static_argnames=(
     "cfg", "params_sampling", "steps", "eos_ids", "pad_token_id", "mesh"))
-def _decode(cfg, params, cache, state, *, params_sampling, steps, eos_ids, pad_token_id, mesh):
+def _decode(cfg, split_params, cache, state, *, params_sampling, steps, eos_ids, pad_token_id, mesh):
     """Up to ``steps`` single-token decode steps, stopping early once every row is done.
 
     Each step feeds the last sampled token at its row's next position, writes its key/value
@@ -296,18 +305,18 @@ def _decode(cfg, params, cache, state, *, params_sampling, steps, eos_ids, pad_t
 
     def step(carry):
         cache, state, taken = carry
-        logits, cache = models.apply_cached(cfg, params, state["last_token"][:, None], cache,
-                                            state["next_position"][:, None])
+        logits, cache = decode.decode_step(cfg, split_params, state["last_token"],
+                                           state["next_position"], cache)
         uniforms = distribution.row_uniforms(state["keys"], state["step"])
         tokens, logprobs, truncated = distribution.sample_from_logits(
-            logits[:, 0], uniforms, params_sampling)
+            logits, uniforms, params_sampling)
         state = {**state, "next_position": state["next_position"] + 1,
                  "num_forwards": state["num_forwards"] + 1}
         state = _record(state, tokens, logprobs, truncated, eos_ids, pad_token_id)
         return cache, state, taken + 1
 
     cache, state, _ = jax.lax.while_loop(keep_going, step, (cache, state, jnp.zeros((), jnp.int32)))
-    cache = _constrain(cache, models.cache_partition_specs(cache), mesh)
+    cache = _constrain(cache, _decode_cache_specs(cache), mesh)
     return cache, _constrain(state, _state_specs(state), mesh)
 
 
@@ -387,11 +396,13 @@ def generate(cfg: models.ModelConfig, params, prompts, *, max_new_tokens: int,
     # Every forward after the prefill yields one more token, so max_new_tokens - 1 at most.
     num_dispatches = -(-(max_new_tokens - 1) // steps_per_dispatch)
     bar = _progress_bar(max_new_tokens) if progress else None
+    split_params = _split_layer_params(cfg, params)
     previous = state
     for _ in range(num_dispatches):
         # Dispatch first, then wait on the previous chunk's flag: the device stays busy while
         # the host checks; once everything has finished, the chunk just queued runs 0 steps.
-        cache, state = _decode(cfg, params, cache, state, steps=steps_per_dispatch, **statics)
+        cache, state = _decode(cfg, split_params, cache, state, steps=steps_per_dispatch,
+                               **statics)
         previous_finished = bool(previous["finished"])
         if bar is not None:
             bar.update(int(previous["step"]) - bar.n)
