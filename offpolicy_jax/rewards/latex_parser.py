@@ -19,6 +19,18 @@ The parser returns an *answer value*:
 * :class:`Relation` — ``x = 5``, ``y = 2x + 1``, ``1 < x \\le 3``;
 * :class:`Text` — an answer that is words (``\\text{Evelyn}``).
 
+Reading conventions (documented choices where LaTeX or plain text is ambiguous):
+
+* ``e`` is Euler's number and ``i`` the imaginary unit, except inside e-notation: ``4.5e33`` is
+  4.5·10^33 (the ``e`` must be followed by digits); ``4.5 e 33`` with spaces is 4.5·e·33;
+* ``x^23`` is x^23 (plain-text style), while ``\\frac12`` / ``\\sqrt2`` take one character;
+* an integer followed directly by ``\\frac{int}{int}`` is a mixed number (``2\\frac12`` = 5/2);
+* ``52_8`` (digits with a numeric subscript) is the digit string 52 written in base 8;
+* ``f(x)``, ``g(t)``, ``u(t)``... (letters ``f g h F G H P Q I u y``) are function applications,
+  other letters before ``(`` multiply (``x(x+1)``); runs of up to 4 letters are products
+  (``xy`` = x·y); ``\\sin^{-1}`` is ``\\arcsin``; ``\\sin 2x`` is sin(2x);
+* ``a \\pm b`` is the two values a+b and a−b; ``\\text{or}`` / ``and`` / ``,`` separate answers.
+
 Guards against expensive inputs (the process deadline in :mod:`offpolicy_jax.rewards.pool`
 is only the backstop): nesting depth is capped at :data:`MAX_DEPTH`; integer powers whose
 result would exceed :data:`MAX_RESULT_BITS` bits (``9^9^9^9^9``, ``10**10**10``) raise
