@@ -422,9 +422,28 @@ def save_hf_checkpoint(path, cfg: ModelConfig, params: dict, *,
     (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def load_tokenizer(path):
-    """``transformers.AutoTokenizer`` from a checkpoint directory (local files, no remote code)."""
-    from transformers import AutoTokenizer
+# Tokenizer classes that mean "the pipeline is exactly what tokenizer.json says".
+GENERIC_TOKENIZER_CLASSES = ("PreTrainedTokenizerFast", "TokenizersBackend")
 
-    return AutoTokenizer.from_pretrained(os.fspath(path), trust_remote_code=False,
-                                         local_files_only=True)
+
+def load_tokenizer(path):
+    """The checkpoint directory's tokenizer (local files only, no remote code).
+
+    ``transformers.AutoTokenizer`` in general. One exception: a directory whose
+    ``tokenizer_config.json`` declares a generic class (``PreTrainedTokenizerFast`` or
+    ``TokenizersBackend``) is loaded with that class. transformers 5 otherwise replaces the declared
+    class with the model type's own (e.g. ``Qwen2Tokenizer`` for a ``qwen2`` config), whose
+    hard-coded pre-tokenizer silently drops the spaces and newlines of a character-level
+    tokenizer such as the embedded ``tiny-arith`` one.
+    """
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    path = os.fspath(path)
+    declared = None
+    config_file = os.path.join(path, "tokenizer_config.json")
+    if os.path.exists(config_file):
+        with open(config_file) as f:
+            declared = json.load(f).get("tokenizer_class")
+    if declared in GENERIC_TOKENIZER_CLASSES:
+        return PreTrainedTokenizerFast.from_pretrained(path, local_files_only=True)
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=False, local_files_only=True)

@@ -22,7 +22,9 @@ class Algorithm:
     Attributes:
       name: shown in logs and the summary.
       loss: ``inputs -> (scalar loss, metrics)``, jittable.
-      advantages: host function ``(rewards [N], group_size) -> advantages [N]``.
+      advantages: host function ``(rewards [N], group_size) -> advantages [N]``, or a dict of
+        per-row ``[N]`` arrays holding ``"advantages"`` and any other inputs the loss needs
+        (e.g. DAPO's informative-group mask); every entry is added to the loss inputs.
       needs_reference: compute ``ref_logp`` with the frozen initial policy (KL terms).
       needs_vocab_mean: compute ``vocab_mean`` (ROVER's successor mean-Q).
       needs_groups: advantages are group-relative, so ``group_size >= 2`` is required.

@@ -63,6 +63,13 @@ class Checkpointer:
         arrays = jax.tree.map(lambda x: jax.device_get(x), arrays)
         return restored["state"], dict(restored["meta"]), arrays
 
+    def read_state(self, step: int):
+        """The raw state pytree of checkpoint ``step`` (host arrays, no target structure needed):
+        for inspection, comparison and export."""
+        restored = self._manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+        return jax.device_get(restored["state"])
+
     def close(self) -> None:
         self._manager.close()
 

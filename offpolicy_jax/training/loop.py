@@ -104,6 +104,10 @@ def eos_ids(tokenizer) -> tuple[int, ...]:
     return (int(tokenizer.eos_token_id),)
 
 
+def pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids(tokenizer)[0]
+
+
 def make_log_prob_fn(cfg, algorithm: Algorithm, temperature: float, num_response: int):
     """Jitted no-grad log-probs of a packed batch under some params (old and reference policy)."""
 
@@ -147,7 +151,8 @@ def evaluate(cfg, params, tokenizer, eval_prompts, eval_golds, config: RunConfig
     result = runner.evaluate_prompts(
         cfg, params, tokenizer, eval_prompts, eval_golds, num_samples=config.eval_samples, ks=ks,
         max_new_tokens=config.max_new_tokens, temperature=config.eval_temperature,
-        seed=seed, eos_token_ids=eos_ids(tokenizer), pool=pool, mesh=mesh)
+        seed=seed, eos_token_ids=eos_ids(tokenizer), pad_token_id=pad_id(tokenizer), pool=pool,
+        mesh=mesh)
     return {f"eval/{k}": v for k, v in result.metrics.items()
             if k.startswith(("pass@", "maj@", "mean_length", "no_answer"))}
 
@@ -199,7 +204,7 @@ class RolloutContext:
             temperature=config.temperature, top_k=config.top_k, top_p=config.top_p,
             eos_token_ids=eos_ids(self.tokenizer),
             seed=jax.random.fold_in(jax.random.PRNGKey(config.seed), seed_index),
-            num_samples=config.group_size, mesh=self.mesh)
+            num_samples=config.group_size, mesh=self.mesh, pad_token_id=self.pad_id)
         tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
         prompt_index = np.asarray(out.prompt_index)
         self.generated += tokens.shape[0]
@@ -313,7 +318,6 @@ def run(config: RunConfig, algorithm: Algorithm, *, rollout_source=None) -> dict
 
     # Policy, reference, tokenizer.
     cfg, params, tokenizer, model_dir = load_policy(config)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids(tokenizer)[0]
     param_specs = models.partition_specs(params)
     params = models.shard_params(params, mesh)
     reference_params = params if algorithm.needs_reference else None
@@ -321,11 +325,11 @@ def run(config: RunConfig, algorithm: Algorithm, *, rollout_source=None) -> dict
     # Prompts: a checkpointable iterator over training prompts, a fixed held-out set.
     train_records, eval_records = prompts_lib.load_train_and_eval(
         config.dataset, prompt_field=config.prompt_field, answer_field=config.answer_field,
-        eval_size=config.eval_size, seed=config.seed)
+        eval_size=config.eval_size, seed=config.seed, tokenizer=tokenizer)
     iterator = pipeline.PromptIterator(train_records, config.batch_size, seed=config.seed)
     pool = rewards.VerifierPool()
     context = RolloutContext(cfg=cfg, tokenizer=tokenizer, config=config, pool=pool,
-                             iterator=iterator, mesh=mesh, pad_id=pad_id)
+                             iterator=iterator, mesh=mesh, pad_id=pad_id(tokenizer))
     eval_prompts = [context.encode(r["prompt"]) for r in eval_records]
     eval_golds = [r["gold"] for r in eval_records]
 
@@ -374,14 +378,16 @@ def run(config: RunConfig, algorithm: Algorithm, *, rollout_source=None) -> dict
         t_rollout = time.time()
 
         # 2. Advantages, packing, and the log-probs of the policy before this update.
-        advantages = algorithm.advantages(arrays["rewards"], config.group_size)
+        targets = algorithm.advantages(arrays["rewards"], config.group_size)
+        if not isinstance(targets, dict):
+            targets = {"advantages": targets}
         packed = rollout.pack_sequences(
             array_to_prompts(arrays["prompt_tokens"], arrays["prompt_lengths"]),
-            arrays["tokens"], arrays["lengths"], pad_id=pad_id)
+            arrays["tokens"], arrays["lengths"], pad_id=context.pad_id)
         batch = packed.model_inputs()
         batch.update(behaviour_logp=arrays["behaviour_logp"], rewards=arrays["rewards"],
-                     advantages=np.asarray(advantages, np.float32),
                      group_index=arrays["group_index"])
+        batch.update({k: np.asarray(v, np.float32) for k, v in targets.items()})
         old = log_probs(state.params, batch)
         batch["old_logp"] = old["logp"]
         if algorithm.needs_vocab_mean:

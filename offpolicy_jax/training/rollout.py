@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from offpolicy_jax import models
+from offpolicy_jax import losses, models
 
 
 def bucket_length(length: int, minimum: int = 8) -> int:
@@ -106,16 +106,16 @@ def response_log_probs(cfg, params, tokens, attention_mask, positions, *, num_re
     total = tokens.shape[1]
     # Column P + j - 1 predicts response token j.
     predicting = hidden[:, total - num_response - 1:total - 1]
-    logits = models.hidden_to_logits(cfg, params, predicting).astype(jnp.float32)
-    if temperature and temperature != 1.0:
-        logits = logits / temperature
+    logits = models.hidden_to_logits(cfg, params, predicting)
     targets = tokens[:, total - num_response:]
-    log_normaliser = jax.nn.logsumexp(logits, axis=-1)
-    target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    out = {"logp": target_logits - log_normaliser}
+    # Greedy rollouts (T = 0) are scored at T = 1, as the sampler documents.
+    temperature = temperature or 1.0
+    out = {}
     if with_vocab_mean:
-        out["vocab_mean"] = jnp.mean(logits, axis=-1) - log_normaliser
+        out["logp"], out["vocab_mean"] = losses.token_logprobs_and_vocab_mean(
+            logits, targets, temperature=temperature)
+    else:
+        out["logp"] = losses.token_log_probs(logits, targets, temperature=temperature)
     if with_entropy:
-        probs = jax.nn.softmax(logits, axis=-1)
-        out["entropy"] = log_normaliser - jnp.sum(probs * logits, axis=-1)
+        out["entropy"] = losses.token_entropy(logits, temperature=temperature)
     return out

@@ -1,0 +1,119 @@
+"""The embedded default model ``tiny-arith``: a ~1M-parameter Qwen2-architecture model with a
+character-level tokenizer, warm-started by supervised training on ``arith`` demonstrations.
+
+It is built on first use (about a minute on 2 CPU cores), saved with ``save_hf_checkpoint`` into a
+cache directory (``$OFFPOLICY_JAX_CACHE``, default ``~/.cache/offpolicy_jax``) and loaded from there
+through the same code path as any Hugging Face checkpoint. A stamp file records the recipe; a
+missing or different stamp triggers a rebuild, so a change of recipe can never load a stale model.
+
+The warm start is deliberately short: sampled answers are right often but not always (held-out
+pass@1 well below pass@8), which is the regime where RL from verifiable rewards has room to work.
+"""
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+
+import jax
+import jax.numpy as jnp
+
+from offpolicy_jax import models, sft
+from offpolicy_jax.data import arith, tokenizer as tokenizer_lib
+
+ALIAS = "tiny-arith"
+STAMP_FILE = "offpolicy_jax_recipe.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class TinyArithRecipe:
+    """How the embedded model is built. Changing any field rebuilds the cached model."""
+
+    version: int = 1
+    hidden_size: int = 128
+    intermediate_size: int = 384
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    sft_examples: int = 20_000
+    sft_steps: int = 300
+    sft_batch_size: int = 64
+    sft_learning_rate: float = 3e-3
+    seed: int = 0
+
+
+def model_config(vocab_size: int, recipe: TinyArithRecipe) -> models.ModelConfig:
+    """A Qwen2-architecture config (qkv bias, tied embeddings, GQA) at tiny scale."""
+    return models.ModelConfig(
+        model_type="qwen2", vocab_size=vocab_size, hidden_size=recipe.hidden_size,
+        intermediate_size=recipe.intermediate_size, num_layers=recipe.num_layers,
+        num_heads=recipe.num_heads, num_kv_heads=recipe.num_kv_heads, rope_theta=10000.0,
+        rms_norm_eps=1e-6, tie_word_embeddings=True, qkv_bias=True, qk_norm=False,
+        max_position_embeddings=256)
+
+
+def build(directory: str, recipe: TinyArithRecipe = TinyArithRecipe(), *, log_fn=print) -> str:
+    """Builds the tokenizer, initialises the model, warm-starts it with SFT, and saves both."""
+    tokenizer_lib.build_char_tokenizer(directory)
+    tokenizer = models.load_tokenizer(directory)
+    cfg = model_config(len(tokenizer), recipe)
+    params = models.init_params(cfg, jax.random.PRNGKey(recipe.seed), dtype=jnp.float32)
+    examples = arith.demonstrations(recipe.sft_examples, seed=recipe.seed)
+    log_fn(f"tiny-arith: warm-starting a {cfg.num_params() / 1e6:.2f}M-parameter model on "
+           f"{len(examples)} arith demonstrations ({recipe.sft_steps} steps)")
+    params, _ = sft.train_sft(
+        cfg, params, tokenizer, examples, steps=recipe.sft_steps,
+        batch_size=recipe.sft_batch_size, learning_rate=recipe.sft_learning_rate,
+        seed=recipe.seed, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
+        warmup_steps=recipe.sft_steps // 10, log_every=max(recipe.sft_steps // 5, 1),
+        log_fn=log_fn)
+    cfg = dataclasses.replace(cfg, eos_token_id=tokenizer.eos_token_id,
+                              bos_token_id=tokenizer.bos_token_id)
+    models.save_hf_checkpoint(directory, cfg, params)
+    with open(os.path.join(directory, STAMP_FILE), "w") as f:
+        json.dump(dataclasses.asdict(recipe), f, indent=1)
+    return directory
+
+
+def default_cache_dir() -> str:
+    return os.environ.get("OFFPOLICY_JAX_CACHE",
+                          os.path.join(os.path.expanduser("~"), ".cache", "offpolicy_jax"))
+
+
+def ensure(cache_dir: str | None = None, recipe: TinyArithRecipe = TinyArithRecipe(), *,
+           log_fn=print) -> str:
+    """The cached tiny-arith checkpoint directory, built first if missing or stale.
+
+    The model is built in a temporary directory and renamed into place, so an interrupted build
+    never leaves a half-written checkpoint behind.
+    """
+    cache_dir = cache_dir or default_cache_dir()
+    directory = os.path.join(cache_dir, f"{ALIAS}-v{recipe.version}")
+    stamp = os.path.join(directory, STAMP_FILE)
+    if os.path.exists(stamp):
+        with open(stamp) as f:
+            if json.load(f) == dataclasses.asdict(recipe):
+                return directory
+    os.makedirs(cache_dir, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{ALIAS}-", dir=cache_dir)
+    try:
+        build(staging, recipe, log_fn=log_fn)
+        shutil.rmtree(directory, ignore_errors=True)
+        os.replace(staging, directory)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return directory
+
+
+def resolve_model(name: str) -> str:
+    """``--model`` to a checkpoint directory: the alias ``tiny-arith`` or an existing directory."""
+    if name == ALIAS:
+        return ensure()
+    if os.path.isdir(name):
+        if not os.path.exists(os.path.join(name, "config.json")):
+            raise FileNotFoundError(f"--model={name!r}: the directory has no config.json; expected "
+                                    f"a Hugging Face checkpoint directory")
+        return name
+    raise FileNotFoundError(f"--model={name!r} is neither the alias {ALIAS!r} nor an existing "
+                            f"checkpoint directory")
