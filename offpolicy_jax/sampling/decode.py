@@ -150,7 +150,7 @@ def decode_step(cfg: models.ModelConfig, split_params: dict, tokens: jax.Array,
         h = transformer.rms_norm(x, w["attn_norm"], cfg.rms_norm_eps)
         qkv = h @ w["qkv"]
         if cfg.qkv_bias:
-            qkv = qkv + w["qkv_bias"]
+            qkv = qkv + w["qkv_bias"][None, :]
         qkv = qkv.reshape(batch, kv_heads, groups + 2, hd)
         q, k, v = qkv[:, :, :groups], qkv[:, :, groups], qkv[:, :, groups + 1]
         if cfg.qk_norm:

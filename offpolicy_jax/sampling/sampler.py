@@ -138,9 +138,9 @@ def _base_key(seed) -> jax.Array:
         if seed.shape != ():
             raise ValueError(f"seed must be a single PRNG key, got key array of shape {seed.shape}")
         return seed
-    raw = jnp.asarray(seed)
-    if raw.dtype == jnp.uint32 and raw.shape == (2,):
-        return jax.random.wrap_key_data(raw)
+    raw = np.asarray(seed) if isinstance(seed, (jax.Array, np.ndarray)) else None
+    if raw is not None and raw.dtype == np.uint32 and raw.shape == (2,):
+        return jax.random.wrap_key_data(jnp.asarray(raw))
     raise ValueError(f"seed must be an int or a JAX PRNG key, got {seed!r}")
 
 
