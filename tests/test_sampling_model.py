@@ -237,3 +237,16 @@ def test_bad_input_raises_clear_error(qwen2, prompts, kwargs, message):
     args = dict(max_new_tokens=4, eos_token_ids=(1,), seed=0) | kwargs
     with pytest.raises(ValueError, match=message):
         sampling.generate(cfg, params, prompts, **args)
+
+
+def test_growing_cache_gives_the_same_samples(qwen2, monkeypatch):
+    cfg, params = qwen2
+    kwargs = dict(max_new_tokens=40, temperature=1.0, eos_token_ids=(), seed=2,
+                  steps_per_dispatch=8)
+    whole = sampling.generate(cfg, params, PROMPTS, **kwargs)  # one 64-slot window
+    monkeypatch.setattr(sampler, "FIRST_CACHE_WINDOW", 8)      # 8 -> 16 -> 32 -> 64 slots
+    grows_before = sampler._grow_cache._cache_size()
+    grown = sampling.generate(cfg, params, PROMPTS, **kwargs)
+    assert sampler._grow_cache._cache_size() == grows_before + 3
+    np.testing.assert_array_equal(grown.tokens, whole.tokens)
+    np.testing.assert_allclose(grown.logprobs, whole.logprobs, atol=1e-5)

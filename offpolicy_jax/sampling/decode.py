@@ -9,9 +9,10 @@ weights and cache out of the scan carry (copies of ~all weights and cache), and 
 * per-layer weights, split once per ``generate`` call into plain 2-D matrices (the fused
   ``qkv`` ``[D, KV*(G+2)*hd]`` and ``gate_up`` ``[D, 2F]`` projections stay fused), and the
   layers unrolled, so no weight is copied inside the decode loop;
-* a per-layer cache ``[B, KV, S, hd]``: the new key/value is written in place
-  (``dynamic_update_slice`` on a donated buffer) and attention is a batched matmul over
-  ``(b, kv)`` with no transpose;
+* a per-layer cache, keys as ``[B, KV, hd, S]`` and values as ``[B, KV, S, hd]``: the new
+  key/value is written in place (``dynamic_update_slice`` on a donated buffer) and both attention
+  matmuls are plain batched ``[G, hd] @ [hd, S]`` / ``[G, S] @ [S, hd]`` products over ``(b, kv)``
+  (keys stored transposed make the score matmul ~2.5x faster on CPU than ``[S, hd]`` keys);
 * prefill through ``models.Decoder`` computing hidden states only, projecting just the last
   position of each prompt to the vocabulary (the full ``[B, P, V]`` prompt logits are never
   formed).
@@ -63,14 +64,14 @@ def split_layer_params(cfg: models.ModelConfig, params: dict) -> dict:
 def to_decode_cache(cache: dict) -> dict:
     """Converts a ``models.init_cache`` / ``apply_cached`` cache to the per-layer layout.
 
-    ``{"k", "v": [L, B, S, KV, hd], "mask", "index"}`` -> ``{"k", "v": L-tuples of
-    [B, KV, S, hd], "mask": [B, S], "index": []}``.
+    ``{"k", "v": [L, B, S, KV, hd], "mask", "index"}`` -> ``{"k": L-tuple of [B, KV, hd, S],
+    "v": L-tuple of [B, KV, S, hd], "mask": [B, S], "index": []}``.
     """
-    def per_layer(stacked):
-        return tuple(stacked[layer].transpose(0, 2, 1, 3) for layer in range(stacked.shape[0]))
+    def per_layer(stacked, order):
+        return tuple(stacked[layer].transpose(order) for layer in range(stacked.shape[0]))
 
-    return {"k": per_layer(cache["k"]), "v": per_layer(cache["v"]), "mask": cache["mask"],
-            "index": cache["index"]}
+    return {"k": per_layer(cache["k"], (0, 2, 3, 1)), "v": per_layer(cache["v"], (0, 2, 1, 3)),
+            "mask": cache["mask"], "index": cache["index"]}
 
 
 def prefill_last_logits(cfg: models.ModelConfig, params: dict, tokens: jax.Array,
@@ -101,23 +102,23 @@ def prefill_last_logits(cfg: models.ModelConfig, params: dict, tokens: jax.Array
     return logits, {"k": k, "v": v, "mask": mask, "index": jnp.int32(length)}
 
 
-def _attend(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, allowed: jax.Array):
+def _attend(q: jax.Array, keys: jax.Array, values: jax.Array, allowed: jax.Array):
     """One query token per row against the cache (grouped-query attention, arXiv:2305.13245).
 
     ``out[b,k,g] = Σ_s softmax_s(q[b,k,g]·K[b,k,s] / sqrt(hd) | allowed[b,s]) V[b,k,s]``
 
     Args:
-      q: [B, KV, G, hd]; k_cache, v_cache: [B, KV, S, hd]; allowed: [B, S] bool.
+      q: [B, KV, G, hd]; keys: [B, KV, hd, S]; values: [B, KV, S, hd]; allowed: [B, S] bool.
 
     Returns:
       [B, KV, G, hd] in q's dtype.
     """
     scale = 1.0 / np.sqrt(q.shape[-1])
-    scores = jnp.einsum("bkgh,bksh->bkgs", q, k_cache.astype(q.dtype),
+    scores = jnp.einsum("bkgh,bkhs->bkgs", q, keys.astype(q.dtype),
                         preferred_element_type=jnp.float32) * scale
     scores = jnp.where(allowed[:, None, None, :], scores, _MASKED_SCORE)
     probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-    return jnp.einsum("bkgs,bksh->bkgh", probs, v_cache.astype(q.dtype))
+    return jnp.einsum("bkgs,bksh->bkgh", probs, values.astype(q.dtype))
 
 
 def decode_step(cfg: models.ModelConfig, split_params: dict, tokens: jax.Array,
@@ -160,8 +161,8 @@ def decode_step(cfg: models.ModelConfig, split_params: dict, tokens: jax.Array,
         q = transformer.apply_rope(q[:, None], cos, sin)[:, 0]
         k = transformer.apply_rope(k[:, None], cos, sin)[:, 0]
         k_cache = lax.dynamic_update_slice(cache["k"][layer],
-                                           k[:, :, None, :].astype(cache["k"][layer].dtype),
-                                           (0, 0, index, 0))
+                                           k[:, :, :, None].astype(cache["k"][layer].dtype),
+                                           (0, 0, 0, index))
         v_cache = lax.dynamic_update_slice(cache["v"][layer],
                                            v[:, :, None, :].astype(cache["v"][layer].dtype),
                                            (0, 0, index, 0))

@@ -35,13 +35,18 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from offpolicy_jax import models
+from offpolicy_jax import distributed, models
 from offpolicy_jax.sampling import decode, distribution
 
 # Smallest prompt-length bucket: shorter prompts share one compiled prefill.
 MIN_PROMPT_BUCKET = 8
 # Smallest response-buffer bucket.
 MIN_RESPONSE_BUCKET = 8
+# Response slots of the first KV cache; it doubles (one copy) whenever the next dispatch could
+# pass its end, up to the response bucket. Attention reads the whole cache every step, so this
+# keeps early steps from reading slots that are still empty (about half of the attention traffic
+# of a long generation) at the price of one extra compile per doubling.
+FIRST_CACHE_WINDOW = 64
 # Decode steps fused into one dispatch (one while_loop); the host checks for completion in
 # between. Larger amortises dispatch and host round trips; the loop exits early once all rows
 # are done, so a larger value wastes nothing but compile-time unrolling (none: it is a loop).
@@ -190,8 +195,8 @@ _BATCH = P(models.BATCH_AXES)
 
 
 def _decode_cache_specs(cache) -> dict:
-    """Per-layer cache [B, KV, S, hd]: rows over data x fsdp, KV heads over tensor (as the
-    attention weights' heads)."""
+    """Per-layer cache (keys [B, KV, hd, S], values [B, KV, S, hd]): rows over data x fsdp, KV
+    heads over tensor (as the attention weights' heads)."""
     layer_spec = P(models.BATCH_AXES, "tensor", None, None)
     return {"k": tuple(layer_spec for _ in cache["k"]), "v": tuple(layer_spec for _ in cache["v"]),
             "mask": _BATCH, "index": P()}
@@ -241,10 +246,11 @@ def _record(state: dict, tokens, logprobs, truncated_logprobs, eos_ids: tuple[in
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "cfg", "params_sampling", "num_samples", "response_bucket", "eos_ids", "pad_token_id",
-    "mesh"))
+    "cfg", "params_sampling", "num_samples", "response_bucket", "cache_window", "eos_ids",
+    "pad_token_id", "mesh"))
 def _prefill(cfg, params, prompt_tokens, prompt_mask, row_keys, row_valid, max_new_tokens, *,
-             params_sampling, num_samples, response_bucket, eos_ids, pad_token_id, mesh):
+             params_sampling, num_samples, response_bucket, cache_window, eos_ids, pad_token_id,
+             mesh):
     """Prefills the distinct prompts, repeats the cache per sample, draws the first token.
 
     Args:
@@ -253,11 +259,12 @@ def _prefill(cfg, params, prompt_tokens, prompt_mask, row_keys, row_valid, max_n
       max_new_tokens: int32 scalar (traced: the budget does not force a recompile).
 
     Returns:
-      (cache with Bp * num_samples rows of P + response_bucket slots, decode state).
+      (cache with Bp * num_samples rows of P + cache_window slots, decode state with
+      response buffers of response_bucket columns).
     """
     batch, prompt_len = prompt_tokens.shape
     last_logits, cache = decode.prefill_last_logits(cfg, params, prompt_tokens, prompt_mask,
-                                                    prompt_len + response_bucket)
+                                                    prompt_len + cache_window)
     if num_samples > 1:
         cache = {"k": jnp.repeat(cache["k"], num_samples, axis=1),
                  "v": jnp.repeat(cache["v"], num_samples, axis=1),
@@ -289,6 +296,21 @@ def _prefill(cfg, params, prompt_tokens, prompt_mask, row_keys, row_valid, max_n
 
 
 _split_layer_params = jax.jit(decode.split_layer_params, static_argnums=0)
+
+
+@functools.partial(jax.jit, static_argnames=("slots", "mesh"))
+def _grow_cache(cache, *, slots, mesh):
+    """Pads the per-layer cache to ``slots`` slots (new slots empty and masked).
+
+    Not donated: the output is larger, so XLA could not reuse the input buffers anyway; the old
+    cache is freed when the caller drops it."""
+    extra = slots - cache["mask"].shape[1]
+    pad_keys = ((0, 0), (0, 0), (0, 0), (0, extra))    # [B, KV, hd, S]
+    pad_values = ((0, 0), (0, 0), (0, extra), (0, 0))  # [B, KV, S, hd]
+    grown = {"k": tuple(jnp.pad(k, pad_keys) for k in cache["k"]),
+             "v": tuple(jnp.pad(v, pad_values) for v in cache["v"]),
+             "mask": jnp.pad(cache["mask"], ((0, 0), (0, extra))), "index": cache["index"]}
+    return _constrain(grown, _decode_cache_specs(grown), mesh)
 
 
 @functools.partial(jax.jit, donate_argnums=(2,), static_argnames=(
@@ -385,20 +407,30 @@ def generate(cfg: models.ModelConfig, params, prompts, *, max_new_tokens: int,
     if mesh is not None:
         params = models.shard_params(params, mesh)
         batch_sharding = NamedSharding(mesh, _BATCH)
-        prompt_tokens, prompt_mask, row_keys, row_valid = jax.device_put(
+        # Not jax.device_put: on a mesh spanning processes each process must place only its
+        # own devices' rows (every process passes the same prompts).
+        prompt_tokens, prompt_mask, row_keys, row_valid = distributed.host_to_global(
             (prompt_tokens, prompt_mask, row_keys, row_valid), batch_sharding)
 
     statics = dict(params_sampling=params_sampling, eos_ids=eos_ids, pad_token_id=pad_token_id,
                    mesh=mesh)
+    cache_window = min(response_bucket,
+                       _power_of_two_at_least(max(FIRST_CACHE_WINDOW, steps_per_dispatch)))
     cache, state = _prefill(cfg, params, prompt_tokens, prompt_mask, row_keys, row_valid,
                             jnp.int32(max_new_tokens), num_samples=num_samples,
-                            response_bucket=response_bucket, **statics)
+                            response_bucket=response_bucket, cache_window=cache_window,
+                            **statics)
     # Every forward after the prefill yields one more token, so max_new_tokens - 1 at most.
     num_dispatches = -(-(max_new_tokens - 1) // steps_per_dispatch)
     bar = _progress_bar(max_new_tokens) if progress else None
     split_params = _split_layer_params(cfg, params)
     previous = state
-    for _ in range(num_dispatches):
+    for chunk in range(num_dispatches):
+        # Forwards after this chunk <= (chunk + 1) * steps, each writing one response slot.
+        needed = min((chunk + 1) * steps_per_dispatch, max_new_tokens - 1)
+        if needed > cache_window:
+            cache_window = min(response_bucket, _power_of_two_at_least(needed))
+            cache = _grow_cache(cache, slots=prompt_bucket + cache_window, mesh=mesh)
         # Dispatch first, then wait on the previous chunk's flag: the device stays busy while
         # the host checks; once everything has finished, the chunk just queued runs 0 steps.
         cache, state = _decode(cfg, split_params, cache, state, steps=steps_per_dispatch,
@@ -409,7 +441,9 @@ def generate(cfg: models.ModelConfig, params, prompts, *, max_new_tokens: int,
         if previous_finished:
             break
         previous = state
-    host = jax.device_get({name: state[name] for name in (
+    # With a mesh over several processes' devices the rows are all-gathered: every process
+    # receives every row (its callers, e.g. the RL loop, keep identical host data everywhere).
+    host = distributed.to_host({name: state[name] for name in (
         "tokens", "logprobs", "truncated_logprobs", "lengths", "num_forwards")})
     if bar is not None:
         bar.update(int(state["step"]) - bar.n)
