@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
-from offpolicy_jax import models, rewards, sampling
+from offpolicy_jax import distributed, models, rewards, sampling
 from offpolicy_jax.eval import runner
 from offpolicy_jax.training import checkpoint as checkpoint_lib
 from offpolicy_jax.training import logger as logger_lib
@@ -88,12 +88,15 @@ class RunConfig:
 # Setup helpers: model, data, jitted functions.
 
 
-def load_policy(config: RunConfig):
-    """``(cfg, params, tokenizer, model_dir)`` for ``--model`` (a checkpoint dir or an alias)."""
+def load_policy(config: RunConfig, mesh=None):
+    """``(cfg, params, tokenizer, model_dir)`` for ``--model`` (a checkpoint dir or an alias).
+
+    With ``mesh``, every parameter is placed straight into its sharded layout (each process
+    copies only its own devices' shards, which is what multi-process runs need)."""
     from offpolicy_jax import tiny_arith
     model_dir = tiny_arith.resolve_model(config.model)
     dtype = jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
-    cfg, params = models.load_hf_checkpoint(model_dir, dtype=dtype)
+    cfg, params = models.load_hf_checkpoint(model_dir, dtype=dtype, mesh=mesh)
     tokenizer = models.load_tokenizer(model_dir)
     return cfg, params, tokenizer, model_dir
 
@@ -117,6 +120,17 @@ def make_log_prob_fn(cfg, algorithm: Algorithm, temperature: float, num_response
             cfg, params, batch["tokens"], batch["attention_mask"], batch["positions"],
             num_response=num_response, temperature=temperature,
             with_vocab_mean=algorithm.needs_vocab_mean)
+
+    return log_probs
+
+
+def on_host_batches(log_probs_fn, batch_sharding):
+    """``log_probs_fn(params, batch)`` for a host (numpy) batch that is the same on every process:
+    the batch is placed with ``batch_sharding`` and the outputs come back as numpy."""
+
+    def log_probs(params, batch):
+        placed = distributed.host_to_global(batch, batch_sharding)
+        return distributed.to_host(log_probs_fn(params, placed))
 
     return log_probs
 
@@ -208,18 +222,23 @@ class RolloutContext:
         tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
         prompt_index = np.asarray(out.prompt_index)
         self.generated += tokens.shape[0]
+        # Every process holds all rows (generate gathers them); each verifies its own share and
+        # the rewards are all-gathered, so all processes continue with identical host data.
+        mine = distributed.process_rows(tokens.shape[0])
         responses = [self.tokenizer.decode(tokens[i, :lengths[i]].tolist(),
                                            skip_special_tokens=True)
-                     for i in range(tokens.shape[0])]
-        scored = rewards.score_batch(responses, [records[i]["gold"] for i in prompt_index],
+                     for i in range(mine.start, mine.stop)]
+        scored = rewards.score_batch(responses, [records[i]["gold"] for i in prompt_index[mine]],
                                      pool=self.pool)
+        row_rewards = distributed.gather_rows(np.asarray(scored.rewards, np.float32),
+                                              tokens.shape[0])
         prompt_array, prompt_lengths = prompts_to_array(
             [prompt_tokens[i] for i in prompt_index], self.pad_id)
         return {
             "prompt_tokens": prompt_array, "prompt_lengths": prompt_lengths,
             "tokens": tokens.astype(np.int32), "lengths": lengths.astype(np.int32),
             "behaviour_logp": np.asarray(out.logprobs, np.float32),
-            "rewards": np.asarray(scored.rewards, np.float32),
+            "rewards": row_rewards,
             "group_index": prompt_index.astype(np.int32),
             "policy_version": np.full(tokens.shape[0], policy_version, np.int32),
         }
@@ -309,6 +328,8 @@ def run(config: RunConfig, algorithm: Algorithm, *, rollout_source=None) -> dict
     """
     from offpolicy_jax.data import pipeline, prompts as prompts_lib
 
+    # Join the other processes of a multi-process launch before anything touches a device.
+    distributed.maybe_initialize()
     config.validate(algorithm)
     start_time = time.time()
     is_main = jax.process_index() == 0
@@ -317,7 +338,7 @@ def run(config: RunConfig, algorithm: Algorithm, *, rollout_source=None) -> dict
     source = rollout_source or OnlineRollouts()
 
     # Policy, reference, tokenizer.
-    cfg, params, tokenizer, model_dir = load_policy(config)
+    cfg, params, tokenizer, model_dir = load_policy(config, mesh)
     param_specs = models.partition_specs(params)
     params = models.shard_params(params, mesh)
     reference_params = params if algorithm.needs_reference else None
@@ -326,7 +347,11 @@ def run(config: RunConfig, algorithm: Algorithm, *, rollout_source=None) -> dict
     train_records, eval_records = prompts_lib.load_train_and_eval(
         config.dataset, prompt_field=config.prompt_field, answer_field=config.answer_field,
         eval_size=config.eval_size, seed=config.seed, tokenizer=tokenizer)
-    iterator = pipeline.PromptIterator(train_records, config.batch_size, seed=config.seed)
+    # One global prompt stream, the same on every process (not a per-process shard): generation
+    # splits the batch over all devices anyway, and identical host data on every process keeps a
+    # run's numbers, its checkpoints and its resume independent of the number of processes.
+    iterator = pipeline.PromptIterator(train_records, config.batch_size, seed=config.seed,
+                                       shard_index=0, shard_count=1)
     pool = rewards.VerifierPool()
     context = RolloutContext(cfg=cfg, tokenizer=tokenizer, config=config, pool=pool,
                              iterator=iterator, mesh=mesh, pad_id=pad_id(tokenizer))
@@ -349,7 +374,12 @@ def run(config: RunConfig, algorithm: Algorithm, *, rollout_source=None) -> dict
         make_loss_fn(cfg, algorithm, config.temperature, num_response), optimizer,
         num_microbatches=config.num_microbatches, mesh=mesh, state_sharding=state_sharding,
         learning_rate_fn=optim.make_schedule(opt_config))
-    log_probs = make_log_prob_fn(cfg, algorithm, config.temperature, num_response)
+    # Batches are host numpy, identical on every process; each process places only its devices'
+    # rows (a multi-process jit refuses numpy inputs) and reads the log-probs back whole.
+    batch_sharding = jax.sharding.NamedSharding(
+        mesh, jax.sharding.PartitionSpec(step_lib.BATCH_AXES))
+    log_probs = on_host_batches(make_log_prob_fn(cfg, algorithm, config.temperature, num_response),
+                                batch_sharding)
     guard = step_lib.NonFiniteGuard(config.max_nonfinite_steps)
     logger = logger_lib.MetricsLogger(config.workdir, is_main=is_main)
     checkpointer = checkpoint_lib.Checkpointer(os.path.join(config.workdir, "checkpoints"))
@@ -403,7 +433,8 @@ def run(config: RunConfig, algorithm: Algorithm, *, rollout_source=None) -> dict
             order = np.random.default_rng([config.seed, iteration, epoch]).permutation(num_rows)
             for part in np.array_split(order, algorithm.num_minibatches):
                 minibatch = jax.tree.map(lambda x: np.asarray(x)[part], batch)
-                state, metrics = train_step(state, minibatch)
+                state, metrics = train_step(
+                    state, distributed.host_to_global(minibatch, batch_sharding))
                 guard.check(state, metrics)
                 step_metrics.append(metrics)
         t_update = time.time()
