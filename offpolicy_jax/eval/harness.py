@@ -1,0 +1,432 @@
+"""The evaluation harness: pass@k, maj@k, length and no-answer statistics of one checkpoint on the
+math benchmarks, from one command (``python -m offpolicy_jax.eval``, see ``__main__``).
+
+For each benchmark the harness builds the prompts, samples ``num_samples`` responses per problem,
+verifies every response against the gold answer and aggregates the metrics with
+:func:`offpolicy_jax.eval.runner.evaluate_prompts` -- the same function the RL loop's periodic
+held-out evaluation calls, so the harness and a training run report the same numbers for the
+same model, prompts and settings.
+
+Benchmarks (:data:`BENCHMARK_NAMES`): ``arith``, the embedded task's fixed held-out set (prompts in
+the task's own ``"Q: 12+7*3\\nA: "`` format, the one ``tiny-arith`` is trained on; its first 64
+problems are the RL loop's default held-out set), and every name of ``rewards.BENCHMARKS``
+(``gsm8k`` is the GSM8K test split). Benchmark questions are formatted with
+``data.prompts.format_question``: the checkpoint's chat template when it has one (unless
+``use_chat_template`` is off), else ``"Question: ...\\n<instruction>\\nAnswer:"``, with an
+instruction to put the final answer in ``\\boxed{}``.
+
+Outputs, in ``out_dir``:
+
+* ``results.md`` -- the markdown table also printed on stdout (values in percent);
+* ``results.json`` -- ``{"model", "model_dir", "settings", "benchmarks": {name: {...}}}`` where each
+  benchmark holds ``pass@k`` for every k, ``maj@k``, ``mean_length``, ``no_answer_fraction``,
+  ``truncated_fraction``, the counts, ``prompt_format``, ``seconds`` and the ``settings`` used;
+* ``samples.jsonl`` -- one line per sample: benchmark, problem id and index, sample index, prompt,
+  response, extracted answer, gold, verdict (``correct``), the verifier's reason, length and
+  whether the response was cut at ``max_new_tokens``.
+
+Prompts that do not fit ``max_new_tokens`` in the model's context are not sampled; they count as
+wrong in pass@k / maj@k (so the denominator is always the number of problems evaluated) and are
+reported in ``num_too_long`` and the table's "too long" column.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+
+import jax.numpy as jnp
+
+from offpolicy_jax import models, rewards
+from offpolicy_jax.data import prompts as prompts_lib
+from offpolicy_jax.eval import runner
+
+ARITH = "arith"
+BENCHMARK_NAMES = (ARITH,) + tuple(rewards.BENCHMARKS)
+# Problems of the arith held-out set evaluated when no --limit is given.
+ARITH_EVAL_SIZE = 500
+# --max_new_tokens when unset: this, or half the model's context if that is smaller.
+DEFAULT_MAX_NEW_TOKENS = 1024
+# A checkpoint directory holds a tokenizer when it has at least one of these files.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+RESULTS_JSON, RESULTS_MD, SAMPLES_JSONL = "results.json", "results.md", "samples.jsonl"
+
+
+@dataclasses.dataclass(frozen=True)
+class HarnessConfig:
+    """What to evaluate and how (one field per command-line flag of ``python -m
+    offpolicy_jax.eval``).
+
+    Attributes:
+      model: a Hugging Face checkpoint directory or an alias (``tiny-arith``).
+      benchmarks: names from :data:`BENCHMARK_NAMES`.
+      num_samples: n, responses per problem.
+      ks: the k of ``pass@k`` (each in [1, n]); None: :func:`default_ks`.
+      temperature, top_p, top_k: sampling (top_p / top_k None: no truncation).
+      max_new_tokens: response budget; None: ``min(1024, context // 2)``.
+      limit: evaluate only the first ``limit`` problems of each benchmark (None: all; ``arith``:
+        :data:`ARITH_EVAL_SIZE`).
+      seed: sampling seed, the same for every benchmark (a benchmark's samples do not depend on
+        which other benchmarks are in the list).
+      use_chat_template: format questions with the tokenizer's chat template when it has one.
+      instruction: appended to every benchmark question (not to ``arith`` prompts).
+      batch_size: prompts per generation chunk (each chunk is ``batch_size * n`` rows).
+      mesh: device mesh ``"data,fsdp,tensor"`` (see ``models.make_mesh``).
+      dtype: parameter dtype, ``"float32"`` or ``"bfloat16"``.
+      data_dir: benchmark data folder (None: ``rewards.load_benchmark``'s default).
+    """
+
+    model: str = "tiny-arith"
+    benchmarks: tuple[str, ...] = (ARITH,)
+    num_samples: int = 8
+    ks: tuple[int, ...] | None = None
+    temperature: float = 0.6
+    top_p: float | None = 0.95
+    top_k: int | None = None
+    max_new_tokens: int | None = None
+    limit: int | None = None
+    seed: int = 0
+    use_chat_template: bool = True
+    instruction: str = prompts_lib.DEFAULT_INSTRUCTION
+    batch_size: int = 32
+    mesh: str = "1,-1,1"
+    dtype: str = "float32"
+    data_dir: str | None = None
+
+    def validate(self) -> None:
+        """Raises ``ValueError`` naming the flag of the first invalid setting."""
+        parse_benchmarks(",".join(self.benchmarks))
+        checks = [
+            (self.num_samples >= 1, f"--num_samples must be >= 1, got {self.num_samples}"),
+            (self.temperature >= 0, f"--temperature must be >= 0, got {self.temperature}"),
+            (self.top_p is None or 0 < self.top_p <= 1,
+             f"--top_p must be in (0, 1], got {self.top_p}"),
+            (self.top_k is None or self.top_k >= 1, f"--top_k must be >= 1, got {self.top_k}"),
+            (self.max_new_tokens is None or self.max_new_tokens >= 1,
+             f"--max_new_tokens must be >= 1, got {self.max_new_tokens}"),
+            (self.limit is None or self.limit >= 1, f"--limit must be >= 1, got {self.limit}"),
+            (self.batch_size >= 1, f"--batch_size must be >= 1 prompts, got {self.batch_size}"),
+            (self.dtype in ("float32", "bfloat16"),
+             f"--dtype must be float32 or bfloat16, got {self.dtype!r}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+        if self.ks is not None:
+            check_ks(self.ks, self.num_samples)
+
+
+# ---------------------------------------------------------------------------------------------
+# Flag parsing helpers (pure).
+
+
+def default_ks(num_samples: int) -> tuple[int, ...]:
+    """Every power of two up to ``num_samples``, and ``num_samples`` itself: 6 -> (1, 2, 4, 6)."""
+    powers = [1 << i for i in range(num_samples.bit_length()) if 1 << i <= num_samples]
+    return tuple(sorted(set(powers) | {num_samples}))
+
+
+def check_ks(ks, num_samples: int) -> tuple[int, ...]:
+    """``ks`` sorted and de-duplicated; raises naming ``--k`` if one is outside [1, n]."""
+    bad = [k for k in ks if not 1 <= k <= num_samples]
+    if bad or not ks:
+        raise ValueError(f"--k values must be in [1, --num_samples={num_samples}], got "
+                         f"{list(ks) or 'none'}")
+    return tuple(sorted(set(int(k) for k in ks)))
+
+
+def parse_ks(text: str | None, num_samples: int) -> tuple[int, ...]:
+    """``--k``: a comma list such as ``"1,4,16"``; empty or None gives :func:`default_ks`."""
+    if not text or not text.strip():
+        return default_ks(num_samples)
+    try:
+        ks = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ValueError(f"--k must be a comma-separated list of integers, got {text!r}") from None
+    return check_ks(ks, num_samples)
+
+
+def majority_ks(ks: tuple[int, ...], num_samples: int) -> tuple[int, ...]:
+    """The k of the reported maj@k: every pass@k budget of at least 2 voters, and always n
+    (maj@1 is the first sample's accuracy, a noisier copy of pass@1, so it is left out unless
+    n = 1)."""
+    return tuple(sorted({k for k in ks if k >= 2} | {num_samples}))
+
+
+def parse_benchmarks(text: str) -> tuple[str, ...]:
+    """``--benchmarks``: a comma list of :data:`BENCHMARK_NAMES` (order kept, repeats dropped)."""
+    names = list(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
+    if not names:
+        raise ValueError(f"--benchmarks is empty; choose from {', '.join(BENCHMARK_NAMES)}")
+    unknown = [name for name in names if name not in BENCHMARK_NAMES]
+    if unknown:
+        raise ValueError(f"unknown benchmark {', '.join(map(repr, unknown))} in --benchmarks; "
+                         f"valid names: {', '.join(BENCHMARK_NAMES)}")
+    return tuple(names)
+
+
+# ---------------------------------------------------------------------------------------------
+# Model and prompts.
+
+
+def resolve_checkpoint(model: str) -> str:
+    """``--model`` (a directory or an alias) to a checkpoint directory that has a tokenizer.
+
+    Raises:
+      FileNotFoundError: the directory does not exist, has no ``config.json``, or has no
+        tokenizer file (naming the directory and the files looked for).
+    """
+    from offpolicy_jax import tiny_arith   # builds the embedded model on first use only
+    model_dir = tiny_arith.resolve_model(model)
+    if not any(os.path.exists(os.path.join(model_dir, name)) for name in TOKENIZER_FILES):
+        raise FileNotFoundError(
+            f"--model={model!r}: the checkpoint directory {model_dir} has no tokenizer (none of "
+            f"{', '.join(TOKENIZER_FILES)}); copy the tokenizer files of the model it was "
+            f"trained from into it")
+    return model_dir
+
+
+def load_tokenizer(model_dir: str):
+    """``models.load_tokenizer`` with an error that names the directory."""
+    try:
+        return models.load_tokenizer(model_dir)
+    except (OSError, ValueError, TypeError) as error:
+        raise ValueError(f"could not load the tokenizer of {model_dir}: {error}") from error
+
+
+def stop_token_ids(tokenizer, cfg, model_dir: str | None = None) -> tuple[int, ...]:
+    """Every id that ends a response: the tokenizer's EOS, ``config.json``'s ``eos_token_id`` and
+    ``generation_config.json``'s (chat checkpoints often end turns with a token other than the
+    tokenizer's EOS, e.g. Qwen's ``<|im_end|>`` next to ``<|endoftext|>``)."""
+    ids: set[int] = set()
+
+    def add(value):
+        if isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+        elif value is not None:
+            ids.add(int(value))
+
+    add(tokenizer.eos_token_id)
+    add(cfg.eos_token_id)
+    generation_config = os.path.join(model_dir or "", "generation_config.json")
+    if model_dir and os.path.exists(generation_config):
+        with open(generation_config) as f:
+            add(json.load(f).get("eos_token_id"))
+    ids = {i for i in ids if 0 <= i < cfg.vocab_size}
+    if not ids:
+        raise ValueError(f"the checkpoint {model_dir} declares no EOS token (tokenizer, "
+                         f"config.json, generation_config.json); responses could never end")
+    return tuple(sorted(ids))
+
+
+def prompt_format(name: str, tokenizer, use_chat_template: bool) -> str:
+    """How ``name``'s prompts are written: ``"arith"``, ``"chat template"`` or ``"plain"``."""
+    if name == ARITH:
+        return "arith"
+    if use_chat_template and getattr(tokenizer, "chat_template", None):
+        return "chat template"
+    return "plain"
+
+
+def benchmark_prompt_records(name: str, *, tokenizer=None, use_chat_template: bool = True,
+                             instruction: str = prompts_lib.DEFAULT_INSTRUCTION,
+                             limit: int | None = None, data_dir: str | None = None
+                             ) -> list[dict]:
+    """The first ``limit`` problems of benchmark ``name`` as ``{"id", "prompt", "gold"}``.
+
+    ``arith``: the fixed held-out set in the task's format (``limit`` or :data:`ARITH_EVAL_SIZE`
+    problems). Others: ``rewards.load_benchmark`` (file order, normalised golds) formatted with
+    ``data.prompts.format_question``.
+
+    Raises:
+      ValueError: unknown name (listing the valid ones).
+      FileNotFoundError: the benchmark's data file is missing (naming the path).
+    """
+    parse_benchmarks(name)
+    if name == ARITH:
+        return prompts_lib.arith_records("heldout", limit or ARITH_EVAL_SIZE)
+    questions = rewards.load_benchmark(name, data_dir=data_dir)
+    if limit is not None:
+        questions = questions[:limit]
+    return prompts_lib.to_prompt_records(questions, tokenizer=tokenizer,
+                                         use_chat_template=use_chat_template,
+                                         instruction=instruction)
+
+
+def effective_max_new_tokens(requested: int | None, context: int) -> int:
+    """``--max_new_tokens``, or its default ``min(1024, context // 2)``; must leave the prompt
+    at least one position of the model's context."""
+    budget = requested if requested is not None else min(DEFAULT_MAX_NEW_TOKENS, context // 2)
+    if budget >= context:
+        raise ValueError(f"--max_new_tokens={budget} leaves no room for a prompt in the model's "
+                         f"context of {context} tokens (max_position_embeddings)")
+    return budget
+
+
+# ---------------------------------------------------------------------------------------------
+# Reporting.
+
+
+def _percent(value) -> str:
+    return "-" if value is None else f"{100 * value:.1f}"
+
+
+def results_table(benchmarks: dict) -> str:
+    """A markdown table, one row per benchmark: pass@k and maj@k in percent, mean response length
+    in tokens, the no-answer and too-long counts.
+
+    Args:
+      benchmarks: ``{name: metrics}`` as in ``results.json``'s ``"benchmarks"``.
+    """
+    def metric_keys(prefix):
+        keys = {k for metrics in benchmarks.values() for k in metrics if k.startswith(prefix)}
+        return sorted(keys, key=lambda k: int(k.split("@")[1]))
+
+    score_keys = metric_keys("pass@") + metric_keys("maj@")
+    header = (["benchmark", "problems", "n"] + [f"{k} (%)" for k in score_keys]
+              + ["mean length", "no answer (%)", "too long"])
+    lines = ["| " + " | ".join(header) + " |",
+             "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    for name, metrics in benchmarks.items():
+        length = metrics.get("mean_length")
+        row = ([name, str(metrics["num_prompts"]), str(metrics["num_samples"])]
+               + [_percent(metrics.get(k)) for k in score_keys]
+               + ["-" if length is None else f"{length:.1f}",
+                  _percent(metrics.get("no_answer_fraction")), str(metrics["num_too_long"])])
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def sample_rows(name: str, records: list[dict], result: runner.EvalResult) -> list[dict]:
+    """One ``samples.jsonl`` row per sample of a benchmark, prompt-major."""
+    n = result.correct.shape[1]
+    rows = []
+    for p, record in enumerate(records):
+        for j in range(n):
+            row = p * n + j
+            rows.append({
+                "benchmark": name, "id": record["id"], "problem_index": p, "sample_index": j,
+                "prompt": record["prompt"], "response": result.responses[row],
+                "extracted": result.extracted[row], "gold": record["gold"],
+                "correct": bool(result.correct[p, j]), "reason": result.reasons[row],
+                "length": int(result.lengths[row]), "truncated": bool(result.truncated[row]),
+            })
+    return rows
+
+
+def write_results(out_dir: str, summary: dict) -> str:
+    """Writes ``results.json`` and ``results.md``; returns the table."""
+    table = results_table(summary["benchmarks"])
+    settings = summary["settings"]
+    heading = (f"# Evaluation of `{summary['model']}`\n\n"
+               f"n={settings['num_samples']} samples per problem, temperature "
+               f"{settings['temperature']}, top_p {settings['top_p']}, top_k {settings['top_k']}, "
+               f"max_new_tokens {settings['max_new_tokens']}, seed {settings['seed']}. pass@k is "
+               f"the unbiased estimator of Chen et al. (2021); maj@k votes over the first k "
+               f"samples.\n\n")
+    with open(os.path.join(out_dir, RESULTS_MD), "w") as f:
+        f.write(heading + table + "\n")
+    with open(os.path.join(out_dir, RESULTS_JSON), "w") as f:
+        json.dump(summary, f, indent=1)
+    return table
+
+
+# ---------------------------------------------------------------------------------------------
+# The run.
+
+
+def run(config: HarnessConfig, out_dir: str, *, progress: bool = True, log=None) -> dict:
+    """Evaluates ``config.model`` on every benchmark and writes the three output files.
+
+    Everything that can fail fast does so before the weights are loaded: the settings, the model
+    directory and its tokenizer, every benchmark name and data file.
+
+    Args:
+      config: the settings.
+      out_dir: created if needed; receives ``results.json``, ``results.md``, ``samples.jsonl``
+        (``results.*`` are rewritten after every benchmark, so an interrupted run keeps the
+        finished ones).
+      progress: tqdm bars over benchmarks and over each benchmark's samples (on stderr).
+      log: ``str -> None`` for status lines (default: print to stderr).
+
+    Returns:
+      The ``results.json`` content.
+    """
+    from tqdm.auto import tqdm
+
+    log = log or (lambda message: print(message, file=sys.stderr))
+    config.validate()
+    benchmarks = parse_benchmarks(",".join(config.benchmarks))
+    ks = default_ks(config.num_samples) if config.ks is None else check_ks(config.ks,
+                                                                          config.num_samples)
+    maj_ks = majority_ks(ks, config.num_samples)
+
+    model_dir = resolve_checkpoint(config.model)
+    tokenizer = load_tokenizer(model_dir)
+    records = {name: benchmark_prompt_records(
+        name, tokenizer=tokenizer, use_chat_template=config.use_chat_template,
+        instruction=config.instruction, limit=config.limit, data_dir=config.data_dir)
+        for name in benchmarks}
+
+    mesh = models.make_mesh(config.mesh)
+    dtype = jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
+    cfg, params = models.load_hf_checkpoint(model_dir, dtype=dtype, mesh=mesh)
+    max_new_tokens = effective_max_new_tokens(config.max_new_tokens, cfg.max_position_embeddings)
+    eos_ids = stop_token_ids(tokenizer, cfg, model_dir)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
+    pad_id = pad_id if 0 <= pad_id < cfg.vocab_size else eos_ids[0]
+
+    settings = {
+        "num_samples": config.num_samples, "ks": list(ks), "maj_ks": list(maj_ks),
+        "temperature": config.temperature, "top_p": config.top_p, "top_k": config.top_k,
+        "max_new_tokens": max_new_tokens, "limit": config.limit, "seed": config.seed,
+        "use_chat_template": config.use_chat_template, "instruction": config.instruction,
+        "batch_size": config.batch_size, "mesh": config.mesh, "dtype": config.dtype,
+        "eos_token_ids": list(eos_ids),
+    }
+    summary = {"model": config.model, "model_dir": model_dir, "settings": settings,
+               "benchmarks": {}}
+    os.makedirs(out_dir, exist_ok=True)
+    samples_path = os.path.join(out_dir, SAMPLES_JSONL)
+    open(samples_path, "w").close()
+
+    with rewards.VerifierPool() as pool:
+        outer = tqdm(benchmarks, desc="benchmarks", unit="benchmark", disable=not progress,
+                     position=0, dynamic_ncols=True)
+        for name in outer:
+            outer.set_postfix_str(name)
+            bench_records = records[name]
+            total = len(bench_records) * config.num_samples
+            inner = tqdm(total=total, desc=name, unit="sample", disable=not progress,
+                         position=1, leave=False, dynamic_ncols=True)
+            start = time.time()
+            result = runner.evaluate_prompts(
+                cfg, params, tokenizer,
+                [tokenizer.encode(r["prompt"], add_special_tokens=False) for r in bench_records],
+                [r["gold"] for r in bench_records],
+                num_samples=config.num_samples, ks=ks, maj_ks=maj_ks,
+                max_new_tokens=max_new_tokens, temperature=config.temperature,
+                top_p=config.top_p, top_k=config.top_k, seed=config.seed,
+                eos_token_ids=eos_ids, pad_token_id=pad_id, pool=pool, mesh=mesh,
+                batch_size=config.batch_size, skip_too_long=True, on_samples=inner.update)
+            inner.close()
+            fmt = prompt_format(name, tokenizer, config.use_chat_template)
+            summary["benchmarks"][name] = {
+                **result.metrics, "prompt_format": fmt, "seconds": round(time.time() - start, 2),
+                "settings": {**settings, "prompt_format": fmt},
+            }
+            if result.metrics["num_too_long"]:
+                log(f"{name}: {result.metrics['num_too_long']} of {len(bench_records)} prompts "
+                    f"do not fit max_new_tokens={max_new_tokens} in the model's context of "
+                    f"{cfg.max_position_embeddings} tokens; they were not sampled and count as "
+                    f"wrong")
+            with open(samples_path, "a") as f:
+                for row in sample_rows(name, bench_records, result):
+                    f.write(json.dumps(row) + "\n")
+            write_results(out_dir, summary)
+        outer.close()
+    return summary

@@ -1,0 +1,371 @@
+"""The evaluation harness (``python -m offpolicy_jax.eval``) and the shared ``evaluate_prompts``.
+
+Covered elsewhere, not repeated here: the unbiased pass@k estimator and maj@k against
+hand-computed values (tests/test_eval_metrics.py); gold extraction of every benchmark file --
+sizes, ids, normalisations, and every gold accepted when boxed -- (tests/test_rewards_pool.py:
+``test_loaders``, ``test_loader_normalisations``, ``test_every_gold_equals_itself_and_its_boxed_form``).
+"""
+
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from offpolicy_jax import models, rewards
+from offpolicy_jax.data import prompts as prompts_lib
+from offpolicy_jax.eval import harness, metrics, runner
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"benchmark data not found at {DATA}")
+
+SAMPLE_FIELDS = {"benchmark", "id", "problem_index", "sample_index", "prompt", "response",
+                 "extracted", "gold", "correct", "reason", "length", "truncated"}
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """A tiny-arith-style checkpoint (2 layers, 10 SFT steps: built in seconds)."""
+    from offpolicy_jax import tiny_arith
+    recipe = tiny_arith.TinyArithRecipe(hidden_size=64, intermediate_size=128, num_layers=2,
+                                        sft_examples=500, sft_steps=10, sft_batch_size=16)
+    directory = tmp_path_factory.mktemp("eval_tiny_model")
+    return tiny_arith.build(str(directory), recipe, log_fn=lambda *_: None)
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_model):
+    cfg, params = models.load_hf_checkpoint(tiny_model)
+    return cfg, params, models.load_tokenizer(tiny_model)
+
+
+@pytest.fixture(scope="module")
+def pool():
+    with rewards.VerifierPool(num_workers=1) as p:
+        yield p
+
+
+# ---------------------------------------------------------------------------------------------
+# Flag parsing.
+
+
+@pytest.mark.parametrize("n, expected", [(1, (1,)), (2, (1, 2)), (6, (1, 2, 4, 6)),
+                                         (8, (1, 2, 4, 8)), (10, (1, 2, 4, 8, 10))])
+def test_default_ks(n, expected):
+    assert harness.default_ks(n) == expected
+    assert harness.parse_ks(None, n) == expected
+    assert harness.parse_ks(" ", n) == expected
+
+
+def test_parse_ks_and_majority_ks():
+    assert harness.parse_ks("16,1, 4,4", 16) == (1, 4, 16)
+    with pytest.raises(ValueError, match=r"--k values must be in \[1, --num_samples=8\].*16"):
+        harness.parse_ks("1,16", 8)
+    with pytest.raises(ValueError, match="comma-separated list of integers"):
+        harness.parse_ks("1,two", 8)
+    assert harness.majority_ks((1, 2, 4), 8) == (2, 4, 8)
+    assert harness.majority_ks((1,), 1) == (1,)
+
+
+def test_parse_benchmarks():
+    assert harness.parse_benchmarks("arith, gsm8k,arith") == ("arith", "gsm8k")
+    assert set(harness.BENCHMARK_NAMES) == {"arith", *rewards.BENCHMARKS}
+    with pytest.raises(ValueError) as info:
+        harness.parse_benchmarks("math500,gsm9k")
+    message = str(info.value)
+    assert "unknown benchmark 'gsm9k'" in message
+    assert all(name in message for name in harness.BENCHMARK_NAMES)
+    with pytest.raises(ValueError, match="--benchmarks is empty"):
+        harness.parse_benchmarks(" , ")
+
+
+def test_config_validation_names_the_flag():
+    harness.HarnessConfig().validate()
+    for field, value, flag in [("num_samples", 0, "--num_samples"), ("top_p", 1.5, "--top_p"),
+                               ("limit", 0, "--limit"), ("batch_size", 0, "--batch_size"),
+                               ("ks", (1, 9), "--k"), ("benchmarks", ("mmlu",), "--benchmarks")]:
+        config = harness.HarnessConfig(**{field: value})
+        with pytest.raises(ValueError, match=flag):
+            config.validate()
+
+
+def test_effective_max_new_tokens():
+    assert harness.effective_max_new_tokens(None, 256) == 128
+    assert harness.effective_max_new_tokens(None, 32768) == 1024
+    assert harness.effective_max_new_tokens(48, 256) == 48
+    with pytest.raises(ValueError, match="--max_new_tokens=256 leaves no room"):
+        harness.effective_max_new_tokens(256, 256)
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompts, golds, model directory.
+
+
+@needs_data
+@pytest.mark.parametrize("name", harness.BENCHMARK_NAMES)
+def test_benchmark_records_keep_the_loader_golds(name):
+    records = harness.benchmark_prompt_records(name, limit=3, data_dir=DATA)
+    assert len(records) == 3
+    if name == "arith":
+        assert records == prompts_lib.arith_records("heldout", 3)
+        assert records[0]["prompt"].startswith("Q: ")
+        return
+    items = rewards.load_benchmark(name, DATA)[:3]
+    assert [r["gold"] for r in records] == [i["gold"] for i in items]
+    assert [r["id"] for r in records] == [i["id"] for i in items]
+    for record, item in zip(records, items):
+        assert record["prompt"] == prompts_lib.format_question(item["question"])
+        assert prompts_lib.DEFAULT_INSTRUCTION in record["prompt"]
+
+
+@needs_data
+def test_arith_records_extend_the_rl_loop_heldout_set():
+    _, loop_heldout = prompts_lib.load_train_and_eval("arith", eval_size=64, num_arith_train=10)
+    assert harness.benchmark_prompt_records("arith", limit=100)[:64] == loop_heldout
+    assert len(harness.benchmark_prompt_records("arith")) == harness.ARITH_EVAL_SIZE
+
+
+@needs_data
+def test_chat_template_is_used_when_present_and_can_be_turned_off(loaded):
+    _, _, tokenizer = loaded
+    assert harness.prompt_format("gsm8k", tokenizer, True) == "plain"
+    tokenizer = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)   # a private copy
+    tokenizer.chat_template = ("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n"
+                               "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    chat = harness.benchmark_prompt_records("amc23", tokenizer=tokenizer, limit=1, data_dir=DATA,
+                                            instruction="Box it.")
+    question = rewards.load_benchmark("amc23", DATA)[0]["question"]
+    assert chat[0]["prompt"] == f"<|user|>{question}\nBox it.\n<|assistant|>"
+    plain = harness.benchmark_prompt_records("amc23", tokenizer=tokenizer, limit=1, data_dir=DATA,
+                                             use_chat_template=False, instruction="Box it.")
+    assert plain[0]["prompt"] == f"Question: {question}\nBox it.\nAnswer:"
+    assert harness.prompt_format("amc23", tokenizer, True) == "chat template"
+    assert harness.prompt_format("amc23", tokenizer, False) == "plain"
+    assert harness.prompt_format("arith", tokenizer, True) == "arith"
+
+
+def test_missing_data_file_names_the_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "aime24_test.jsonl")):
+        harness.benchmark_prompt_records("aime24", data_dir=tmp_path)
+    with pytest.raises(ValueError, match="unknown benchmark 'aime25'"):
+        harness.benchmark_prompt_records("aime25", data_dir=tmp_path)
+
+
+def test_run_fails_on_a_missing_data_file_before_loading_weights(tiny_model, tmp_path,
+                                                                 monkeypatch):
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("weights loaded before the inputs were checked")
+
+    monkeypatch.setattr(models, "load_hf_checkpoint", must_not_load)
+    config = harness.HarnessConfig(model=tiny_model, benchmarks=("arith", "minerva"),
+                                   data_dir=str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "minerva_math_test.jsonl")):
+        harness.run(config, str(tmp_path / "out"), progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_model_directory_errors(tiny_model, tmp_path):
+    no_tokenizer = tmp_path / "no_tokenizer"
+    no_tokenizer.mkdir()
+    for name in os.listdir(tiny_model):
+        if name.endswith((".safetensors", "config.json")) and not name.startswith(
+                ("tokenizer", "special_tokens")):
+            shutil.copy(os.path.join(tiny_model, name), no_tokenizer)
+    assert (no_tokenizer / "config.json").exists()
+    with pytest.raises(FileNotFoundError, match=f"{no_tokenizer} has no tokenizer"):
+        harness.resolve_checkpoint(str(no_tokenizer))
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        harness.resolve_checkpoint(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="neither the alias"):
+        harness.resolve_checkpoint(str(tmp_path / "absent"))
+    assert harness.resolve_checkpoint(tiny_model) == tiny_model
+
+
+def test_stop_token_ids_merge_tokenizer_config_and_generation_config(loaded, tmp_path):
+    cfg, _, tokenizer = loaded
+    assert harness.stop_token_ids(tokenizer, cfg) == (tokenizer.eos_token_id,)
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [5, 7]}))
+    assert harness.stop_token_ids(tokenizer, cfg, str(tmp_path)) == tuple(
+        sorted({tokenizer.eos_token_id, 5, 7}))
+
+
+def test_results_table_hand_values():
+    table = harness.results_table({"gsm8k": {
+        "pass@1": 0.125, "pass@4": 0.5, "maj@4": 0.25, "mean_length": 37.25,
+        "no_answer_fraction": 0.0625, "num_prompts": 4, "num_samples": 4, "num_too_long": 1}})
+    lines = table.splitlines()
+    assert lines[0] == ("| benchmark | problems | n | pass@1 (%) | pass@4 (%) | maj@4 (%) | "
+                        "mean length | no answer (%) | too long |")
+    assert lines[2] == "| gsm8k | 4 | 4 | 12.5 | 50.0 | 25.0 | 37.2 | 6.2 | 1 |"
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluate_prompts: chunking, too-long prompts, the RL loop's call.
+
+
+def _arith_inputs(tokenizer, num):
+    records = prompts_lib.arith_records("heldout", num)
+    return ([tokenizer.encode(r["prompt"], add_special_tokens=False) for r in records],
+            [r["gold"] for r in records])
+
+
+def test_chunked_sampling_keeps_the_first_chunk_and_the_metrics_consistent(loaded, pool):
+    cfg, params, tokenizer = loaded
+    prompts, golds = _arith_inputs(tokenizer, 4)
+    common = dict(num_samples=3, ks=(1, 2, 3), max_new_tokens=24, temperature=1.0, seed=7,
+                  eos_token_ids=(tokenizer.eos_token_id,), pad_token_id=tokenizer.pad_token_id,
+                  pool=pool)
+    whole = runner.evaluate_prompts(cfg, params, tokenizer, prompts, golds, **common)
+    done = []
+    chunked = runner.evaluate_prompts(cfg, params, tokenizer, prompts, golds, batch_size=2,
+                                      on_samples=done.append, **common)
+    assert done == [6, 6]
+    # Chunk 0 draws exactly the rows an unchunked call draws for those prompts; chunk 1 uses
+    # another key.
+    assert chunked.responses[:6] == whole.responses[:6]
+    assert chunked.responses[6:] != whole.responses[6:]
+    for result in (whole, chunked):
+        m = result.metrics
+        assert m["pass@1"] == pytest.approx(result.correct.mean())
+        assert m["pass@3"] == pytest.approx(result.correct.any(axis=1).mean())
+        assert m["maj@3"] == metrics.mean_maj_at_k(
+            [result.extracted[p * 3:(p + 1) * 3] for p in range(4)], result.correct, 3)
+        assert m["num_correct"] == int(result.correct.sum())
+        assert m["mean_length"] == pytest.approx(result.lengths.mean())
+        assert m["no_answer_fraction"] == pytest.approx(
+            np.mean([e is None for e in result.extracted]))
+        assert m["num_prompts"] == 4 and m["num_responses"] == 12 and m["num_too_long"] == 0
+        assert not result.too_long.any()
+        # truncated: the whole budget used without an EOS token
+        assert not result.truncated[result.lengths < 24].any()
+        assert m["num_truncated"] == int(result.truncated.sum())
+
+
+def test_too_long_prompts_are_skipped_and_scored_wrong_only_when_asked(loaded, pool):
+    cfg, params, tokenizer = loaded
+    prompts, golds = _arith_inputs(tokenizer, 2)
+    long_prompt = tokenizer.encode("Q: " + "1+" * 118 + "1\nA: ", add_special_tokens=False)
+    assert len(long_prompt) + 24 > cfg.max_position_embeddings >= len(long_prompt)
+    args = dict(num_samples=2, max_new_tokens=24, temperature=1.0,
+                eos_token_ids=(tokenizer.eos_token_id,), pad_token_id=tokenizer.pad_token_id,
+                pool=pool)
+    with pytest.raises(ValueError, match="max_new_tokens=24 does not fit"):
+        runner.evaluate_prompts(cfg, params, tokenizer, prompts + [long_prompt], golds + ["223"],
+                                **args)
+    result = runner.evaluate_prompts(cfg, params, tokenizer, [long_prompt] + prompts,
+                                     ["223"] + golds, skip_too_long=True, **args)
+    assert result.too_long.tolist() == [True, False, False]
+    assert result.responses[:2] == ["", ""] and not result.correct[0].any()
+    assert result.reasons[0].startswith(f"not sampled: prompt of {len(long_prompt)} tokens")
+    m = result.metrics
+    assert m["num_too_long"] == 1 and m["num_responses"] == 4 and m["num_prompts"] == 3
+    assert m["pass@1"] == pytest.approx(result.correct.sum() / 6)     # skipped count as wrong
+    assert m["mean_length"] == pytest.approx(result.lengths[2:].mean())
+    all_long = runner.evaluate_prompts(cfg, params, tokenizer, [long_prompt], ["1"],
+                                       skip_too_long=True, **args)
+    assert all_long.metrics["pass@1"] == 0.0 and all_long.metrics["mean_length"] is None
+
+
+def test_the_rl_loop_call_is_unchanged(loaded, pool):
+    """``training.loop.evaluate`` calls evaluate_prompts without the new keywords."""
+    cfg, params, tokenizer = loaded
+    prompts, golds = _arith_inputs(tokenizer, 2)
+    result = runner.evaluate_prompts(
+        cfg, params, tokenizer, prompts, golds, num_samples=2, ks=(1, 2), max_new_tokens=16,
+        temperature=1.0, seed=1, eos_token_ids=(tokenizer.eos_token_id,),
+        pad_token_id=tokenizer.pad_token_id, pool=pool, mesh=None)
+    assert {"pass@1", "pass@2", "maj@2", "mean_length", "no_answer_fraction"} <= set(
+        result.metrics)
+    assert result.correct.shape == (2, 2) and len(result.responses) == 4
+    with pytest.raises(ValueError, match=r"k value must be in \[1, num_samples=2\]"):
+        runner.evaluate_prompts(cfg, params, tokenizer, prompts, golds, num_samples=2, ks=(3,),
+                                max_new_tokens=16, temperature=1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end: the command.
+
+
+def _run_cli(*flags):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env.pop("XLA_FLAGS", None)    # one CPU device, like a laptop run
+    return subprocess.run([sys.executable, "-m", "offpolicy_jax.eval", *flags],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+
+
+def _read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+@needs_data
+def test_command_end_to_end_writes_table_results_and_samples(tiny_model, tmp_path):
+    out = tmp_path / "out"
+    result = _run_cli(f"--model={tiny_model}", "--benchmarks=arith,gsm8k", "--limit=3",
+                      "--num_samples=4", "--max_new_tokens=24", "--temperature=1.0",
+                      "--batch_size=2", f"--out={out}", "--progress=false", f"--data_dir={DATA}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(os.listdir(out)) == ["results.json", "results.md", "samples.jsonl"]
+
+    summary = json.loads((out / "results.json").read_text())
+    assert summary["model"] == tiny_model and summary["model_dir"] == tiny_model
+    settings = summary["settings"]
+    assert settings["ks"] == [1, 2, 4] and settings["maj_ks"] == [2, 4]
+    assert (settings["num_samples"], settings["max_new_tokens"], settings["limit"],
+            settings["temperature"], settings["top_p"], settings["batch_size"]) == \
+        (4, 24, 3, 1.0, 0.95, 2)
+    assert list(summary["benchmarks"]) == ["arith", "gsm8k"]
+    samples = _read_jsonl(out / "samples.jsonl")
+    assert len(samples) == 2 * 3 * 4
+    assert all(set(row) == SAMPLE_FIELDS for row in samples)
+
+    for name, fmt in [("arith", "arith"), ("gsm8k", "plain")]:
+        bench = summary["benchmarks"][name]
+        for key in ("pass@1", "pass@2", "pass@4", "maj@2", "maj@4", "mean_length",
+                    "no_answer_fraction", "truncated_fraction", "num_prompts", "num_samples",
+                    "num_responses", "num_correct", "num_no_answer", "num_too_long", "seconds"):
+            assert key in bench, (name, key)
+        assert bench["prompt_format"] == fmt and bench["settings"]["prompt_format"] == fmt
+        assert bench["num_prompts"] == 3 and bench["num_samples"] == 4
+        rows = [r for r in samples if r["benchmark"] == name]
+        correct = np.array([r["correct"] for r in rows]).reshape(3, 4)
+        assert bench["num_correct"] == int(correct.sum())
+        assert bench["pass@1"] == pytest.approx(correct.mean())
+        assert bench["pass@4"] == pytest.approx(correct.any(axis=1).mean())
+        answers = [[r["extracted"] for r in rows[p * 4:(p + 1) * 4]] for p in range(3)]
+        assert bench["maj@4"] == pytest.approx(metrics.mean_maj_at_k(answers, correct, 4))
+        assert [r["sample_index"] for r in rows] == [0, 1, 2, 3] * 3
+        for row in rows:
+            if row["reason"].startswith("not sampled"):
+                assert row["response"] == "" and not row["correct"]
+            elif row["extracted"] is not None:
+                assert rewards.check(row["gold"], row["extracted"]).equivalent == row["correct"]
+    arith_rows = [r for r in samples if r["benchmark"] == "arith"]
+    assert [r["gold"] for r in arith_rows[::4]] == [
+        r["gold"] for r in prompts_lib.arith_records("heldout", 3)]
+    assert arith_rows[0]["prompt"].startswith("Q: ")
+    # GSM8K questions in the plain template are longer than most of this model's 256-token
+    # context; those are reported, not sampled.
+    gsm_rows = [r for r in samples if r["benchmark"] == "gsm8k"]
+    too_long = sum(r["reason"].startswith("not sampled") for r in gsm_rows[::4])
+    assert summary["benchmarks"]["gsm8k"]["num_too_long"] == too_long
+
+    table = (out / "results.md").read_text()
+    assert "| benchmark | problems | n | pass@1 (%) | pass@2 (%) | pass@4 (%) | maj@2 (%)" in table
+    assert harness.results_table(summary["benchmarks"]) in result.stdout
+    assert "| arith | 3 | 4 |" in result.stdout and "| gsm8k | 3 | 4 |" in result.stdout
+
+
+def test_command_reports_bad_input_in_one_line(tiny_model, tmp_path):
+    result = _run_cli(f"--model={tiny_model}", "--benchmarks=arith,mmlu", f"--out={tmp_path}")
+    assert result.returncode == 2
+    assert "error: unknown benchmark 'mmlu' in --benchmarks; valid names: arith, gsm8k_train" \
+        in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not os.listdir(tmp_path)
