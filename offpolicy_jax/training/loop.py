@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import tqdm
+from absl import logging as absl_logging
 
 from offpolicy_jax import distributed, models, rewards, sampling
 from offpolicy_jax.eval import runner
@@ -78,6 +79,8 @@ class RunConfig:
              f"{self.num_microbatches}"),
             (self.dtype in ("float32", "bfloat16"),
              f"--dtype must be float32 or bfloat16, got {self.dtype!r}"),
+            (algorithm.reset_reference_after is None or algorithm.needs_reference,
+             f"{algorithm.name}: reset_reference_after needs needs_reference=True"),
         ]
         for ok, message in checks:
             if not ok:
@@ -116,10 +119,14 @@ def make_log_prob_fn(cfg, algorithm: Algorithm, temperature: float, num_response
 
     @jax.jit
     def log_probs(params, batch):
-        return rollout.response_log_probs(
+        out = rollout.response_log_probs(
             cfg, params, batch["tokens"], batch["attention_mask"], batch["positions"],
             num_response=num_response, temperature=temperature,
-            with_vocab_mean=algorithm.needs_vocab_mean)
+            with_vocab_mean=algorithm.needs_vocab_mean,
+            with_hidden=algorithm.value_fn is not None)
+        if algorithm.value_fn is not None:
+            out["values"] = algorithm.value_fn(params, out.pop("hidden"))
+        return out
 
     return log_probs
 
@@ -143,11 +150,14 @@ def make_loss_fn(cfg, algorithm: Algorithm, temperature: float, num_response: in
         current = rollout.response_log_probs(
             cfg, params, batch["tokens"], batch["attention_mask"], batch["positions"],
             num_response=num_response, temperature=temperature,
-            with_vocab_mean=algorithm.needs_vocab_mean, with_entropy=True)
+            with_vocab_mean=algorithm.needs_vocab_mean, with_entropy=True,
+            with_hidden=algorithm.value_fn is not None)
         inputs = dict(batch)
         inputs["logp"] = current["logp"]
         if algorithm.needs_vocab_mean:
             inputs["vocab_mean"] = current["vocab_mean"]
+        if algorithm.value_fn is not None:
+            inputs["values"] = algorithm.value_fn(params, current["hidden"])
         loss, metrics = algorithm.loss(inputs)
         mask = batch["mask"]
         metrics = dict(metrics)
@@ -169,6 +179,55 @@ def evaluate(cfg, params, tokenizer, eval_prompts, eval_golds, config: RunConfig
         mesh=mesh)
     return {f"eval/{k}": v for k, v in result.metrics.items()
             if k.startswith(("pass@", "maj@", "mean_length", "no_answer"))}
+
+
+def add_extra_params(algorithm: Algorithm, cfg, params, param_specs, mesh, *, seed: int):
+    """The policy's parameters plus ``algorithm.extra_params`` (e.g. a value head), replicated."""
+    extra = algorithm.extra_params(cfg, jax.random.PRNGKey(seed))
+    clash = sorted(set(extra) & set(params))
+    if clash:
+        raise ValueError(f"{algorithm.name}: extra_params {clash} clash with the model's "
+                         f"parameter names")
+    replicated = jax.sharding.PartitionSpec()
+    extra = jax.device_put(extra, jax.sharding.NamedSharding(mesh, replicated))
+    return {**params, **extra}, {**param_specs, **jax.tree.map(lambda _: replicated, extra)}
+
+
+# Extra copies of the policy a run may keep (ReMix: the previous iteration's policy, and the KL
+# anchor after reincarnation) travel in the checkpoint's arrays under this prefix.
+POLICY_COPY_PREFIX = "policy_copy/"
+
+
+def _path_name(path) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+def policy_copies_to_arrays(copies: dict) -> dict:
+    """``{name: params or None}`` -> flat ``{"policy_copy/<name>/<param path>": numpy array}``."""
+    arrays = {}
+    for name, params in copies.items():
+        if params is None:
+            continue
+        for path, leaf in jax.tree_util.tree_flatten_with_path(jax.device_get(params))[0]:
+            arrays[f"{POLICY_COPY_PREFIX}{name}/{_path_name(path)}"] = np.asarray(leaf)
+    return arrays
+
+
+def split_policy_copies(arrays: dict, like) -> tuple[dict, dict]:
+    """``(copies, other arrays)``: the saved policy copies rebuilt with ``like``'s structure and
+    shardings, and the remaining (rollout-source) arrays."""
+    others = {k: v for k, v in arrays.items() if not k.startswith(POLICY_COPY_PREFIX)}
+    names = {k[len(POLICY_COPY_PREFIX):].split("/", 1)[0] for k in arrays
+             if k.startswith(POLICY_COPY_PREFIX)}
+    copies = {}
+    for name in sorted(names):
+        def restore(path, leaf, name=name):
+            key = f"{POLICY_COPY_PREFIX}{name}/{_path_name(path)}"
+            if key not in arrays:
+                raise ValueError(f"checkpoint policy copy {name!r} lacks {key}")
+            return jax.device_put(np.asarray(arrays[key], leaf.dtype), leaf.sharding)
+        copies[name] = jax.tree_util.tree_map_with_path(restore, like)
+    return copies, others
 
 
 # ---------------------------------------------------------------------------------------------
@@ -277,7 +336,9 @@ class OfflineRollouts:
         parts, drawn = [], 0
         while drawn < self.num_prompts:
             records = next(context.iterator)[:self.num_prompts - drawn]
-            parts.append(context.sample_and_score(params, records, seed_index=-1 - len(parts),
+            # Seed indices far above any iteration number keep these draws independent of the
+            # online ones (fold_in needs a non-negative index).
+            parts.append(context.sample_and_score(params, records, seed_index=(1 << 30) + len(parts),
                                                   policy_version=0))
             drawn += len(records)
         width = max(p["prompt_tokens"].shape[1] for p in parts)
@@ -331,6 +392,8 @@ def run(config: RunConfig, algorithm: Algorithm, *, rollout_source=None) -> dict
     # Join the other processes of a multi-process launch before anything touches a device.
     distributed.maybe_initialize()
     config.validate(algorithm)
+    # orbax reports every save at INFO; the run's own metrics are the signal worth reading.
+    absl_logging.set_verbosity(absl_logging.WARNING)
     start_time = time.time()
     is_main = jax.process_index() == 0
     os.makedirs(config.workdir, exist_ok=True)
@@ -341,7 +404,12 @@ def run(config: RunConfig, algorithm: Algorithm, *, rollout_source=None) -> dict
     cfg, params, tokenizer, model_dir = load_policy(config, mesh)
     param_specs = models.partition_specs(params)
     params = models.shard_params(params, mesh)
-    reference_params = params if algorithm.needs_reference else None
+    if algorithm.extra_params is not None:
+        params, param_specs = add_extra_params(algorithm, cfg, params, param_specs, mesh,
+                                               seed=config.seed)
+    # Copies, not aliases: the train step donates the state's parameter buffers.
+    reference_params = jax.tree.map(jnp.copy, params) if algorithm.needs_reference else None
+    previous_params = jax.tree.map(jnp.copy, params) if algorithm.needs_previous_policy else None
 
     # Prompts: a checkpointable iterator over training prompts, a fixed held-out set.
     train_records, eval_records = prompts_lib.load_train_and_eval(
@@ -390,6 +458,9 @@ def run(config: RunConfig, algorithm: Algorithm, *, rollout_source=None) -> dict
     if latest is not None:
         state, meta, arrays = checkpointer.restore(latest, checkpoint_lib.abstract_like(state))
         iterator.set_state(meta["data_iterator"])
+        copies, arrays = split_policy_copies(arrays, state.params)
+        reference_params = copies.get("reference", reference_params)
+        previous_params = copies.get("previous", previous_params)
         source.load_state_dict(meta["rollout_source"], arrays)
         context.generated = meta["rollouts"]
         logger.truncate_after(meta["iteration"])
@@ -408,7 +479,8 @@ def run(config: RunConfig, algorithm: Algorithm, *, rollout_source=None) -> dict
         t_rollout = time.time()
 
         # 2. Advantages, packing, and the log-probs of the policy before this update.
-        targets = algorithm.advantages(arrays["rewards"], config.group_size)
+        targets = ({} if algorithm.advantages is None
+                   else algorithm.advantages(arrays["rewards"], config.group_size))
         if not isinstance(targets, dict):
             targets = {"advantages": targets}
         packed = rollout.pack_sequences(
@@ -419,11 +491,20 @@ def run(config: RunConfig, algorithm: Algorithm, *, rollout_source=None) -> dict
                      group_index=arrays["group_index"])
         batch.update({k: np.asarray(v, np.float32) for k, v in targets.items()})
         old = log_probs(state.params, batch)
+        if previous_params is not None:
+            # log π_{k−1}; then π_k (before this iteration's updates) is the next one's π_{k−1}.
+            batch["prev_logp"] = log_probs(previous_params, batch)["logp"]
+            previous_params = jax.tree.map(jnp.copy, state.params)
         batch["old_logp"] = old["logp"]
         if algorithm.needs_vocab_mean:
             batch["old_vocab_mean"] = old["vocab_mean"]
+        if algorithm.value_fn is not None:
+            batch["old_values"] = old["values"]
         if reference_params is not None:
             batch["ref_logp"] = log_probs(reference_params, batch)["logp"]
+        if algorithm.batch_targets is not None:
+            extra = algorithm.batch_targets(jax.device_get(batch), iteration)
+            batch.update({k: np.asarray(v) for k, v in extra.items()})
         t_prepare = time.time()
 
         # 3. Updates: `updates_per_batch` passes, each split into `num_minibatches` steps.
@@ -438,6 +519,8 @@ def run(config: RunConfig, algorithm: Algorithm, *, rollout_source=None) -> dict
                 guard.check(state, metrics)
                 step_metrics.append(metrics)
         t_update = time.time()
+        if algorithm.reset_reference_after == iteration:
+            reference_params = jax.tree.map(jnp.copy, state.params)   # policy reincarnation
 
         # 4. Metrics, evaluation, checkpoint.
         meta["rollouts"] = context.generated
@@ -470,6 +553,11 @@ def run(config: RunConfig, algorithm: Algorithm, *, rollout_source=None) -> dict
         if iteration % config.ckpt_every == 0 or iteration == config.steps:
             meta["data_iterator"] = iterator.get_state()
             meta["rollout_source"], source_arrays = source.state_dict()
+            copies = {"previous": previous_params}
+            if algorithm.reset_reference_after is not None \
+                    and iteration >= algorithm.reset_reference_after:
+                copies["reference"] = reference_params
+            source_arrays = {**source_arrays, **policy_copies_to_arrays(copies)}
             checkpointer.save(iteration, state, meta, source_arrays)
 
     bar.close()

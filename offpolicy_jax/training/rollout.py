@@ -87,7 +87,7 @@ def pack_sequences(prompt_tokens: list[list[int]], response_tokens: np.ndarray,
 
 def response_log_probs(cfg, params, tokens, attention_mask, positions, *, num_response: int,
                        temperature: float = 1.0, with_vocab_mean: bool = False,
-                       with_entropy: bool = False) -> dict:
+                       with_entropy: bool = False, with_hidden: bool = False) -> dict:
     """Per-token log-probs of the response under ``params``: ``log softmax(z / T)[y_t]``.
 
     Args:
@@ -98,8 +98,11 @@ def response_log_probs(cfg, params, tokens, attention_mask, positions, *, num_re
         trainer must divide by the same T, or importance ratios are biased); 0 (greedy) means 1.
       with_vocab_mean: also return ``vocab_mean`` = mean_a log softmax(z/T)_a (ROVER's M(s)).
       with_entropy: also return the per-token entropy of softmax(z/T).
+      with_hidden: also return ``hidden`` [N, R, D], the final-normed hidden states that predict
+        each response token (the states s_t a critic scores).
 
-    Returns: dict with ``logp`` [N, R] float32 (and ``vocab_mean`` / ``entropy`` [N, R]).
+    Returns: dict with ``logp`` [N, R] float32 (and ``vocab_mean`` / ``entropy`` [N, R],
+    ``hidden`` [N, R, D]).
     """
     hidden = models.apply_hidden(cfg, params, tokens, attention_mask=attention_mask,
                                  positions=positions)
@@ -118,4 +121,6 @@ def response_log_probs(cfg, params, tokens, attention_mask, positions, *, num_re
         out["logp"] = losses.token_log_probs(logits, targets, temperature=temperature)
     if with_entropy:
         out["entropy"] = losses.token_entropy(logits, temperature=temperature)
+    if with_hidden:
+        out["hidden"] = predicting
     return out
