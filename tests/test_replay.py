@@ -1,0 +1,257 @@
+"""Replay buffers and the rollout sources built on them (ReMix window, ARPO successes): eviction,
+capacity, injection rules, the reincarnation switch, and state round trips through a real orbax
+checkpoint. A fake context stands in for the sampler, so every test runs in milliseconds."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from offpolicy_jax import replay
+from offpolicy_jax.training import checkpoint as checkpoint_lib
+from offpolicy_jax.training import loop
+
+RESPONSE_WIDTH = 3
+
+
+class FakeContext:
+    """Stands in for loop.RolloutContext. Response tokens are ``[prompt id, row in group,
+    seed_index]``, so where each replayed row came from is observable; rewards come from
+    ``reward_fn(prompt_id, row_in_group, seed_index)``."""
+
+    def __init__(self, batch_size, group_size, reward_fn=lambda *_: 0.0, prompts=None, seed=0):
+        self.config = loop.RunConfig(workdir="", batch_size=batch_size, group_size=group_size,
+                                     seed=seed)
+        self.pad_id = 0
+        self.generated = 0
+        self.reward_fn = reward_fn
+        prompts = prompts if prompts is not None else range(100000)
+        prompts = list(prompts)
+        self.iterator = iter([[{"id": str(p), "prompt": f"p{p}"} for p in prompts[i:i + batch_size]]
+                              for i in range(0, len(prompts), batch_size)])
+
+    def sample_and_score(self, params, records, seed_index, policy_version):
+        g = self.config.group_size
+        ids = np.repeat([int(r["id"]) for r in records], g)
+        within = np.tile(np.arange(g), len(records))
+        n = ids.shape[0]
+        self.generated += n
+        # Prompt length varies with the id so that padding on concatenation is exercised.
+        plen = 1 + ids % 3
+        prompt_tokens = np.zeros((n, int(plen.max())), np.int32)
+        for row in range(n):
+            prompt_tokens[row, :plen[row]] = ids[row] + 1
+        tokens = np.stack([ids, within, np.full(n, seed_index)], axis=1).astype(np.int32)
+        return {"prompt_tokens": prompt_tokens, "prompt_lengths": plen.astype(np.int32),
+                "tokens": tokens, "lengths": np.full(n, RESPONSE_WIDTH, np.int32),
+                "behaviour_logp": np.full((n, RESPONSE_WIDTH), -float(policy_version) - 1.0,
+                                          np.float32),
+                "rewards": np.array([self.reward_fn(i, w, seed_index) for i, w in zip(ids, within)],
+                                    np.float32),
+                "group_index": np.repeat(np.arange(len(records)), g).astype(np.int32),
+                "policy_version": np.full(n, policy_version, np.int32)}
+
+
+def _groups_are_contiguous(batch, group_size):
+    prompt_ids = batch["tokens"][:, 0].reshape(-1, group_size)
+    return bool((prompt_ids == prompt_ids[:, :1]).all())
+
+
+# --- policy window (ReMix) ---------------------------------------------------------------------
+
+
+def test_window_evicts_versions_older_than_the_window():
+    context = FakeContext(batch_size=2, group_size=2)
+    buffer = replay.PolicyWindowBuffer(window=2, group_size=2)
+    for version in range(4):
+        buffer.add(context.sample_and_score(None, next(context.iterator), version, version),
+                   newest_version=version)
+        kept = sorted(set(buffer.versions().tolist()))
+        assert kept == list(range(max(0, version - 1), version + 1))
+    assert buffer.num_groups == 4                     # two batches of two groups
+
+
+def test_window_max_groups_drops_the_oldest():
+    context = FakeContext(batch_size=3, group_size=2)
+    buffer = replay.PolicyWindowBuffer(window=10, group_size=2, max_groups=4)
+    for version in range(3):
+        buffer.add(context.sample_and_score(None, next(context.iterator), version, version),
+                   newest_version=version)
+    assert buffer.num_groups == 4
+    assert buffer.versions().tolist() == [1, 2, 2, 2]
+
+
+def test_window_rejects_partial_groups_and_oversampling():
+    buffer = replay.PolicyWindowBuffer(window=1, group_size=3)
+    batch = FakeContext(1, 2).sample_and_score(None, [{"id": "1"}], 0, 0)
+    with pytest.raises(ValueError, match="whole groups of group_size=3"):
+        buffer.add(batch, newest_version=0)
+    with pytest.raises(ValueError, match="buffer holds 0"):
+        buffer.sample_groups(1, np.random.default_rng(0))
+
+
+def test_mixed_rollouts_fraction_budget_and_grouping():
+    batch_size, group_size = 5, 2
+    context = FakeContext(batch_size, group_size)
+    source = replay.MixedRollouts(off_policy_fraction=0.4, window=2)
+    for iteration in range(1, 6):
+        before = context.generated
+        batch = source.collect(context, None, iteration)
+        assert batch["rewards"].shape[0] == batch_size * group_size
+        assert _groups_are_contiguous(batch, group_size)
+        replayed = (batch["policy_version"] < iteration - 1).reshape(-1, group_size)[:, 0]
+        # The first batch is all fresh (empty window); then round(0.4 * 5) = 2 replayed groups.
+        assert replayed.sum() == (0 if iteration == 1 else 2) == source.last_replayed_groups
+        # Replayed groups come from the last two policies only.
+        versions = batch["policy_version"][::group_size][replayed]
+        assert ((versions >= iteration - 3) & (versions <= iteration - 2)).all()
+        # Only fresh rows count towards the rollout budget.
+        assert context.generated - before == (batch_size - replayed.sum()) * group_size
+        # Behaviour log-probs travel with the replayed rows (the fake sets -version-1).
+        np.testing.assert_array_equal(batch["behaviour_logp"][:, 0],
+                                      -batch["policy_version"] - 1.0)
+
+
+def test_mixed_rollouts_reincarnation_switches_to_on_policy_at_the_configured_step():
+    context = FakeContext(batch_size=4, group_size=2)
+    source = replay.MixedRollouts(off_policy_fraction=0.5, window=2, reincarnation_step=3)
+    replayed = []
+    for iteration in range(1, 7):
+        batch = source.collect(context, None, iteration)
+        replayed.append(int((batch["policy_version"] < iteration - 1).sum()))
+        assert source.reincarnated(iteration) == (iteration > 3)
+    assert replayed == [0, 4, 4, 0, 0, 0]
+    assert source.buffer.num_groups == 0              # discarded, and never refilled
+
+
+def test_mixed_rollouts_state_round_trip_through_a_checkpoint(tmp_path):
+    context = FakeContext(batch_size=4, group_size=2)
+    source = replay.MixedRollouts(off_policy_fraction=0.5, window=2)
+    for iteration in (1, 2):
+        source.collect(context, None, iteration)
+    restored = _through_checkpoint(tmp_path, source, replay.MixedRollouts(0.5, window=2))
+    assert restored.buffer.num_groups == source.buffer.num_groups == 6   # 4 + 2 fresh
+    twin = FakeContext(batch_size=4, group_size=2, prompts=range(8, 100))
+    expected = source.collect(context, None, 3)
+    actual = restored.collect(twin, None, 3)
+    for key in replay.ROW_KEYS:
+        np.testing.assert_array_equal(actual[key], expected[key], err_msg=key)
+
+
+def _through_checkpoint(tmp_path, source, fresh):
+    """Saves ``source``'s state in a real orbax checkpoint and loads it into ``fresh``."""
+    meta, arrays = source.state_dict()
+    checkpointer = checkpoint_lib.Checkpointer(str(tmp_path / "ckpt"))
+    state = {"w": jnp.arange(3.0)}
+    checkpointer.save(1, state, {"rollout_source": meta}, arrays)
+    _, restored_meta, restored_arrays = checkpointer.restore(
+        1, checkpoint_lib.abstract_like(state))
+    checkpointer.close()
+    fresh.load_state_dict(restored_meta["rollout_source"], restored_arrays)
+    return fresh
+
+
+# --- success buffer (ARPO) ---------------------------------------------------------------------
+
+
+def _response(value, prompt_length=2):
+    return {"prompt_tokens": np.arange(prompt_length, dtype=np.int32),
+            "tokens": np.full(RESPONSE_WIDTH, value, np.int32), "lengths": np.int32(RESPONSE_WIDTH),
+            "behaviour_logp": np.full(RESPONSE_WIDTH, -1.0, np.float32),
+            "rewards": np.float32(1.0), "policy_version": np.int32(value)}
+
+
+def test_success_buffer_is_a_fifo_of_capacity_per_prompt():
+    buffer = replay.SuccessBuffer(capacity=3)
+    for value in range(5):
+        buffer.add("a", _response(value))
+    buffer.add("b", _response(9))
+    assert buffer.count("a") == 3 and buffer.count("b") == 1 and len(buffer) == 4
+    assert [int(r["tokens"][0]) for r in buffer.entries["a"]] == [2, 3, 4]   # oldest evicted
+    rng = np.random.default_rng(0)
+    assert {int(buffer.sample("a", rng)["tokens"][0]) for _ in range(50)} == {2, 3, 4}
+    assert buffer.sample("missing", rng) is None
+
+
+def test_success_buffer_bounds_the_number_of_prompts():
+    buffer = replay.SuccessBuffer(capacity=2, max_prompts=2)
+    buffer.add("a", _response(0))
+    buffer.add("b", _response(1))
+    buffer.add("a", _response(2))         # "a" is now the most recently updated
+    buffer.add("c", _response(3))         # evicts "b"
+    assert list(buffer.entries) == ["a", "c"]
+
+
+def test_injection_only_into_all_failed_groups_with_a_stored_success():
+    group_size = 3
+    # prompt 0: all failed, has a success stored; 1: all failed, nothing stored;
+    # 2: one success in the group (not all-failed), has a success stored.
+    reward_of = {0: [0, 0, 0], 1: [0, 0, 0], 2: [0, 1, 0]}
+    context = FakeContext(3, group_size, reward_fn=lambda p, w, s: reward_of[p][w],
+                          prompts=[0, 1, 2])
+    batch = context.sample_and_score(None, next(context.iterator), 5, 4)
+    buffer = replay.SuccessBuffer()
+    buffer.add("0", _response(70, prompt_length=1))
+    buffer.add("2", _response(72, prompt_length=3))
+    out, injected = replay.inject_successes(batch, ["0", "1", "2"], buffer, group_size,
+                                            np.random.default_rng(0))
+    assert injected.tolist() == [True, False, False]
+    assert out["tokens"][0].tolist() == [70] * RESPONSE_WIDTH          # first row of group 0
+    assert out["rewards"][0] == 1.0 and out["policy_version"][0] == 70
+    changed = np.nonzero((out["tokens"] != batch["tokens"]).any(axis=1))[0]
+    assert changed.tolist() == [0]
+    np.testing.assert_array_equal(out["rewards"][1:], batch["rewards"][1:])
+    assert batch["rewards"][0] == 0.0                                   # input untouched
+
+
+def test_all_failed_rule_uses_std_and_mean_thresholds():
+    rewards = np.array([0, 0, 0, 0, 0.1, 0.1, 1, 1, 0.3, 0.3, 0, 1], np.float32)
+    assert replay.all_failed_groups(rewards, 2).tolist() == [True, True, True, False, False,
+                                                             False]
+
+
+def test_success_replay_checks_the_buffer_before_adding_this_batch():
+    # Prompt 0 succeeds only in iteration 1 (row 1); afterwards it always fails.
+    group_size = 2
+    context = FakeContext(1, group_size, prompts=[0, 0, 0],
+                          reward_fn=lambda p, w, s: float(s == 1 and w == 1))
+    source = replay.SuccessReplayRollouts(capacity=8)
+    first = source.collect(context, None, 1)
+    assert source.last_injected == 0 and first["rewards"].tolist() == [0.0, 1.0]
+    assert source.buffer.count("0") == 1
+    second = source.collect(context, None, 2)
+    assert source.last_injected == 1
+    assert second["rewards"].tolist() == [1.0, 0.0]
+    assert second["tokens"][0].tolist() == [0, 1, 1]          # the success sampled at iteration 1
+    assert second["policy_version"].tolist() == [0, 1]
+    assert source.buffer.count("0") == 1                      # the injected copy is not re-added
+
+
+def test_success_replay_state_round_trip_through_a_checkpoint(tmp_path):
+    context = FakeContext(2, 2, prompts=list(range(6)),
+                          reward_fn=lambda p, w, s: float(w == 0 and p % 2 == 0))
+    source = replay.SuccessReplayRollouts(capacity=2)
+    for iteration in (1, 2):
+        source.collect(context, None, iteration)
+    restored = _through_checkpoint(tmp_path, source, replay.SuccessReplayRollouts(capacity=2))
+    assert list(restored.buffer.entries) == list(source.buffer.entries)
+    for key, queue in source.buffer.entries.items():
+        for a, b in zip(queue, restored.buffer.entries[key]):
+            for field in replay.SuccessBuffer.FIELDS:
+                np.testing.assert_array_equal(a[field], b[field])
+
+
+# --- the loop's policy copies (ReMix's π_{k−1} and reincarnated anchor) -------------------------
+
+
+def test_policy_copies_round_trip():
+    params = {"layers": {"w": jnp.arange(6.0).reshape(2, 3)}, "embed": jnp.ones((2,))}
+    other = jax.tree.map(lambda x: x + 1, params)
+    arrays = loop.policy_copies_to_arrays({"previous": params, "reference": other,
+                                           "missing": None})
+    arrays["offline/tokens"] = np.zeros(2)
+    copies, rest = loop.split_policy_copies(arrays, params)
+    assert set(copies) == {"previous", "reference"} and set(rest) == {"offline/tokens"}
+    for name, expected in (("previous", params), ("reference", other)):
+        for a, b in zip(jax.tree.leaves(copies[name]), jax.tree.leaves(expected)):
+            np.testing.assert_array_equal(a, b)
