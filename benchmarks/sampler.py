@@ -8,9 +8,9 @@ Both sides run the *same* random-initialised Qwen2-shaped checkpoint (hidden 512
 transformers' ``save_pretrained`` into a temporary directory and loaded by
 ``models.load_hf_checkpoint``. Workload: 32 prompts of 16-64 random tokens (left-padded for
 PyTorch), 128 new tokens each, multinomial sampling at temperature 1 with no top-k / top-p and
-no EOS, float32 everywhere. Each side is warmed up once (our run compiles), then timed
-``--repeats`` times, interleaved so that load from other processes hits both alike; the median
-is reported.
+no EOS, float32 everywhere (``--dtype bfloat16`` switches both sides). Each side is warmed
+up once (our run compiles), then timed ``--repeats`` times, interleaved so that load from other
+processes hits both alike; the median is reported.
 
 Printed: tokens/s for both and their ratio; where our time goes (prefill, one decode step, the
 model forward alone, the sampling alone); and the achieved FLOP/s of our decoding as a fraction
@@ -51,6 +51,12 @@ def parse_args(argv=None):
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per side")
     parser.add_argument("--steps-per-dispatch", type=int, default=None,
                         help="decode steps fused per dispatch (default: the sampler's)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="parameter and compute dtype of BOTH sides (bfloat16 uses AMX on "
+                             "CPUs that have it, for PyTorch and XLA alike)")
+    parser.add_argument("--threads", type=int, choices=(0, 1), default=0,
+                        help="0: all cores (default); 1: one thread per side -- a comparison "
+                             "of work done that is robust to other processes on the machine")
     parser.add_argument("--skip-torch", action="store_true", help="time only our sampler")
     parser.add_argument("--breakdown", action=argparse.BooleanOptionalAction, default=True,
                         help="also time prefill / decode step / forward / sampling separately")
@@ -71,7 +77,7 @@ def make_checkpoint(args, directory: str):
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     model.save_pretrained(directory)
-    return model
+    return model.to(getattr(torch, args.dtype))
 
 
 def make_prompts(args) -> list[list[int]]:
@@ -95,13 +101,13 @@ def decode_flops(cfg, prompts, new_tokens: int) -> float:
     return total
 
 
-def matmul_peak_flops(size: int = 2048, repeats: int = 10) -> float:
-    """Best observed float32 FLOP/s of a [size, size] @ [size, size] jnp.dot."""
+def matmul_peak_flops(dtype: str, size: int = 2048, repeats: int = 10) -> float:
+    """Best observed FLOP/s of a [size, size] @ [size, size] jnp.dot in ``dtype``."""
     import jax
     import jax.numpy as jnp
 
-    a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
-    b = jax.random.normal(jax.random.key(1), (size, size), jnp.float32)
+    a = jax.random.normal(jax.random.key(0), (size, size), dtype)
+    b = jax.random.normal(jax.random.key(1), (size, size), dtype)
     dot = jax.jit(jnp.dot)
     dot(a, b).block_until_ready()
     best = float("inf")
@@ -174,13 +180,15 @@ def breakdown(cfg, params, prompts, args):
     batch = gen._power_of_two_at_least(len(prompts))
     prompt_bucket = gen._power_of_two_at_least(max(map(len, prompts)), gen.MIN_PROMPT_BUCKET)
     response_bucket = gen._power_of_two_at_least(args.new_tokens, gen.MIN_RESPONSE_BUCKET)
+    window = min(response_bucket, gen.FIRST_CACHE_WINDOW)
     tokens, mask = gen._left_pad(prompts, batch, prompt_bucket)
     sampling_params = distribution.SamplingParams(temperature=1.0)
     keys = jax.random.split(jax.random.key(0), batch)
     statics = dict(params_sampling=sampling_params, eos_ids=(), pad_token_id=0, mesh=None)
     prefill = lambda: gen._prefill(cfg, params, tokens, mask, keys, np.ones(batch, bool),  # noqa
                                    jnp.int32(args.new_tokens), num_samples=1,
-                                   response_bucket=response_bucket, **statics)
+                                   response_bucket=response_bucket, cache_window=window,
+                                   **statics)
     result = {"prefill": median_time(prefill, repeats=5)}
 
     split = gen._split_layer_params(cfg, params)
@@ -202,7 +210,7 @@ def breakdown(cfg, params, prompts, args):
     forward = jax.jit(functools.partial(decode.decode_step, cfg))
     result["forward_step"] = median_time(forward, split, state["last_token"],
                                          state["next_position"], cache)
-    model_cache = models.init_cache(cfg, batch, prompt_bucket + response_bucket)
+    model_cache = models.init_cache(cfg, batch, prompt_bucket + window)
     model_cache["mask"] = jnp.ones_like(model_cache["mask"])
     model_cache["index"] = jnp.int32(prompt_bucket)
     model_forward = jax.jit(lambda params, cache, tokens, positions: models.apply_cached(
@@ -218,21 +226,27 @@ def breakdown(cfg, params, prompts, args):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.threads == 1:
+        # Must be set before JAX creates its CPU client.
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                                   + " --xla_cpu_multi_thread_eigen=false").strip()
     import jax
     import jax.numpy as jnp
     import torch
 
     from offpolicy_jax import models
 
+    if args.threads == 1:
+        torch.set_num_threads(1)
     prompts = make_prompts(args)
     with tempfile.TemporaryDirectory() as directory:
         torch_model = make_checkpoint(args, directory)
-        cfg, params = models.load_hf_checkpoint(directory, dtype=jnp.float32)
+        cfg, params = models.load_hf_checkpoint(directory, dtype=getattr(jnp, args.dtype))
     generated = args.batch * args.new_tokens
     print(f"devices: {jax.devices()}  torch threads: {torch.get_num_threads()}")
     print(f"model: {cfg.num_params() / 1e6:.1f} M params (hidden {cfg.hidden_size}, "
           f"{cfg.num_layers} layers, {cfg.num_heads}/{cfg.num_kv_heads} heads, "
-          f"vocab {cfg.vocab_size}); batch {args.batch}, prompts {args.min_prompt}-"
+          f"vocab {cfg.vocab_size}, {args.dtype}); batch {args.batch}, prompts {args.min_prompt}-"
           f"{args.max_prompt} tokens, {args.new_tokens} new tokens, temperature 1, no EOS")
 
     start = time.perf_counter()
@@ -254,7 +268,7 @@ def main(argv=None):
               f"{', '.join(f'{t:.2f}' for t in theirs)} s)")
         print(f"speed-up:     {ours_tps / theirs_tps:8.2f} x")
 
-    peak = matmul_peak_flops()
+    peak = matmul_peak_flops(args.dtype)
     flops = decode_flops(cfg, prompts, args.new_tokens)
     if args.breakdown:
         parts = breakdown(cfg, params, prompts, args)
