@@ -9,6 +9,7 @@ sizes, ids, normalisations, and every gold accepted when boxed -- (tests/test_re
 import json
 import os
 import pathlib
+import shlex
 import shutil
 import subprocess
 import sys
@@ -362,10 +363,48 @@ def test_command_end_to_end_writes_table_results_and_samples(tiny_model, tmp_pat
     assert "| arith | 3 | 4 |" in result.stdout and "| gsm8k | 3 | 4 |" in result.stdout
 
 
-def test_command_reports_bad_input_in_one_line(tiny_model, tmp_path):
-    result = _run_cli(f"--model={tiny_model}", "--benchmarks=arith,mmlu", f"--out={tmp_path}")
+def test_command_reports_bad_input_in_one_line(tmp_path):
+    result = _run_cli(f"--model={tmp_path / 'absent'}", "--benchmarks=arith,mmlu",
+                      f"--out={tmp_path}")
     assert result.returncode == 2
     assert "error: unknown benchmark 'mmlu' in --benchmarks; valid names: arith, gsm8k_train" \
         in result.stderr
     assert "Traceback" not in result.stderr
     assert not os.listdir(tmp_path)
+    result = _run_cli(f"--model={tmp_path / 'absent'}", f"--out={tmp_path}")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"error: --model='{tmp_path / 'absent'}' is neither the alias" in result.stderr
+
+
+def _documented_commands() -> list[list[str]]:
+    """argv (after the module) of every ``python -m offpolicy_jax.eval`` line in the README's eval
+    section and in the command's module docstring."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("<!-- section: eval -->")[1].split("<!-- end: eval -->")[0]
+    docstring = (ROOT / "offpolicy_jax" / "eval" / "__main__.py").read_text().split('"""')[1]
+    commands = []
+    for text in (section, docstring):
+        for line in text.replace("\\\n", " ").splitlines():
+            if "python -m offpolicy_jax.eval " in line:
+                commands.append(shlex.split(line.split("python -m offpolicy_jax.eval", 1)[1]))
+    return commands
+
+
+def test_documented_commands_parse_with_the_real_flags():
+    commands = _documented_commands()
+    assert len(commands) >= 3, commands
+    script = (
+        "import json, sys\n"
+        "from absl import flags\n"
+        "import offpolicy_jax.eval.__main__ as command\n"
+        "for argv in json.loads(sys.argv[1]):\n"
+        "    flags.FLAGS.unparse_flags()\n"
+        "    flags.FLAGS(['eval'] + argv)\n"
+        "    command.config_from_flags().validate()\n"
+        "print('parsed', len(json.loads(sys.argv[1])))\n")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    result = subprocess.run([sys.executable, "-c", script, json.dumps(commands)],
+                            capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"parsed {len(commands)}" in result.stdout

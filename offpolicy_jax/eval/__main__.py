@@ -17,7 +17,7 @@ Quick run of the embedded default (CPU, about a minute once the model is cached)
 
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging as absl_logging
 
 from offpolicy_jax.data import prompts as prompts_lib
 from offpolicy_jax.eval import harness
@@ -77,6 +77,8 @@ def config_from_flags() -> harness.HarnessConfig:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    # JAX's INFO lines (backend probing) would interleave with the progress bars.
+    absl_logging.set_verbosity(absl_logging.WARNING)
     try:
         config = config_from_flags()
         summary = harness.run(config, OUT.value, progress=PROGRESS.value)
