@@ -38,6 +38,7 @@ PARTITION_RULES: tuple[tuple[str, P], ...] = (
     (r"^layers/o$", P(None, "tensor", "fsdp")),                         # [L, H*hd, D]
     (r"^layers/gate_up$", P(None, "fsdp", None, "tensor")),             # [L, D, 2, F]
     (r"^layers/down$", P(None, "tensor", "fsdp")),                      # [L, F, D]
+    (r"^value_head/(kernel|bias)$", P(None)),              # [D] / [1]: PPO's critic (critic.py)
 )
 
 
