@@ -40,8 +40,9 @@ class Checkpointer:
             step,
             args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state),
-                # orbax cannot save an empty tree; a zero-length marker stands in for "no arrays".
-                arrays=ocp.args.PyTreeSave(arrays or {"_empty": np.zeros((0,), np.int32)}),
+                # orbax saves neither an empty tree nor a zero-size array; a one-element marker
+                # stands in for "no arrays" and is dropped again on restore.
+                arrays=ocp.args.PyTreeSave(arrays or {"_empty": np.zeros((1,), np.int8)}),
                 meta=ocp.args.JsonSave(meta),
             ),
             force=True,
