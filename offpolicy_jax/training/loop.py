@@ -208,7 +208,8 @@ def policy_copies_to_arrays(copies: dict) -> dict:
     for name, params in copies.items():
         if params is None:
             continue
-        for path, leaf in jax.tree_util.tree_flatten_with_path(jax.device_get(params))[0]:
+        # to_host: with several processes the shards live on other hosts' devices too.
+        for path, leaf in jax.tree_util.tree_flatten_with_path(distributed.to_host(params))[0]:
             arrays[f"{POLICY_COPY_PREFIX}{name}/{_path_name(path)}"] = np.asarray(leaf)
     return arrays
 
@@ -225,7 +226,8 @@ def split_policy_copies(arrays: dict, like) -> tuple[dict, dict]:
             key = f"{POLICY_COPY_PREFIX}{name}/{_path_name(path)}"
             if key not in arrays:
                 raise ValueError(f"checkpoint policy copy {name!r} lacks {key}")
-            return jax.device_put(np.asarray(arrays[key], leaf.dtype), leaf.sharding)
+            # Every process holds the whole array; each places only its own devices' shards.
+            return distributed.host_to_global(np.asarray(arrays[key], leaf.dtype), leaf.sharding)
         copies[name] = jax.tree_util.tree_map_with_path(restore, like)
     return copies, others
 
