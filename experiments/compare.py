@@ -1,0 +1,255 @@
+r"""Side-by-side comparison of RL methods on the embedded task, at equal rollout budgets.
+
+Runs each chosen method's experiment file as a subprocess (its own workdir under ``--workdir``),
+with the same seeds, the same shared settings and the same budget of *fresh* rollouts (responses
+sampled during training): each run gets as many iterations as it takes to spend the budget —
+ReMix, which replays a fraction p of every batch before its reincarnation step, gets more
+iterations than the on-policy methods. Then it reads every run's ``metrics.jsonl`` and writes
+
+* ``results.json`` — every run's evaluation curve and summary;
+* ``results.md`` — a table (pass@1 before/after, best, rollouts needed to reach the GRPO run's
+  final pass@1, wall time);
+* ``comparison.png`` — held-out pass@1 against rollouts consumed (matplotlib, Agg backend).
+
+Command (embedded default, 2 CPU cores; about 30-40 minutes on an idle machine):
+
+    python experiments/compare.py --out=docs/comparison
+
+Methods: grpo, topr, remix, rover, arpo, rloo (default), ppo, dapo, dr_grpo, expert_iteration.
+"""
+
+import json
+import math
+import os
+import pathlib
+import subprocess
+import sys
+import time
+from concurrent import futures
+
+from absl import app, flags
+
+from offpolicy_jax.training import flags as shared_flags
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+# name -> (experiment file, extra flags). Every method runs with its file's own defaults.
+METHODS = {
+    "grpo": ("grpo", ["--variant=grpo"]),
+    "dr_grpo": ("grpo", ["--variant=dr_grpo"]),
+    "dapo": ("grpo", ["--variant=dapo"]),
+    "topr": ("topr", []),
+    "remix": ("remix", ["--variant=grpo"]),
+    "rover": ("rover", []),
+    "arpo": ("arpo", []),
+    "rloo": ("rloo", []),
+    "ppo": ("ppo", []),
+    "expert_iteration": ("expert_iteration", []),
+}
+DEFAULT_METHODS = ["grpo", "topr", "remix", "rover", "arpo", "rloo"]
+
+METHOD_NAMES = flags.DEFINE_list("methods", DEFAULT_METHODS, f"Methods to run, from "
+                                 f"{sorted(METHODS)}.")
+SEEDS = flags.DEFINE_list("seeds", ["0"], "Seeds; every method runs once per seed.")
+ROLLOUT_BUDGET = flags.DEFINE_integer("rollout_budget", 2560, "Fresh training rollouts per run "
+                                      "(default: 20 iterations of 16 prompts x 8 responses).")
+EVAL_POINTS = flags.DEFINE_integer("eval_points", 4, "Held-out evaluations along each run "
+                                   "(besides the start); sets each run's --eval_every.")
+REMIX_REINCARNATION_FRACTION = flags.DEFINE_float(
+    "remix_reincarnation_fraction", 0.5, "ReMix's reincarnation step T as a fraction of its "
+    "iterations (paper: T = 50 of 75-350 steps).")
+OUT = flags.DEFINE_string("out", None, "Where results.md/json and comparison.png go "
+                          "(default: the --workdir root).")
+PARALLEL = flags.DEFINE_integer("parallel", 2, "Runs at the same time.")
+EXTRA_FLAGS = flags.DEFINE_list("extra_flags", [], "Flags passed to every run, e.g. "
+                                "--extra_flags=--max_new_tokens=32.")
+
+
+def remix_steps(budget: int, batch_size: int, group_size: int, fraction: float,
+                off_policy_fraction: float = 0.4) -> tuple[int, int]:
+    """``(steps, T)`` such that ReMix spends ``budget`` fresh rollouts with T = fraction · steps.
+
+    Before T each iteration samples ``batch_size − round(p · batch_size)`` fresh groups (the first
+    iteration samples all of them: the window is empty); after T every group is fresh.
+    """
+    per_step = batch_size * group_size
+    replayed = int(round(off_policy_fraction * batch_size)) * group_size
+    steps = math.ceil(budget / per_step)
+    while True:
+        reincarnation = max(1, int(round(fraction * steps)))
+        spent = per_step + (reincarnation - 1) * (per_step - replayed) \
+            + (steps - reincarnation) * per_step
+        if spent >= budget:
+            return steps, reincarnation
+        steps += 1
+
+
+def plan(method: str, seed: str) -> dict:
+    """The command line of one run (steps chosen to spend the rollout budget)."""
+    experiment, extra = METHODS[method]
+    budget = ROLLOUT_BUDGET.value
+    batch, group = shared_flags.BATCH_SIZE.value, shared_flags.GROUP_SIZE.value
+    if method == "remix":
+        steps, reincarnation = remix_steps(budget, batch, group,
+                                           REMIX_REINCARNATION_FRACTION.value)
+        extra = extra + [f"--reincarnation_step={reincarnation}"]
+    elif method == "expert_iteration":
+        # One EM iteration samples batches_per_iteration batches.
+        steps = max(1, math.ceil(budget / (batch * group * 8)))
+        extra = extra + ["--batches_per_iteration=8"]
+    else:
+        steps = math.ceil(budget / (batch * group))
+    eval_every = max(1, steps // max(EVAL_POINTS.value, 1))
+    workdir = os.path.join(root_workdir(), f"{method}_seed{seed}")
+    command = [sys.executable, str(ROOT / "experiments" / f"{experiment}.py"), *extra,
+               f"--model={shared_flags.MODEL.value}", f"--workdir={workdir}", f"--seed={seed}",
+               f"--steps={steps}", f"--batch_size={batch}", f"--group_size={group}",
+               f"--eval_every={eval_every}", f"--eval_size={shared_flags.EVAL_SIZE.value}",
+               f"--eval_samples={shared_flags.EVAL_SAMPLES.value}", "--progress=false",
+               *EXTRA_FLAGS.value]
+    return {"method": method, "seed": seed, "steps": steps, "workdir": workdir,
+            "command": command}
+
+
+def root_workdir() -> str:
+    return shared_flags.WORKDIR.value or "workdirs/compare"
+
+
+def execute(run: dict) -> dict:
+    """Runs one experiment; its stdout/stderr go to ``<workdir>/log.txt``."""
+    os.makedirs(run["workdir"], exist_ok=True)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    start = time.time()
+    with open(os.path.join(run["workdir"], "log.txt"), "w") as log:
+        result = subprocess.run(run["command"], stdout=log, stderr=subprocess.STDOUT, env=env)
+    run = dict(run, returncode=result.returncode, wall_s=time.time() - start)
+    print(f"{run['method']} seed {run['seed']}: rc={result.returncode} "
+          f"({run['wall_s']:.0f} s)", flush=True)
+    return run
+
+
+def read_curve(workdir: str) -> list[dict]:
+    """``[{"step", "rollouts", "pass@1"}]`` of every evaluated step in ``metrics.jsonl``."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    curve = []
+    with open(path) as f:
+        for line in f:
+            record = json.loads(line)
+            if "eval/pass@1" in record:
+                curve.append({"step": record["step"], "rollouts": record.get("rollouts", 0),
+                              "pass@1": record["eval/pass@1"]})
+    return curve
+
+
+def rollouts_to_reach(curve: list[dict], target: float) -> int | None:
+    """Fresh rollouts at the first evaluation with pass@1 ≥ ``target`` (None if never)."""
+    for point in curve:
+        if point["pass@1"] >= target:
+            return point["rollouts"]
+    return None
+
+
+def summarise(runs: list[dict]) -> dict:
+    """Per-method results (seeds averaged at each evaluation point)."""
+    methods = {}
+    for run in runs:
+        run["curve"] = read_curve(run["workdir"])
+        methods.setdefault(run["method"], []).append(run)
+    grpo_final = None
+    if "grpo" in methods and all(r["curve"] for r in methods["grpo"]):
+        grpo_final = sum(r["curve"][-1]["pass@1"] for r in methods["grpo"]) / len(methods["grpo"])
+    table = {}
+    for method, group in methods.items():
+        ok = [r for r in group if r["returncode"] == 0 and r["curve"]]
+        if not ok:
+            table[method] = {"failed": True}
+            continue
+        length = min(len(r["curve"]) for r in ok)
+        mean_curve = [{"rollouts": ok[0]["curve"][i]["rollouts"],
+                       "pass@1": sum(r["curve"][i]["pass@1"] for r in ok) / len(ok)}
+                      for i in range(length)]
+        table[method] = {
+            "seeds": len(ok), "steps": ok[0]["steps"],
+            "rollouts": mean_curve[-1]["rollouts"],
+            "pass@1_before": mean_curve[0]["pass@1"],
+            "pass@1_after": mean_curve[-1]["pass@1"],
+            "pass@1_best": max(p["pass@1"] for p in mean_curve),
+            "rollouts_to_grpo_final": (None if grpo_final is None
+                                       else rollouts_to_reach(mean_curve, grpo_final)),
+            "wall_s": sum(r["wall_s"] for r in ok) / len(ok),
+            "curve": mean_curve,
+        }
+    return {"grpo_final_pass@1": grpo_final, "methods": table}
+
+
+def write_markdown(results: dict, path: str, command: str) -> None:
+    rows = ["| method | iterations | rollouts | pass@1 start | pass@1 end | best | rollouts to "
+            "GRPO's final pass@1 | wall (s) |", "|---|---|---|---|---|---|---|---|"]
+    for method, r in results["methods"].items():
+        if r.get("failed"):
+            rows.append(f"| {method} | failed | | | | | | |")
+            continue
+        reach = r["rollouts_to_grpo_final"]
+        rows.append(f"| {method} | {r['steps']} | {r['rollouts']} | {r['pass@1_before']:.3f} | "
+                    f"{r['pass@1_after']:.3f} | {r['pass@1_best']:.3f} | "
+                    f"{'—' if reach is None else reach} | {r['wall_s']:.0f} |")
+    text = (f"Command: `{command}`\n\n" + "\n".join(rows) + "\n\n"
+            "pass@1: mean over the held-out samples per prompt; rollouts: fresh training "
+            "responses sampled (replayed ones not counted).\n")
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def plot(results: dict, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    figure, axis = plt.subplots(figsize=(6.4, 4.0), dpi=100)
+    for method, r in results["methods"].items():
+        if r.get("failed"):
+            continue
+        axis.plot([p["rollouts"] for p in r["curve"]], [p["pass@1"] for p in r["curve"]],
+                  marker="o", label=method)
+    axis.set_xlabel("fresh training rollouts")
+    axis.set_ylabel("held-out pass@1")
+    axis.set_title("tiny-arith: pass@1 vs rollouts consumed")
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+
+
+def main(argv):
+    del argv
+    unknown = sorted(set(METHOD_NAMES.value) - set(METHODS))
+    if unknown:
+        raise ValueError(f"--methods: unknown {unknown}; choose from {sorted(METHODS)}")
+    runs = [plan(method, seed) for seed in SEEDS.value for method in METHOD_NAMES.value]
+    with futures.ThreadPoolExecutor(max_workers=max(PARALLEL.value, 1)) as pool:
+        runs = list(pool.map(execute, runs))
+    results = summarise(runs)
+    results["runs"] = [{k: v for k, v in r.items() if k != "command"} | {
+        "command": " ".join(r["command"][1:])} for r in runs]
+    out = OUT.value or root_workdir()
+    os.makedirs(out, exist_ok=True)
+    command = "python experiments/compare.py " + " ".join(sys.argv[1:])
+    results["command"] = command
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    write_markdown(results, os.path.join(out, "results.md"), command)
+    plot(results, os.path.join(out, "comparison.png"))
+    print(open(os.path.join(out, "results.md")).read())
+    failed = [r["method"] for r in runs if r["returncode"] != 0]
+    if failed:
+        raise SystemExit(f"runs failed: {failed} (see their log.txt)")
+
+
+if __name__ == "__main__":
+    # The shared flags that matter here (--batch_size, --group_size, --eval_size, --model,
+    # --workdir = root of the runs) are passed to every run; the rest are not used.
+    flags.FLAGS.set_default("eval_samples", 4)   # 4 samples per held-out prompt keep evals cheap
+    app.run(main)

@@ -1,0 +1,63 @@
+"""experiments/compare.py's bookkeeping: equal-budget step counts, reading the runs' metrics, the
+table and the plot (on fake metrics files; the real comparison is far too long for CI)."""
+
+import importlib.util
+import json
+import pathlib
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _load_compare():
+    if "experiments_compare" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("experiments_compare",
+                                                      ROOT / "experiments" / "compare.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        sys.modules["experiments_compare"] = module
+    return sys.modules["experiments_compare"]
+
+
+compare = _load_compare()
+
+
+def test_remix_steps_spend_the_budget_with_fewer_fresh_rollouts_before_t():
+    # 16 prompts x 8: on-policy steps spend 128; before T ReMix replays round(0.4*16)=6 groups.
+    steps, t = compare.remix_steps(1280, 16, 8, 0.5)
+    spent = 128 + (t - 1) * 80 + (steps - t) * 128
+    assert spent >= 1280 and spent - 128 < 1280          # the smallest number of steps
+    assert t == round(0.5 * steps) and steps > 10
+
+
+def _write_metrics(path, points):
+    path.mkdir(parents=True)
+    with open(path / "metrics.jsonl", "w") as f:
+        for step, (rollouts, pass1) in enumerate(points):
+            record = {"step": step, "eval/pass@1": pass1}
+            if step:
+                record["rollouts"] = rollouts
+            f.write(json.dumps(record) + "\n")
+
+
+def test_summary_table_and_plot(tmp_path):
+    _write_metrics(tmp_path / "grpo", [(0, 0.2), (100, 0.3), (200, 0.4)])
+    _write_metrics(tmp_path / "remix", [(0, 0.2), (60, 0.42), (200, 0.45)])
+    runs = [{"method": m, "seed": "0", "steps": 2, "workdir": str(tmp_path / m),
+             "returncode": 0, "wall_s": 10.0} for m in ("grpo", "remix")]
+    runs.append({"method": "rover", "seed": "0", "steps": 2, "workdir": str(tmp_path / "none"),
+                 "returncode": 1, "wall_s": 1.0})
+    results = compare.summarise(runs)
+    assert results["grpo_final_pass@1"] == pytest.approx(0.4)
+    remix = results["methods"]["remix"]
+    assert remix["rollouts_to_grpo_final"] == 60 and remix["pass@1_best"] == pytest.approx(0.45)
+    assert [p["rollouts"] for p in remix["curve"]] == [0, 60, 200]
+    assert results["methods"]["rover"] == {"failed": True}
+    compare.write_markdown(results, str(tmp_path / "results.md"), "python experiments/compare.py")
+    table = (tmp_path / "results.md").read_text()
+    assert "| remix | 2 | 200 | 0.200 | 0.450 | 0.450 | 60 |" in table
+    assert "| rover | failed |" in table
+    compare.plot(results, str(tmp_path / "comparison.png"))
+    assert (tmp_path / "comparison.png").read_bytes()[:4] == b"\x89PNG"
