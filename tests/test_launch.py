@@ -1,5 +1,5 @@
-"""Launch scripts and README commands against the real flag definitions; launch detection;
-host/global array helpers; the memory table.
+"""Launch scripts, README and experiment-docstring commands against the real flag definitions;
+launch detection; host/global array helpers; the memory table.
 
 The flag check loads each experiment file in a subprocess (absl flags are defined at import, once
 per process) and parses every ``experiments/<name>.py ...`` invocation found in the README's
@@ -7,6 +7,7 @@ per process) and parses every ``experiments/<name>.py ...`` invocation found in 
 flag without updating the docs and scripts fails here.
 """
 
+import ast
 import json
 import os
 import pathlib
@@ -113,6 +114,18 @@ def test_every_readme_and_launch_command_parses_with_the_real_flags():
         assert any(argv for _, argv in invocations), f"launch/{name} documents no flags"
     assert sum(1 for _, argv in readme if argv) >= 3, readme
     invocations = readme + [inv for invs in scripts.values() for inv in invs]
+    assert check_flags(invocations) == []
+
+
+def test_every_experiment_docstring_command_parses_with_its_flags():
+    # Each experiment's module docstring gives "the exact command"; it must stay runnable.
+    invocations = []
+    for path in sorted((ROOT / "experiments").glob("*.py")):
+        docstring = ast.get_docstring(ast.parse(path.read_text())) or ""
+        found = experiment_invocations(docstring)
+        assert any(experiment == f"experiments/{path.name}" for experiment, _ in found), (
+            f"{path.name}'s docstring does not show its command (python experiments/{path.name})")
+        invocations += found
     assert check_flags(invocations) == []
 
 
