@@ -48,7 +48,7 @@ class LaunchSpec:
     ``None`` fields are left for JAX's cluster auto-detection (SLURM, Cloud TPU) to fill.
     """
 
-    source: str                       # "env", "slurm" or "tpu": which convention matched
+    source: str                       # "env", "slurm", "tpu" or "auto": which convention matched
     coordinator_address: str | None = None
     num_processes: int | None = None
     process_id: int | None = None
@@ -108,8 +108,7 @@ def detect_launch(env: Mapping[str, str] | None = None) -> LaunchSpec | None:
     if len(tpu_hosts) > 1 or env.get("MEGASCALE_COORDINATOR_ADDRESS"):
         return LaunchSpec("tpu")
     if forced in ("1", "true", "yes", "on", "auto"):
-        return LaunchSpec("tpu" if env.get("TPU_NAME") or env.get("TPU_ACCELERATOR_TYPE")
-                          else "auto")
+        return LaunchSpec("auto")       # JAX's own cluster detection (TPU metadata, SLURM, ...)
     return None
 
 
@@ -141,10 +140,6 @@ def maybe_initialize(env: Mapping[str, str] | None = None) -> bool:
     jax.distributed.initialize(**launch.initialize_kwargs())
     _initialized_here = True
     return True
-
-
-def is_multiprocess() -> bool:
-    return jax.process_count() > 1
 
 
 def host_to_global(tree, sharding):
