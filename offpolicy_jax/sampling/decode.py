@@ -17,6 +17,9 @@ weights and cache out of the scan carry (copies of ~all weights and cache), and 
   position of each prompt to the vocabulary (the full ``[B, P, V]`` prompt logits are never
   formed).
 
+Cost: the split weights are a second copy of the parameters (in the compute dtype) for the
+duration of a ``generate`` call; with a mesh each device holds a copy of its own shards only.
+
 It reuses the model's own building blocks (``rms_norm``, ``rope_angles``, ``apply_rope``,
 ``hidden_to_logits``) and is checked against ``models.apply`` and transformers in
 tests/test_sampling_model.py.
