@@ -61,6 +61,8 @@ REMIX_REINCARNATION_FRACTION = flags.DEFINE_float(
 OUT = flags.DEFINE_string("out", None, "Where results.md/json and comparison.png go "
                           "(default: the --workdir root).")
 PARALLEL = flags.DEFINE_integer("parallel", 2, "Runs at the same time.")
+REPORT_ONLY = flags.DEFINE_bool("report_only", False, "Do not run anything: rebuild the report "
+                                "from the finished runs already in the workdirs.")
 EXTRA_FLAGS = flags.DEFINE_list("extra_flags", [], "Flags passed to every run, e.g. "
                                 "--extra_flags=--max_new_tokens=32.")
 
@@ -129,6 +131,16 @@ def execute(run: dict) -> dict:
     return run
 
 
+def finished(run: dict) -> dict:
+    """A run already in its workdir, as ``execute`` would report it (from its summary.json)."""
+    path = os.path.join(run["workdir"], "summary.json")
+    if not os.path.exists(path):
+        return dict(run, returncode=1, wall_s=0.0)
+    with open(path) as f:
+        summary = json.load(f)
+    return dict(run, returncode=0, wall_s=summary["wall_s"])
+
+
 def read_curve(workdir: str) -> list[dict]:
     """``[{"step", "rollouts", "pass@1"}]`` of every evaluated step in ``metrics.jsonl``."""
     path = os.path.join(workdir, "metrics.jsonl")
@@ -145,8 +157,9 @@ def read_curve(workdir: str) -> list[dict]:
 
 
 def rollouts_to_reach(curve: list[dict], target: float) -> int | None:
-    """Fresh rollouts at the first evaluation with pass@1 ≥ ``target`` (None if never)."""
-    for point in curve:
+    """Fresh rollouts at the first evaluation *after training started* with pass@1 ≥ ``target``
+    (None if never)."""
+    for point in curve[1:]:
         if point["pass@1"] >= target:
             return point["rollouts"]
     return None
@@ -229,14 +242,19 @@ def main(argv):
     if unknown:
         raise ValueError(f"--methods: unknown {unknown}; choose from {sorted(METHODS)}")
     runs = [plan(method, seed) for seed in SEEDS.value for method in METHOD_NAMES.value]
-    with futures.ThreadPoolExecutor(max_workers=max(PARALLEL.value, 1)) as pool:
-        runs = list(pool.map(execute, runs))
+    if REPORT_ONLY.value:
+        runs = [finished(run) for run in runs]
+    else:
+        with futures.ThreadPoolExecutor(max_workers=max(PARALLEL.value, 1)) as pool:
+            runs = list(pool.map(execute, runs))
     results = summarise(runs)
     results["runs"] = [{k: v for k, v in r.items() if k != "command"} | {
         "command": " ".join(r["command"][1:])} for r in runs]
     out = OUT.value or root_workdir()
     os.makedirs(out, exist_ok=True)
-    command = "python experiments/compare.py " + " ".join(sys.argv[1:])
+    # The command that produced the runs (a --report_only rebuild reports the original one).
+    command = "python experiments/compare.py " + " ".join(
+        a for a in sys.argv[1:] if not a.startswith("--report_only"))
     results["command"] = command
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(results, f, indent=1)

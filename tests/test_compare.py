@@ -53,6 +53,9 @@ def test_summary_table_and_plot(tmp_path):
     assert results["grpo_final_pass@1"] == pytest.approx(0.4)
     remix = results["methods"]["remix"]
     assert remix["rollouts_to_grpo_final"] == 60 and remix["pass@1_best"] == pytest.approx(0.45)
+    # The starting evaluation never counts as reaching the target.
+    assert compare.rollouts_to_reach([{"rollouts": 0, "pass@1": 0.9},
+                                      {"rollouts": 10, "pass@1": 0.1}], 0.5) is None
     assert [p["rollouts"] for p in remix["curve"]] == [0, 60, 200]
     assert results["methods"]["rover"] == {"failed": True}
     compare.write_markdown(results, str(tmp_path / "results.md"), "python experiments/compare.py")
