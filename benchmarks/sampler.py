@@ -12,7 +12,8 @@ no EOS, float32 everywhere (``--dtype bfloat16`` switches both sides). Each side
 up once (our run compiles), then timed ``--repeats`` times, interleaved so that load from other
 processes hits both alike; the median is reported.
 
-Printed: tokens/s for both and their ratio; where our time goes (prefill, one decode step, the
+Printed: tokens/s for both and their ratio, plus the ratio of process CPU seconds (with
+``--threads 1`` the measure least disturbed by other processes on a shared machine); where our time goes (prefill, one decode step, the
 model forward alone, the sampling alone); and the achieved FLOP/s of our decoding as a fraction
 of the matmul peak measured in the same process (a large float32 ``jnp.dot``). Useful FLOPs
 count 2 per multiply-add of every weight matrix per token (embedding lookup excluded) plus the
@@ -254,19 +255,27 @@ def main(argv=None):
     print(f"our warm-up (includes compilation): {time.perf_counter() - start:.2f} s")
     if not args.skip_torch:
         time_torch(torch_model, prompts, args, seed=0)
-    ours, theirs = [], []
+    ours, theirs, ours_cpu, theirs_cpu = [], [], [], []
     for repeat in range(args.repeats):
+        start_cpu = time.process_time()
         ours.append(time_ours(cfg, params, prompts, args, seed=repeat + 1))
+        ours_cpu.append(time.process_time() - start_cpu)
         if not args.skip_torch:
+            start_cpu = time.process_time()
             theirs.append(time_torch(torch_model, prompts, args, seed=repeat + 1))
+            theirs_cpu.append(time.process_time() - start_cpu)
     ours_tps = generated / statistics.median(ours)
     print(f"ours:         {ours_tps:8.1f} tokens/s   (runs: "
-          f"{', '.join(f'{t:.2f}' for t in ours)} s)")
+          f"{', '.join(f'{t:.2f}' for t in ours)} s; CPU "
+          f"{', '.join(f'{t:.2f}' for t in ours_cpu)} s)")
     if theirs:
         theirs_tps = generated / statistics.median(theirs)
         print(f"transformers: {theirs_tps:8.1f} tokens/s   (runs: "
-              f"{', '.join(f'{t:.2f}' for t in theirs)} s)")
-        print(f"speed-up:     {ours_tps / theirs_tps:8.2f} x")
+              f"{', '.join(f'{t:.2f}' for t in theirs)} s; CPU "
+              f"{', '.join(f'{t:.2f}' for t in theirs_cpu)} s)")
+        print(f"speed-up:     {ours_tps / theirs_tps:8.2f} x wall clock; "
+              f"{statistics.median(theirs_cpu) / statistics.median(ours_cpu):.2f} x in CPU "
+              "time (process CPU seconds; with --threads 1 this is the load-robust measure)")
 
     peak = matmul_peak_flops(args.dtype)
     flops = decode_flops(cfg, prompts, args.new_tokens)

@@ -259,3 +259,14 @@ def test_growing_cache_gives_the_same_samples(qwen2, monkeypatch):
     assert sampler._grow_cache._cache_size() == grows_before + 2
     np.testing.assert_array_equal(grown.tokens, whole.tokens)
     np.testing.assert_allclose(grown.logprobs, whole.logprobs, atol=1e-5)
+
+
+def test_bfloat16_sampling_tracks_the_bfloat16_forward(checkpoints):
+    # bfloat16 keeps 8 bits of mantissa (relative step 2**-8 ~ 0.4%): on logits of size ~1-5
+    # each rounding moves a log-prob by up to ~0.02, and the two paths round in different places
+    # (the sampler accumulates matmuls in float32). A broken cache write would give O(1) errors.
+    cfg, params = models.load_hf_checkpoint(checkpoints["qwen2"], dtype=jnp.bfloat16)
+    out = sampling.generate(cfg, params, PROMPTS, max_new_tokens=8, temperature=1.0,
+                            eos_token_ids=(), seed=0)
+    expected = training_logprobs(cfg, params, PROMPTS, list(out.tokens), 1.0)
+    assert np.max(np.abs(out.logprobs - np.stack(expected))) < 0.1

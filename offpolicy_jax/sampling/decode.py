@@ -105,6 +105,28 @@ def prefill_last_logits(cfg: models.ModelConfig, params: dict, tokens: jax.Array
     return logits, {"k": k, "v": v, "mask": mask, "index": jnp.int32(length)}
 
 
+def _matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+    """``x @ w`` accumulated in float32, returned in x's dtype. With bfloat16 operands this is
+    what lets XLA:CPU use its native bf16 kernels (AMX where present); without the float32
+    result type it converts both operands -- all the weights, every step -- to float32."""
+    return jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+def _write_slot(buffer: jax.Array, update: jax.Array, start) -> jax.Array:
+    """In-place ``dynamic_update_slice`` of ``update`` (cast to the buffer's dtype) at ``start``.
+
+    16-bit float buffers are updated through a uint16 bit view: XLA:CPU otherwise widens a
+    bfloat16 update to float32, which turns the in-place write of one slot into a conversion of
+    the whole cache every step.
+    """
+    update = update.astype(buffer.dtype)
+    if buffer.dtype.itemsize != 2:
+        return lax.dynamic_update_slice(buffer, update, start)
+    bits = lax.dynamic_update_slice(lax.bitcast_convert_type(buffer, jnp.uint16),
+                                    lax.bitcast_convert_type(update, jnp.uint16), start)
+    return lax.bitcast_convert_type(bits, buffer.dtype)
+
+
 def _attend(q: jax.Array, keys: jax.Array, values: jax.Array, allowed: jax.Array):
     """One query token per row against the cache (grouped-query attention, arXiv:2305.13245).
 
@@ -121,7 +143,8 @@ def _attend(q: jax.Array, keys: jax.Array, values: jax.Array, allowed: jax.Array
                         preferred_element_type=jnp.float32) * scale
     scores = jnp.where(allowed[:, None, None, :], scores, _MASKED_SCORE)
     probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-    return jnp.einsum("bkgs,bksh->bkgh", probs, values.astype(q.dtype))
+    return jnp.einsum("bkgs,bksh->bkgh", probs, values.astype(q.dtype),
+                      preferred_element_type=jnp.float32).astype(q.dtype)
 
 
 def decode_step(cfg: models.ModelConfig, split_params: dict, tokens: jax.Array,
@@ -152,7 +175,7 @@ def decode_step(cfg: models.ModelConfig, split_params: dict, tokens: jax.Array,
     new_k, new_v = [], []
     for layer, w in enumerate(split_params["layers"]):
         h = transformer.rms_norm(x, w["attn_norm"], cfg.rms_norm_eps)
-        qkv = h @ w["qkv"]
+        qkv = _matmul(h, w["qkv"])
         if cfg.qkv_bias:
             qkv = qkv + w["qkv_bias"][None, :]
         qkv = qkv.reshape(batch, kv_heads, groups + 2, hd)
@@ -163,19 +186,15 @@ def decode_step(cfg: models.ModelConfig, split_params: dict, tokens: jax.Array,
         # apply_rope wants [B, T, *heads, hd]: add the T = 1 axis.
         q = transformer.apply_rope(q[:, None], cos, sin)[:, 0]
         k = transformer.apply_rope(k[:, None], cos, sin)[:, 0]
-        k_cache = lax.dynamic_update_slice(cache["k"][layer],
-                                           k[:, :, :, None].astype(cache["k"][layer].dtype),
-                                           (0, 0, 0, index))
-        v_cache = lax.dynamic_update_slice(cache["v"][layer],
-                                           v[:, :, None, :].astype(cache["v"][layer].dtype),
-                                           (0, 0, index, 0))
+        k_cache = _write_slot(cache["k"][layer], k[:, :, :, None], (0, 0, 0, index))
+        v_cache = _write_slot(cache["v"][layer], v[:, :, None, :], (0, 0, index, 0))
         new_k.append(k_cache)
         new_v.append(v_cache)
         attended = _attend(q, k_cache, v_cache, allowed).reshape(batch, cfg.num_heads * hd)
-        x = x + attended @ w["o"]
+        x = x + _matmul(attended, w["o"])
         h = transformer.rms_norm(x, w["mlp_norm"], cfg.rms_norm_eps)
-        gate_up = h @ w["gate_up"]
-        x = x + (jax.nn.silu(gate_up[:, :f]) * gate_up[:, f:]) @ w["down"]
+        gate_up = _matmul(h, w["gate_up"])
+        x = x + _matmul(jax.nn.silu(gate_up[:, :f]) * gate_up[:, f:], w["down"])
 
     hidden = transformer.rms_norm(x, split_params["final_norm"], cfg.rms_norm_eps)
     logits = transformer.hidden_to_logits(cfg, split_params, hidden)
