@@ -9,9 +9,9 @@ Command (the README's main command; embedded default, no download):
 
     python experiments/topr.py
 
-Hardware: 2 CPU cores, about 4-6 minutes including the tiny model's warm start (built once and
-cached). Expected: held-out pass@1 rises by at least 10 points (the final JSON line reports
-``pass@1_before`` and ``pass@1_after``).
+Hardware: 2 CPU cores, under 10 minutes including the tiny model's warm start (built once and
+cached). Expected: held-out pass@1 (256 problems x 8 samples at temperature 1) rises by at least
+10 points, from about 0.21 (the final JSON line reports ``pass@1_before`` and ``pass@1_after``).
 
 Modes:
 * ``--mode=online`` (default): each iteration samples a fresh batch from the current policy μ_k and
@@ -21,9 +21,10 @@ Modes:
   ``--group_size`` responses is sampled from the initial policy, then the policy is trained on it
   for ``--steps`` iterations (each takes the next ``--batch_size`` prompts' groups; μ is fixed).
 
-Departures from the paper (commented where set): rewards are the verifier's {0, 1} mapped to
-{-1, +1}; AdamW at a learning rate suited to a 1M-parameter model instead of Adafactor at 5e-7 on
-Llama-3-8B; 8 samples per prompt instead of 16/32.
+Departures from the paper (commented where set, see ``EMBEDDED_DEFAULTS``): rewards are the
+verifier's {0, 1} mapped to {-1, +1}; AdamW at a learning rate suited to a 0.8M-parameter model
+instead of Adafactor at 5e-7 on Llama-3-8B; a negative baseline c; 8 samples per prompt instead of
+16/32.
 """
 
 import numpy as np
@@ -78,7 +79,21 @@ def main(argv):
     loop.run(config, make_algorithm(), rollout_source=source)
 
 
+# Defaults for the embedded tiny-arith task on 2 CPU cores, each a departure from the paper's
+# Llama-3-8B setting (measured: held-out pass@1 0.21 -> 0.33 over 160 iterations, see README):
+EMBEDDED_DEFAULTS = {
+    "learning_rate": 5e-5,   # paper: 5e-7 with Adafactor on 8B; 1e-4 collapses the 0.8M model
+    "baseline": -0.7,        # paper: c = 0. With ~21% positives, c = -0.7 gives an effective
+                             # positive share p(1-c)/(1+c(1-2p)) of ~0.6 (§4.3); c = 0 and -0.5
+                             # learned more slowly here (+4 and +10 points in 160 iterations).
+    "num_minibatches": 4,    # 4 updates per rollout batch: updates 2-4 are off-policy, where the
+                             # truncated negative weights act (on-policy TOPR is REINFORCE)
+    "steps": 200,
+    "eval_size": 256,        # 256 held-out prompts x 8 samples: pass@1 standard error ~2 points
+}
+
+
 if __name__ == "__main__":
-    # Defaults tuned for the embedded tiny-arith task on 2 CPU cores (see the module docstring).
-    flags.FLAGS.set_default("learning_rate", 2e-4)
+    for name, value in EMBEDDED_DEFAULTS.items():
+        flags.FLAGS.set_default(name, value)
     app.run(main)

@@ -6,8 +6,11 @@ cache directory (``$OFFPOLICY_JAX_CACHE``, default ``~/.cache/offpolicy_jax``) a
 through the same code path as any Hugging Face checkpoint. A stamp file records the recipe; a
 missing or different stamp triggers a rebuild, so a change of recipe can never load a stale model.
 
-The warm start is deliberately short: sampled answers are right often but not always (held-out
-pass@1 well below pass@8), which is the regime where RL from verifiable rewards has room to work.
+The warm start imitates demonstrations in which each arithmetic step is miscalculated with
+probability ``slip_probability`` (``data.arith.demonstrations``): the model learns the procedure and,
+at its mode, mostly the right arithmetic, but its samples slip. Sampled answers are then right often
+but not always (held-out pass@1 well below pass@8, and below greedy accuracy), which is the regime
+where RL from verifiable rewards has room to work.
 """
 
 import dataclasses
@@ -30,16 +33,20 @@ STAMP_FILE = "offpolicy_jax_recipe.json"
 class TinyArithRecipe:
     """How the embedded model is built. Changing any field rebuilds the cached model."""
 
-    version: int = 1
+    version: int = 2
     hidden_size: int = 128
     intermediate_size: int = 384
     num_layers: int = 4
     num_heads: int = 4
     num_kv_heads: int = 2
     sft_examples: int = 20_000
-    sft_steps: int = 300
+    sft_steps: int = 600
     sft_batch_size: int = 64
     sft_learning_rate: float = 3e-3
+    # Demonstrations miscalculate each step with this probability: the warm-started model knows
+    # the procedure but slips when sampling (greedy ~40% vs sampled pass@1 ~21%, pass@8 ~62% on
+    # the held-out set), the regime where RL from a verifier has room to work.
+    slip_probability: float = 0.2
     seed: int = 0
 
 
@@ -59,7 +66,8 @@ def build(directory: str, recipe: TinyArithRecipe = TinyArithRecipe(), *, log_fn
     tokenizer = models.load_tokenizer(directory)
     cfg = model_config(len(tokenizer), recipe)
     params = models.init_params(cfg, jax.random.PRNGKey(recipe.seed), dtype=jnp.float32)
-    examples = arith.demonstrations(recipe.sft_examples, seed=recipe.seed)
+    examples = arith.demonstrations(recipe.sft_examples, seed=recipe.seed,
+                                    slip_probability=recipe.slip_probability)
     log_fn(f"tiny-arith: warm-starting a {cfg.num_params() / 1e6:.2f}M-parameter model on "
            f"{len(examples)} arith demonstrations ({recipe.sft_steps} steps)")
     params, _ = sft.train_sft(

@@ -166,14 +166,20 @@ def _random_tree(rng: random.Random, operands: list[int], operators: str):
             _random_tree(rng, operands[split:], operators))
 
 
-def _evaluate(tree, steps: list[str]) -> int:
-    """Value of ``tree``; appends one ``"a op b=c"`` per operation in post-order (left first)."""
+def _evaluate(tree, steps: list[str], slip=None) -> int:
+    """Value of ``tree``; appends one ``"a op b=c"`` per operation in post-order (left first).
+
+    ``slip``, if given, maps each step's true result to the result written down (and carried into
+    the later steps), to make demonstrations with arithmetic slips (see ``demonstrations``).
+    """
     if isinstance(tree, int):
         return tree
     op, left, right = tree
-    a = _evaluate(left, steps)
-    b = _evaluate(right, steps)
+    a = _evaluate(left, steps, slip)
+    b = _evaluate(right, steps, slip)
     value = _APPLY[op](a, b)
+    if slip is not None:
+        value = slip(value)
     steps.append(f"{a}{op}{b}={value}")
     return value
 
@@ -196,6 +202,18 @@ def problem_from_tree(tree) -> Problem:
 def parse_expression(expression: str) -> Problem:
     """Parses an ``arith`` expression (non-negative integers, ``+ - *``, parentheses) into a
     ``Problem`` with its worked steps. Used to check the generator and to solve a given prompt.
+
+    Raises:
+      ValueError: naming the position of the first character that does not fit the grammar.
+    """
+    tree = parse_tree(expression)
+    steps: list[str] = []
+    answer = _evaluate(tree, steps)
+    return Problem(expression=expression, answer=answer, steps=tuple(steps))
+
+
+def parse_tree(expression: str):
+    """The expression tree (an int, or ``(op, left, right)``) of an ``arith`` expression.
 
     Raises:
       ValueError: naming the position of the first character that does not fit the grammar.
@@ -242,9 +260,7 @@ def parse_expression(expression: str) -> Problem:
     tree = parse_sum()
     if position != len(expression):
         fail("unexpected trailing text")
-    steps: list[str] = []
-    answer = _evaluate(tree, steps)
-    return Problem(expression=expression, answer=answer, steps=tuple(steps))
+    return tree
 
 
 # ---------------------------------------------------------------------------------------------
@@ -321,7 +337,34 @@ def heldout_problems(num: int, config: ArithConfig = ArithConfig()) -> list[Prob
     return generate_problems(num, "heldout", HELDOUT_SEED, config, unique=True)
 
 
-def demonstrations(num: int, seed: int, config: ArithConfig = ArithConfig()
-                   ) -> list[tuple[str, str]]:
-    """``num`` training ``(prompt, response)`` pairs for supervised warm-starting (train split)."""
-    return [(p.prompt, p.response) for p in generate_problems(num, "train", seed, config)]
+def slipped_response(problem: Problem, rng: random.Random, slip_probability: float) -> str:
+    """A demonstration of ``problem`` in which each step's result is, with probability
+    ``slip_probability``, off by 1 or 2 (either sign); the slip is carried into the later steps and
+    the boxed answer, so the working stays self-consistent but the answer is wrong."""
+
+    def slip(value: int) -> int:
+        if rng.random() < slip_probability:
+            return value + rng.choice((-2, -1, 1, 2))
+        return value
+
+    steps: list[str] = []
+    answer = _evaluate(parse_tree(problem.expression), steps, slip)
+    return ", ".join(steps) + f". \\boxed{{{answer}}}"
+
+
+def demonstrations(num: int, seed: int, config: ArithConfig = ArithConfig(), *,
+                   slip_probability: float = 0.0) -> list[tuple[str, str]]:
+    """``num`` training ``(prompt, response)`` pairs for supervised warm-starting (train split).
+
+    With ``slip_probability > 0`` each step of a demonstration is miscalculated with that
+    probability (``slipped_response``). A model fitted to such data knows the procedure and, at
+    its mode, the arithmetic, but samples slips at about that rate: an unreliable-but-capable
+    policy, the regime in which reinforcement learning from a verifier has most to gain.
+    """
+    if not 0.0 <= slip_probability < 1.0:
+        raise ValueError(f"slip_probability must be in [0, 1), got {slip_probability}")
+    problems = generate_problems(num, "train", seed, config)
+    if not slip_probability:
+        return [(p.prompt, p.response) for p in problems]
+    rng = random.Random(f"arith/slips/{seed}")
+    return [(p.prompt, slipped_response(p, rng, slip_probability)) for p in problems]

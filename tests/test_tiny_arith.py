@@ -1,0 +1,63 @@
+"""The embedded default's ingredients: slipped demonstrations and the tokenizer loaded through the
+same path as a real checkpoint (a qwen2 config.json next to a character-level tokenizer)."""
+
+import re
+
+import numpy as np
+import pytest
+
+from offpolicy_jax import models
+from offpolicy_jax.data import arith, tokenizer as tokenizer_lib
+
+STEP = re.compile(r"(-?\d+)([+\-*])(-?\d+)=(-?\d+)")
+
+
+def _steps_and_answer(response):
+    body, boxed = response.split(". \\boxed{")
+    return [STEP.fullmatch(step).groups() for step in body.split(", ")], int(boxed[:-1])
+
+
+def test_demonstrations_without_slips_are_the_clean_ones():
+    clean = [(p.prompt, p.response) for p in arith.generate_problems(50, "train", 3)]
+    assert arith.demonstrations(50, seed=3) == clean
+    assert arith.demonstrations(50, seed=3, slip_probability=0.0) == clean
+
+
+def test_slipped_demonstrations_are_self_consistent_and_slip_at_the_given_rate():
+    slip_probability = 0.3
+    pairs = arith.demonstrations(2000, seed=1, slip_probability=slip_probability)
+    clean = arith.demonstrations(2000, seed=1)
+    steps_total = slips = wrong_answers = 0
+    for (prompt, response), (_, clean_response) in zip(pairs, clean):
+        steps, answer = _steps_and_answer(response)
+        for a, op, b, written in steps:
+            true = {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op]
+            assert abs(int(written) - true) <= 2          # a slip is off by 1 or 2
+            slips += int(written) != true
+            steps_total += 1
+        assert answer == int(steps[-1][3])                # the boxed answer follows the working
+        wrong_answers += answer != _steps_and_answer(clean_response)[1]
+    rate = slips / steps_total
+    # Binomial standard error at ~5,000 steps is ~0.0065; 4 sigma keeps this test deterministic
+    # in practice (fixed seed) while still catching a wrong rate.
+    assert abs(rate - slip_probability) < 4 * np.sqrt(slip_probability * 0.7 / steps_total)
+    assert wrong_answers > 0
+
+
+def test_slip_probability_is_validated():
+    with pytest.raises(ValueError, match="slip_probability must be in"):
+        arith.demonstrations(1, seed=0, slip_probability=1.0)
+
+
+def test_char_tokenizer_keeps_whitespace_when_loaded_beside_a_qwen2_config(tmp_path):
+    # transformers 5 would otherwise swap in Qwen2Tokenizer, whose pre-tokenizer drops spaces.
+    cfg = models.ModelConfig(model_type="qwen2", vocab_size=128, hidden_size=16,
+                             intermediate_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
+                             qkv_bias=True, tie_word_embeddings=True)
+    models.save_hf_checkpoint(tmp_path, cfg, models.init_params(cfg, 0))
+    tokenizer_lib.build_char_tokenizer(tmp_path)
+    tokenizer = models.load_tokenizer(tmp_path)
+    text = "Q: 12+7*3\nA: 7*3=21, 12+21=33. \\boxed{33}"
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    assert len(ids) == len(text)
+    assert tokenizer.decode(ids) == text
