@@ -32,14 +32,14 @@ def pack_examples(prompts, completions, *, pad_id: int, completion_bucket: int,
     return packed.model_inputs()
 
 
-def make_sft_loss(cfg, num_response: int):
+def make_sft_loss(cfg, num_response: int, *, remat: bool | str = rollout.DEFAULT_REMAT):
     """``(params, batch, rng) -> (loss, metrics)``: token-mean NLL of the completions."""
 
     def loss_fn(params, batch, rng):
         del rng
         logp = rollout.response_log_probs(
             cfg, params, batch["tokens"], batch["attention_mask"], batch["positions"],
-            num_response=num_response)["logp"]
+            num_response=num_response, remat=remat)["logp"]
         return losses.nll(logp, batch["mask"])
 
     return loss_fn
@@ -51,8 +51,10 @@ def train_sft(cfg, params, tokenizer, examples, *, steps: int, batch_size: int,
     """Fine-tunes ``params`` on ``examples`` (list of ``(prompt, completion)``) with AdamW and a
     cosine schedule; returns the new params and the per-step losses."""
     prompts, completions = encode_examples(tokenizer, examples, eos_id=eos_id)
-    completion_bucket = rollout.bucket_length(max(len(c) for c in completions))
-    prompt_bucket = rollout.bucket_length(max(len(p) for p in prompts))
+    # One fixed shape for the whole run (one compile), rounded up to a multiple of 16 rather than
+    # a power of two: padding is pure waste in every step.
+    completion_bucket = -(-max(len(c) for c in completions) // 16) * 16
+    prompt_bucket = -(-max(len(p) for p in prompts) // 16) * 16
     config = optim.OptimizerConfig(name="adamw", learning_rate=learning_rate, schedule="cosine",
                                    warmup_steps=warmup_steps, total_steps=steps,
                                    end_lr_fraction=0.1, weight_decay=0.0)

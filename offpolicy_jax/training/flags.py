@@ -50,6 +50,9 @@ EVAL_TEMPERATURE = flags.DEFINE_float("eval_temperature", _DEFAULTS.eval_tempera
 CKPT_EVERY = flags.DEFINE_integer("ckpt_every", _DEFAULTS.ckpt_every, "Checkpoint every N "
                                   "iterations (and at the end).")
 DTYPE = flags.DEFINE_enum("dtype", _DEFAULTS.dtype, ["float32", "bfloat16"], "Parameter dtype.")
+REMAT = flags.DEFINE_string("remat", _DEFAULTS.remat, "Activation recomputation in the training "
+                            "backward pass: 'none', 'full', or a jax.checkpoint_policies name "
+                            "(default: keep matmul outputs, recompute the elementwise ops).")
 PROGRESS = flags.DEFINE_bool("progress", _DEFAULTS.progress, "Show a progress bar.")
 
 
@@ -65,4 +68,4 @@ def run_config(experiment_name: str) -> RunConfig:
         grad_clip=GRAD_CLIP.value, num_microbatches=NUM_MICROBATCHES.value,
         eval_every=EVAL_EVERY.value, eval_size=EVAL_SIZE.value, eval_samples=EVAL_SAMPLES.value,
         eval_temperature=EVAL_TEMPERATURE.value, ckpt_every=CKPT_EVERY.value, dtype=DTYPE.value,
-        progress=PROGRESS.value)
+        remat=REMAT.value, progress=PROGRESS.value)

@@ -54,6 +54,7 @@ class RunConfig:
     ckpt_every: int = 10
     max_nonfinite_steps: int = 5
     dtype: str = "float32"
+    remat: str = rollout.DEFAULT_REMAT
     progress: bool = True
 
     def validate(self, algorithm: Algorithm) -> None:
@@ -79,6 +80,9 @@ class RunConfig:
              f"{self.num_microbatches}"),
             (self.dtype in ("float32", "bfloat16"),
              f"--dtype must be float32 or bfloat16, got {self.dtype!r}"),
+            (self.remat in ("none", "full") or hasattr(jax.checkpoint_policies, self.remat),
+             f"--remat must be 'none', 'full' or a jax.checkpoint_policies name, got "
+             f"{self.remat!r}"),
             (algorithm.reset_reference_after is None or algorithm.needs_reference,
              f"{algorithm.name}: reset_reference_after needs needs_reference=True"),
         ]
@@ -142,7 +146,13 @@ def on_host_batches(log_probs_fn, batch_sharding):
     return log_probs
 
 
-def make_loss_fn(cfg, algorithm: Algorithm, temperature: float, num_response: int):
+def remat_policy(name: str) -> bool | str:
+    """``--remat`` to ``models.apply_hidden``'s ``remat``: 'none', 'full' or a policy name."""
+    return {"none": False, "full": True}.get(name, name)
+
+
+def make_loss_fn(cfg, algorithm: Algorithm, temperature: float, num_response: int, *,
+                 remat: bool | str = False):
     """``(params, batch, rng) -> (loss, metrics)``: the policy's log-probs, then the algorithm."""
 
     def loss_fn(params, batch, rng):
@@ -151,7 +161,7 @@ def make_loss_fn(cfg, algorithm: Algorithm, temperature: float, num_response: in
             cfg, params, batch["tokens"], batch["attention_mask"], batch["positions"],
             num_response=num_response, temperature=temperature,
             with_vocab_mean=algorithm.needs_vocab_mean, with_entropy=True,
-            with_hidden=algorithm.value_fn is not None)
+            with_hidden=algorithm.value_fn is not None, remat=remat)
         inputs = dict(batch)
         inputs["logp"] = current["logp"]
         if algorithm.needs_vocab_mean:
@@ -441,7 +451,8 @@ def run(config: RunConfig, algorithm: Algorithm, *, rollout_source=None) -> dict
     state = jax.device_put(state, state_sharding)
     num_response = config.max_new_tokens
     train_step = step_lib.make_train_step(
-        make_loss_fn(cfg, algorithm, config.temperature, num_response), optimizer,
+        make_loss_fn(cfg, algorithm, config.temperature, num_response,
+                     remat=remat_policy(config.remat)), optimizer,
         num_microbatches=config.num_microbatches, mesh=mesh, state_sharding=state_sharding,
         learning_rate_fn=optim.make_schedule(opt_config))
     # Batches are host numpy, identical on every process; each process places only its devices'

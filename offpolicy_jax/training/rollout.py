@@ -21,6 +21,14 @@ import numpy as np
 from offpolicy_jax import losses, models
 
 
+# The training forward's default activation-recomputation policy: keep the matmul outputs, recompute
+# the elementwise ops (norms, RoPE, softmax, SiLU) in the backward pass. Cheap to recompute, and it
+# spares storing and re-reading every layer's elementwise intermediates: on the CPU the tiny-arith
+# train step runs ~30% faster with it than with no recomputation (measured: 454 -> 320 ms for
+# 64 x 64 tokens), and on accelerators it bounds activation memory.
+DEFAULT_REMAT = "dots_with_no_batch_dims_saveable"
+
+
 def bucket_length(length: int, minimum: int = 8) -> int:
     """Smallest power of two >= ``length`` (and >= ``minimum``): few distinct shapes, few compiles."""
     bucket = minimum
@@ -87,7 +95,8 @@ def pack_sequences(prompt_tokens: list[list[int]], response_tokens: np.ndarray,
 
 def response_log_probs(cfg, params, tokens, attention_mask, positions, *, num_response: int,
                        temperature: float = 1.0, with_vocab_mean: bool = False,
-                       with_entropy: bool = False, with_hidden: bool = False) -> dict:
+                       with_entropy: bool = False, with_hidden: bool = False,
+                       remat: bool | str = False) -> dict:
     """Per-token log-probs of the response under ``params``: ``log softmax(z / T)[y_t]``.
 
     Args:
@@ -100,12 +109,14 @@ def response_log_probs(cfg, params, tokens, attention_mask, positions, *, num_re
       with_entropy: also return the per-token entropy of softmax(z/T).
       with_hidden: also return ``hidden`` [N, R, D], the final-normed hidden states that predict
         each response token (the states s_t a critic scores).
+      remat: activation recomputation in the backward pass (``models.apply_hidden``); only
+        matters under ``jax.grad``.
 
     Returns: dict with ``logp`` [N, R] float32 (and ``vocab_mean`` / ``entropy`` [N, R],
     ``hidden`` [N, R, D]).
     """
     hidden = models.apply_hidden(cfg, params, tokens, attention_mask=attention_mask,
-                                 positions=positions)
+                                 positions=positions, remat=remat)
     total = tokens.shape[1]
     # Column P + j - 1 predicts response token j.
     predicting = hidden[:, total - num_response - 1:total - 1]
