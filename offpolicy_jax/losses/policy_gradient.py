@@ -92,14 +92,17 @@ def topr(logp, behaviour_logp, rewards, mask, *, baseline=0.0, ratio_level: str 
         positives to p(1 − c) / (1 + c(1 − 2p))).
       ratio_level: "sequence" (the paper's π(τ)/μ(τ)), "sequence_geo_mean" (verl's length-normalised
         exp(mean_t log-ratio)) or "token" (per-token ratios, Trinity-RFT / ROLL).
-      positive_bounds: (a⁺, b⁺). (1, 1) = TOPR; (0, 1) = TIS; (0, inf) = full IS.
+      positive_bounds: (a⁺, b⁺). (1, 1) = TOPR; (0, 1) = TIS; (0, inf) = full IS (weights are
+        capped at e^20 ≈ 4.85e8 so extreme log-ratios stay finite).
       negative_bounds: (a⁻, b⁻). (0, 1) = TOPR and TIS; (1, 1) = naive REINFORCE.
       agg, max_len: aggregation (paper: seq-mean-token-mean, i.e. the 1/L_i of §4.1).
 
     Returns: ``(loss, metrics)`` with ``pg_loss``, ``positive_fraction``, ``weight_mean/min/max``
     and ``negative_weight_mean/min/max`` (importance weights actually applied; per sequence, or per
     token for ``ratio_level="token"``), ``negative_truncated_fraction`` (negative weights cut by a⁻
-    or b⁻), ``log_ratio_mean`` (sequence log π/μ) and ``kl_behaviour`` (k1 estimate of KL(μ‖π) per
+    or b⁻), ``ratio_mean/min/max`` (the raw ratio π/μ at ``ratio_level`` before truncation, over
+    all sequences or tokens; exponent bounded to ±20 so a max of ~4.85e8 means "at least"),
+    ``log_ratio_mean`` (sequence log π/μ) and ``kl_behaviour`` (k1 estimate of KL(μ‖π) per
     token).
     """
     if ratio_level not in RATIO_LEVELS:
@@ -133,6 +136,8 @@ def topr(logp, behaviour_logp, rewards, mask, *, baseline=0.0, ratio_level: str 
         selection = non_empty                                               # stats over sequences
     log_weight = jnp.where(is_positive, jnp.clip(log_w, pos_low, pos_high),
                            jnp.clip(log_w, neg_low, neg_high))
+    # Upper bounds above e^20 (b = inf: full IS) act as e^20, so weights stay finite; exact below.
+    log_weight = jnp.minimum(log_weight, common.LOG_RATIO_BOUND)
     weight = jax.lax.stop_gradient(jnp.exp(log_weight))
     token_weight = weight if ratio_level == "token" else jnp.broadcast_to(weight[:, None], shape)
 
@@ -155,4 +160,6 @@ def topr(logp, behaviour_logp, rewards, mask, *, baseline=0.0, ratio_level: str 
         "log_ratio_mean": common.masked_mean(sequence_log_ratio, non_empty),
         "kl_behaviour": common.masked_mean(-token_log_ratio, mask),
     }
+    # The raw (untruncated) ratio π/μ at the chosen level, all rows; exponent bounded to ±20.
+    metrics.update(common.ratio_stats("ratio", log_w, selection))
     return loss, jax.tree.map(jax.lax.stop_gradient, metrics)

@@ -190,9 +190,12 @@ def _group_clipped_objective(logp, old_logp, rewards, mask, *, group_size, ref_l
         loss = loss + kl_coef * kl
         metrics["kl_ref"] = jax.lax.stop_gradient(kl)
     rewards = jnp.asarray(rewards, jnp.float32)
-    metrics["reward_mean"] = jnp.mean(rewards)
-    metrics["informative_group_fraction"] = jnp.mean(
-        advantages_lib.informative_groups(rewards, group_size).astype(jnp.float32))
+    # Over the responses with at least one token, so fully-masked padding rows change nothing.
+    non_empty = (jnp.sum(common.as_mask(mask), axis=-1) > 0).astype(jnp.float32)
+    metrics["reward_mean"] = common.masked_mean(rewards, non_empty)
+    metrics["informative_group_fraction"] = common.masked_mean(
+        advantages_lib.informative_groups(rewards, group_size), non_empty)
+    metrics = jax.tree.map(jax.lax.stop_gradient, metrics)
     metrics["loss"] = jax.lax.stop_gradient(loss)
     return loss, metrics
 
@@ -225,7 +228,8 @@ def grpo(logp, old_logp, rewards, mask, *, group_size: int, ref_logp=None, eps: 
       agg: aggregation mode (paper: seq-mean-token-mean).
 
     Returns: ``(loss, metrics)``: the :func:`ppo_clip` metrics plus ``kl_ref`` (if ``ref_logp``),
-    ``reward_mean``, ``informative_group_fraction`` (groups with non-identical rewards), ``loss``.
+    ``reward_mean``, ``informative_group_fraction`` (groups with non-identical rewards), ``loss``;
+    the last three are averaged over responses with at least one unmasked token.
     """
     return _group_clipped_objective(
         logp, old_logp, rewards, mask, group_size=group_size, ref_logp=ref_logp,

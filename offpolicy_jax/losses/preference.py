@@ -14,18 +14,31 @@ def _sequence_logp(name: str, logp, mask) -> jax.Array:
     return common.sequence_sum(logp, mask)
 
 
-def _pairwise_logistic(policy_margin, reference_margin, scale, label_smoothing, prefix
+def _valid_pairs(first_mask, second_mask) -> jax.Array:
+    """[B] float 0/1: 1 for pairs with at least one unmasked token in either response.
+
+    A pair whose two responses are both fully masked is batch padding: it would otherwise add
+    log 2 (h = 0) to the mean, so it is left out of every average.
+    """
+    return ((jnp.sum(common.as_mask(first_mask), axis=-1)
+             + jnp.sum(common.as_mask(second_mask), axis=-1)) > 0).astype(jnp.float32)
+
+
+def _pairwise_logistic(policy_margin, reference_margin, scale, label_smoothing, prefix, valid
                        ) -> tuple[jax.Array, dict]:
-    """−mean[(1−s) log σ(z) + s log σ(−z)], z = scale · (policy_margin − reference_margin)."""
+    """−mean[(1−s) log σ(z) + s log σ(−z)], z = scale · (policy_margin − reference_margin).
+
+    The mean runs over the ``valid`` pairs only (see :func:`_valid_pairs`).
+    """
     logits = scale * (policy_margin - reference_margin)
     losses = -(1.0 - label_smoothing) * jax.nn.log_sigmoid(logits)
     if label_smoothing:
         losses = losses - label_smoothing * jax.nn.log_sigmoid(-logits)
-    loss = jnp.mean(losses)
+    loss = common.masked_mean(losses, valid)
     metrics = {
         f"{prefix}_loss": loss,
-        "reward_accuracy": jnp.mean((logits > 0).astype(jnp.float32)),
-        "reward_margin": jnp.mean(logits),
+        "reward_accuracy": common.masked_mean(logits > 0, valid),
+        "reward_margin": common.masked_mean(logits, valid),
     }
     return loss, metrics
 
@@ -41,7 +54,8 @@ def dpo(chosen_logp, rejected_logp, ref_chosen_logp, ref_rejected_logp, chosen_m
     Rafailov et al. 2023, https://arxiv.org/abs/2305.18290. Sequence log-probs are sums over the
     response tokens (no length normalisation); π_ref is frozen (stop-gradient). ``label_smoothing``
     s > 0 gives the conservative-DPO loss −(1−s) log σ(h) − s log σ(−h) (label noise s); 0 = DPO.
-    Chosen and rejected responses may be padded to different lengths.
+    Chosen and rejected responses may be padded to different lengths. The mean is over pairs;
+    a pair whose two masks are all zero (batch padding) is ignored.
 
     Args:
       chosen_logp, ref_chosen_logp, chosen_mask: [B, Tw] token log-probs of the preferred
@@ -69,10 +83,11 @@ def dpo(chosen_logp, rejected_logp, ref_chosen_logp, ref_rejected_logp, chosen_m
                                                       chosen_mask))
     ref_rejected = jax.lax.stop_gradient(_sequence_logp("ref_rejected_logp", ref_rejected_logp,
                                                         rejected_mask))
+    valid = _valid_pairs(chosen_mask, rejected_mask)
     loss, metrics = _pairwise_logistic(chosen - rejected, ref_chosen - ref_rejected, beta,
-                                       label_smoothing, "dpo")
-    metrics["chosen_reward"] = jnp.mean(beta * (chosen - ref_chosen))
-    metrics["rejected_reward"] = jnp.mean(beta * (rejected - ref_rejected))
+                                       label_smoothing, "dpo", valid)
+    metrics["chosen_reward"] = common.masked_mean(beta * (chosen - ref_chosen), valid)
+    metrics["rejected_reward"] = common.masked_mean(beta * (rejected - ref_rejected), valid)
     return loss, jax.tree.map(jax.lax.stop_gradient, metrics)
 
 
@@ -85,7 +100,8 @@ def spin(real_logp, generated_logp, opponent_real_logp, opponent_generated_logp,
 
     Chen et al. 2024, "Self-Play Fine-Tuning Converts Weak Language Models to Strong Language
     Models", https://arxiv.org/abs/2401.01335 (ICML 2024). The opponent p_θt is both the generator
-    of y' and the reference (stop-gradient). Identical to :func:`dpo` with β = λ.
+    of y' and the reference (stop-gradient). Identical to :func:`dpo` with β = λ (fully-masked
+    padding pairs are ignored in the same way).
 
     Args:
       real_logp, opponent_real_logp, real_mask: [B, Ty] token log-probs of the human (SFT)
@@ -110,5 +126,5 @@ def spin(real_logp, generated_logp, opponent_real_logp, opponent_generated_logp,
     opponent_generated = jax.lax.stop_gradient(
         _sequence_logp("opponent_generated_logp", opponent_generated_logp, generated_mask))
     loss, metrics = _pairwise_logistic(real - generated, opponent_real - opponent_generated, lam,
-                                       0.0, "spin")
+                                       0.0, "spin", _valid_pairs(real_mask, generated_mask))
     return loss, jax.tree.map(jax.lax.stop_gradient, metrics)

@@ -146,7 +146,7 @@ def kl_convex(logp, base_logp, prev_logp, mask, *, lam, estimator: str = "k3",
 def remix(logp, old_logp, behaviour_logp, advantages, mask, *, base_logp, prev_logp, step,
           kl_coef: float, entropy=None, entropy_coef: float = 0.0, eps_low: float = 0.2,
           eps_high: float = 0.2, dual_clip: float | None = None, kl_estimator: str = "k3",
-          agg: str = "token-mean") -> tuple[jax.Array, dict]:
+          agg: str = "token-mean", max_len: int | None = None) -> tuple[jax.Array, dict]:
     """The full ReMix objective: Mix-PPG − c·H[π_θ] + β · KL-Convex(λ(step)).
 
         L = L^{Mix-PPG} − c·H[π_θ] + β · L_KLC(θ; π_base, λ(t))
@@ -164,20 +164,21 @@ def remix(logp, old_logp, behaviour_logp, advantages, mask, *, base_logp, prev_l
       entropy: optional [B, T] per-token entropy of π_θ (e.g. :func:`token_entropy`,
         differentiated).
       entropy_coef: c.
-      eps_low, eps_high, dual_clip, agg: as :func:`mix_ppg`; kl_estimator: as :func:`kl_convex`.
+      eps_low, eps_high, dual_clip, agg, max_len: as :func:`mix_ppg` (one aggregation for every
+        term); kl_estimator: as :func:`kl_convex`.
 
     Returns: ``(loss, metrics)``: the :func:`mix_ppg` and :func:`kl_convex` metrics, ``entropy``
     (if given) and ``loss``.
     """
     pg_loss, metrics = mix_ppg(logp, old_logp, behaviour_logp, advantages, mask, eps_low=eps_low,
-                               eps_high=eps_high, dual_clip=dual_clip, agg=agg)
+                               eps_high=eps_high, dual_clip=dual_clip, agg=agg, max_len=max_len)
     kl, kl_metrics = kl_convex(logp, base_logp, prev_logp, mask, lam=kl_convex_lambda(step),
-                               estimator=kl_estimator, agg=agg)
+                               estimator=kl_estimator, agg=agg, max_len=max_len)
     metrics.update(kl_metrics)
     loss = pg_loss + kl_coef * kl
     if entropy is not None:
         common.check_token_arrays(logp=logp, entropy=entropy)
-        mean_entropy = common.aggregate(entropy, common.as_mask(mask), agg)
+        mean_entropy = common.aggregate(entropy, common.as_mask(mask), agg, max_len=max_len)
         loss = loss - entropy_coef * mean_entropy
         metrics["entropy"] = jax.lax.stop_gradient(mean_entropy)
     metrics["loss"] = jax.lax.stop_gradient(loss)
