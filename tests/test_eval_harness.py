@@ -170,6 +170,27 @@ def test_run_fails_on_a_missing_data_file_before_loading_weights(tiny_model, tmp
     assert not (tmp_path / "out").exists()
 
 
+def test_run_checks_data_files_before_resolving_the_model(tmp_path, monkeypatch):
+    """A bad data folder must not wait for --model=tiny-arith to be built (minutes on first use)."""
+    def must_not_resolve(model):
+        raise AssertionError(f"--model={model} resolved before the data files were checked")
+
+    monkeypatch.setattr(harness, "resolve_checkpoint", must_not_resolve)
+    config = harness.HarnessConfig(model="tiny-arith", benchmarks=("gsm8k",),
+                                   data_dir=str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "gsm8k_test.jsonl")):
+        harness.run(config, str(tmp_path / "out"), progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_run_rejects_an_out_path_that_is_a_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(harness, "resolve_checkpoint", lambda model: pytest.fail("resolved"))
+    out = tmp_path / "results.txt"
+    out.write_text("")
+    with pytest.raises(ValueError, match="--out=.*results.txt exists and is not a directory"):
+        harness.run(harness.HarnessConfig(), str(out), progress=False)
+
+
 def test_model_directory_errors(tiny_model, tmp_path):
     no_tokenizer = tmp_path / "no_tokenizer"
     no_tokenizer.mkdir()
@@ -234,8 +255,9 @@ def test_chunked_sampling_keeps_the_first_chunk_and_the_metrics_consistent(loade
         m = result.metrics
         assert m["pass@1"] == pytest.approx(result.correct.mean())
         assert m["pass@3"] == pytest.approx(result.correct.any(axis=1).mean())
+        keys = [runner.vote_key(e) for e in result.extracted]
         assert m["maj@3"] == metrics.mean_maj_at_k(
-            [result.extracted[p * 3:(p + 1) * 3] for p in range(4)], result.correct, 3)
+            [keys[p * 3:(p + 1) * 3] for p in range(4)], result.correct, 3)
         assert m["num_correct"] == int(result.correct.sum())
         assert m["mean_length"] == pytest.approx(result.lengths.mean())
         assert m["no_answer_fraction"] == pytest.approx(
@@ -270,6 +292,38 @@ def test_too_long_prompts_are_skipped_and_scored_wrong_only_when_asked(loaded, p
     all_long = runner.evaluate_prompts(cfg, params, tokenizer, [long_prompt], ["1"],
                                        skip_too_long=True, **args)
     assert all_long.metrics["pass@1"] == 0.0 and all_long.metrics["mean_length"] is None
+
+
+def test_vote_key_groups_formatting_variants():
+    assert runner.vote_key(None) is None
+    assert runner.vote_key("\\dfrac{1}{2}") == runner.vote_key("\\frac{1}{2}")
+    assert runner.vote_key("\\left( 1, 2 \\right)") == runner.vote_key("(1,2)")
+    assert runner.vote_key("$5$.") == runner.vote_key("5")
+    assert runner.vote_key("X") != runner.vote_key("x")       # case is kept
+
+
+def test_majority_vote_groups_answers_that_differ_only_in_formatting(loaded, monkeypatch):
+    """maj@k in evaluate_prompts votes on vote_key: two spellings of 1/2 outvote one "3"."""
+    cfg, params, tokenizer = loaded
+    prompts, _ = _arith_inputs(tokenizer, 1)
+    answers = ["3", "\\dfrac{1}{2}", "\\frac{1}{2}", None]
+    verdicts = [False, True, True, False]
+
+    def fake_score_batch(texts, golds, pool=None):
+        assert len(texts) == 4
+        return rewards.BatchScore(rewards=np.array(verdicts, np.float32), equivalent=verdicts,
+                                  extracted=answers, reasons=["fake"] * 4)
+
+    monkeypatch.setattr(runner.rewards, "score_batch", fake_score_batch)
+    result = runner.evaluate_prompts(
+        cfg, params, tokenizer, prompts, ["1/2"], num_samples=4, ks=(1, 4), maj_ks=(3, 4),
+        max_new_tokens=4, temperature=1.0, eos_token_ids=(tokenizer.eos_token_id,),
+        pad_token_id=tokenizer.pad_token_id)
+    assert result.extracted == answers
+    assert result.metrics["maj@3"] == 1.0 and result.metrics["maj@4"] == 1.0
+    # By raw text each spelling would be its own group and "3", first, would win the tie.
+    assert metrics.maj_at_k(answers, verdicts, 4) == 0.0
+    assert result.metrics["pass@1"] == 0.5 and result.metrics["no_answer_fraction"] == 0.25
 
 
 def test_the_rl_loop_call_is_unchanged(loaded, pool):
@@ -339,7 +393,8 @@ def test_command_end_to_end_writes_table_results_and_samples(tiny_model, tmp_pat
         assert bench["num_correct"] == int(correct.sum())
         assert bench["pass@1"] == pytest.approx(correct.mean())
         assert bench["pass@4"] == pytest.approx(correct.any(axis=1).mean())
-        answers = [[r["extracted"] for r in rows[p * 4:(p + 1) * 4]] for p in range(3)]
+        answers = [[runner.vote_key(r["extracted"]) for r in rows[p * 4:(p + 1) * 4]]
+                   for p in range(3)]
         assert bench["maj@4"] == pytest.approx(metrics.mean_maj_at_k(answers, correct, 4))
         assert [r["sample_index"] for r in rows] == [0, 1, 2, 3] * 3
         for row in rows:

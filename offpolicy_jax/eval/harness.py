@@ -232,6 +232,23 @@ def prompt_format(name: str, tokenizer, use_chat_template: bool) -> str:
     return "plain"
 
 
+def load_questions(name: str, *, limit: int | None = None,
+                   data_dir: str | None = None) -> list[dict] | None:
+    """The first ``limit`` ``{"id", "question", "gold"}`` of benchmark ``name`` (None for
+    ``arith``, which is generated, not read). Needs no tokenizer, so ``run`` calls it before the
+    model is resolved (for ``tiny-arith``, possibly built) or loaded.
+
+    Raises:
+      ValueError: unknown name (listing the valid ones).
+      FileNotFoundError: the benchmark's data file is missing (naming the path).
+    """
+    parse_benchmarks(name)
+    if name == ARITH:
+        return None
+    questions = rewards.load_benchmark(name, data_dir=data_dir)
+    return questions if limit is None else questions[:limit]
+
+
 def benchmark_prompt_records(name: str, *, tokenizer=None, use_chat_template: bool = True,
                              instruction: str = prompts_lib.DEFAULT_INSTRUCTION,
                              limit: int | None = None, data_dir: str | None = None
@@ -246,12 +263,9 @@ def benchmark_prompt_records(name: str, *, tokenizer=None, use_chat_template: bo
       ValueError: unknown name (listing the valid ones).
       FileNotFoundError: the benchmark's data file is missing (naming the path).
     """
-    parse_benchmarks(name)
+    questions = load_questions(name, limit=limit, data_dir=data_dir)
     if name == ARITH:
         return prompts_lib.arith_records("heldout", limit or ARITH_EVAL_SIZE)
-    questions = rewards.load_benchmark(name, data_dir=data_dir)
-    if limit is not None:
-        questions = questions[:limit]
     return prompts_lib.to_prompt_records(questions, tokenizer=tokenizer,
                                          use_chat_template=use_chat_template,
                                          instruction=instruction)
@@ -342,8 +356,9 @@ def write_results(out_dir: str, summary: dict) -> str:
 def run(config: HarnessConfig, out_dir: str, *, progress: bool = True, log=None) -> dict:
     """Evaluates ``config.model`` on every benchmark and writes the three output files.
 
-    Everything that can fail fast does so before the weights are loaded: the settings, the model
-    directory and its tokenizer, every benchmark name and data file.
+    Everything that can fail fast does so before the weights are loaded: the settings, every
+    benchmark name and data file (checked before ``--model`` is resolved, so a bad data folder
+    never waits for ``tiny-arith`` to be built), the model directory and its tokenizer.
 
     Args:
       config: the settings.
@@ -364,7 +379,12 @@ def run(config: HarnessConfig, out_dir: str, *, progress: bool = True, log=None)
     ks = default_ks(config.num_samples) if config.ks is None else check_ks(config.ks,
                                                                           config.num_samples)
     maj_ks = majority_ks(ks, config.num_samples)
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"--out={out_dir} exists and is not a directory")
 
+    # Data files first: they need no tokenizer, and resolving --model=tiny-arith may build it.
+    for name in benchmarks:
+        load_questions(name, limit=config.limit, data_dir=config.data_dir)
     model_dir = resolve_checkpoint(config.model)
     tokenizer = load_tokenizer(model_dir)
     records = {name: benchmark_prompt_records(

@@ -13,7 +13,10 @@ One call of :func:`evaluate_prompts`:
    (``rewards.score_batch``, in a killable process pool with a per-answer deadline);
 4. the ``[P, n]`` verdict matrix gives pass@k (unbiased estimator, Chen et al. 2021,
    https://arxiv.org/abs/2107.03374) and maj@k (self-consistency, Wang et al. 2022,
-   https://arxiv.org/abs/2203.11171); see :mod:`offpolicy_jax.eval.metrics`.
+   https://arxiv.org/abs/2203.11171); see :mod:`offpolicy_jax.eval.metrics`. For the vote, two
+   extracted answers are the same when their :func:`vote_key` (the verifier's formatting-free
+   ``canonical_text``) is: ``\\dfrac{1}{2}`` and ``\\frac{1}{2}``, or ``\\left(1, 2\\right)``
+   and ``(1,2)``, vote together.
 
 Randomness: with a single chunk the samples are exactly ``sampling.generate(..., seed=seed)``'s.
 With several chunks, chunk 0 still uses ``seed`` (its rows are the ones an unchunked call would
@@ -80,6 +83,14 @@ def too_long_reason(prompt_length: int, max_new_tokens: int, context: int) -> st
             f"exceeds the model's context of {context} tokens")
 
 
+def vote_key(answer: str | None) -> str | None:
+    """What maj@k groups extracted answers by: ``rewards.math.canonical_text`` (spacing,
+    ``$``, ``\\left``/``\\right``, a trailing period removed; ``\\dfrac``/``\\tfrac`` read as
+    ``\\frac``), so answers that differ only in formatting vote together. Cheap and purely
+    textual (no SymPy, no deadline needed); None (no answer) stays None and never votes."""
+    return None if answer is None else rewards.math.canonical_text(answer)
+
+
 def _check_ks(ks, num_samples: int, name: str) -> tuple[int, ...]:
     ks = tuple(int(k) for k in ks)
     bad = [k for k in ks if not 1 <= k <= num_samples]
@@ -100,7 +111,8 @@ def evaluate_prompts(cfg, params, tokenizer, prompt_tokens: list[list[int]], gol
 
     pass@k is the mean over prompts of ``1 - C(n - c, k) / C(n, k)`` (c correct of n samples;
     Chen et al. 2021, arXiv:2107.03374, Eq. 1); with k = 1 it is the mean accuracy of all samples.
-    maj@k votes over the first k samples' extracted answers (Wang et al. 2022, arXiv:2203.11171).
+    maj@k votes over the first k samples' extracted answers, grouped by :func:`vote_key` (Wang et
+    al. 2022, arXiv:2203.11171).
 
     Args:
       cfg, params: the model (``models.load_hf_checkpoint``).
@@ -181,7 +193,8 @@ def evaluate_prompts(cfg, params, tokenizer, prompt_tokens: list[list[int]], gol
         on_samples(int(too_long.sum()) * n)
 
     results = {f"pass@{k}": metrics_lib.mean_pass_at_k(correct, k) for k in ks}
-    per_prompt = [extracted[p * n:(p + 1) * n] for p in range(num_prompts)]
+    keys = [vote_key(e) for e in extracted]
+    per_prompt = [keys[p * n:(p + 1) * n] for p in range(num_prompts)]
     for k in maj_ks:
         results[f"maj@{k}"] = metrics_lib.mean_maj_at_k(per_prompt, correct, k)
     sampled = np.repeat(~too_long, n)
