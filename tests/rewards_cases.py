@@ -283,4 +283,14 @@ CASES = [
     ("1,2", "12", False, "set"),
     ("3", "3,000", False, "thousands"),
     ("50", "0.5", False, "percent"),
+    # -- tiny magnitudes: no absolute tolerance near physical constants (Minerva) --------------------
+    ("1.325 \\times 10^{-27}", "1.325e-27", True, "scientific"),
+    ("1.325 \\times 10^{-27}", "\\frac{\\sqrt{7}}{2} \\times 10^{-27}", False, "scientific"),
+    ("4.6 \\times 10^{-24}", "\\frac{3\\pi}{2} \\times 10^{-24}", False, "scientific"),
+    # -- degrees inside trigonometric functions ------------------------------------------------------
+    ("\\frac{\\sqrt{3}}{3}", "\\tan 30^\\circ", True, "units"),
+    ("\\frac{\\sqrt{3}}{3}", "\\tan 60^\\circ", False, "units"),
+    ("-\\frac{1}{2}", "\\cos(120^{\\circ})", True, "units"),
+    ("-\\frac{1}{2}", "\\sin 210°", True, "units"),
+    ("-\\frac{1}{2}", "\\sin 150°", False, "units"),
 ]

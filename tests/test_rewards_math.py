@@ -6,6 +6,7 @@ import json
 import pathlib
 import subprocess
 import sys
+import time
 
 import pytest
 import sympy.parsing.sympy_parser
@@ -105,6 +106,15 @@ def test_deep_and_huge_inputs_are_refused_quickly():
         assert not verdict.equivalent
         assert "refused" in verdict.reason or "longer" in verdict.reason, (text, verdict.reason)
     assert "longer" in rmath.check("5", "1" * 100_000).reason
+
+
+def test_symbolic_expansion_is_bounded():
+    """A difference that only ``expand`` could decide is refused when its expansion is huge."""
+    blowup = "(f(x)+g(x)+h(x)+f(y)+g(y)+h(y)+P(x)+Q(x))^{20}"  # 888,030 terms: minutes of expand
+    start = time.monotonic()
+    assert not rmath.check("f(x)", blowup).equivalent
+    assert time.monotonic() - start < 5.0
+    assert rmath.check("f(x)^2 + 2f(x) + 1", "(f(x)+1)^2").equivalent  # small ones still expand
 
 
 def test_parser_builds_exact_values():

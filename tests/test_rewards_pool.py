@@ -4,6 +4,7 @@ import os
 import pathlib
 import re
 import signal
+import threading
 import time
 
 import numpy as np
@@ -69,6 +70,31 @@ def test_timeout_kills_the_worker_and_the_pool_recovers():
         # with a normal deadline the replacement worker answers
         good = rewards.score_batch(["\\boxed{5}"] * 3, ["5"] * 3, pool=small, timeout=5.0)
         assert good.rewards.tolist() == [1.0, 1.0, 1.0]
+
+
+def test_deadline_holds_outside_the_main_thread():
+    """No signal.alarm: a check that runs long is cut off when the pool is used from a thread."""
+    slow = "\\boxed{e^{e^{e^{e^{e^{10}}}}}}"
+    results = {}
+
+    def score():
+        with rewards.VerifierPool(num_workers=1, timeout=0.02) as small:
+            results["slow"] = small.run([("score", slow, "5")], timeout=0.02)[0]
+            results["after"] = rewards.score_batch(["\\boxed{5}"], ["5"], pool=small, timeout=5.0)
+
+    thread = threading.Thread(target=score)
+    thread.start()
+    thread.join(timeout=240)
+    assert not thread.is_alive()
+    assert results["slow"][2].startswith("timeout after")
+    assert results["after"].rewards.tolist() == [1.0]
+
+
+def test_score_batch_bounds_and_odd_responses(pool):
+    huge = "x" * 300_000 + " so \\boxed{5}"  # longer than MAX_RESPONSE_CHARS: only the tail is sent
+    out = rewards.score_batch([huge, None, 5], ["5", "5", "5"], pool=pool)
+    assert out.rewards.tolist() == [1.0, 0.0, 0.0]
+    assert out.reasons[1:] == ["no answer extracted"] * 2
 
 
 def test_pool_recovers_after_a_worker_is_killed_from_outside(pool):

@@ -30,6 +30,8 @@ Reading conventions (documented choices where LaTeX or plain text is ambiguous):
   other letters before ``(`` multiply (``x(x+1)``); runs of up to 4 letters are products
   (``xy`` = x·y); ``\\sin^{-1}`` is ``\\arcsin``; ``\\sin 2x`` is sin(2x);
 * ``a \\pm b`` is the two values a+b and a−b; ``\\text{or}`` / ``and`` / ``,`` separate answers.
+* ``x^{\\circ}`` is x·π/180 where it stands (``math.prepare`` keeps degree signs only in answers
+  with a trigonometric function, and strips them elsewhere).
 
 Guards against expensive inputs (the process deadline in :mod:`offpolicy_jax.rewards.pool`
 is only the backstop): nesting depth is capped at :data:`MAX_DEPTH`; integer powers whose
@@ -645,6 +647,17 @@ class _Parser:
             return True
         return False
 
+    def _degree_follows(self) -> bool:
+        """Consumes ``^\\circ`` / ``^{\\circ}`` (a degree sign) if it is next."""
+        if self.peek(1).kind == "cmd" and self.peek(1).value == "circ":
+            self.pos += 2
+            return True
+        if (self.peek(1).kind == "op" and self.peek(1).value == "{" and self.peek(2).kind == "cmd"
+                and self.peek(2).value == "circ" and self.peek(3).value == "}"):
+            self.pos += 4
+            return True
+        return False
+
     def _closing_bar(self) -> bool:
         return getattr(self, "_bar_depth", 0) > 0
 
@@ -655,6 +668,10 @@ class _Parser:
             value, lit = self.parse_postfix()
             if self.at("op", "^") and self._prime_follows():
                 value = _prime(value)
+            elif self.at("op", "^") and self._degree_follows():
+                # only reached inside trigonometric answers (see math.prepare): x degrees
+                value = _unary(value, lambda x: x * sympy.pi / 180)
+                lit = None
             elif self.at("op", "^"):
                 self.next()
                 exponent = self.parse_exponent()

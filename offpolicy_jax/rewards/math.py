@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math as _math
 import re
 
 import sympy
@@ -55,11 +56,14 @@ import sympy
 from offpolicy_jax.rewards import latex_parser as lp
 
 REL_TOL = 1e-12  # relative tolerance of numeric comparison (at EVAL_DIGITS significant digits)
-ABS_TOL = 1e-25  # absolute floor, for values that are exactly zero up to evaluation error
+ABS_TOL = 1e-60  # absolute floor, for values that are exactly zero up to evaluation error.
+# Zero-valued expressions evaluate below ~1e-140 (SymPy's evalf is adaptive); the floor must stay
+# far below physical magnitudes (Minerva golds reach 1e-27), or pi*10^-26 would equal 3*10^-26.
 EVAL_DIGITS = 40
 MAX_ANSWER_CHARS = 1_000  # longer extracted answers are refused (longest benchmark gold: 204)
 MAX_RESPONSE_CHARS = 200_000  # only the tail of longer responses is searched for an answer
 MAX_ITEMS = 64  # largest list/set/tuple compared element by element
+MAX_EXPANDED_TERMS = 1_000  # symbolic expansion of a difference is refused beyond this many terms
 _SAMPLE_POINTS = 6
 _MIN_VALID_POINTS = 3
 
@@ -240,6 +244,7 @@ class PreparedAnswer:
 
 
 _DEGREE_RE = re.compile(r"\^\s*\{?\s*\\circ\s*\}?|°|\\degree|\\circ")
+_TRIG_RE = re.compile(r"(?<![a-z])(?:sin|cos|tan|cot|sec|csc)(?![a-z])")
 _PERCENT_RE = re.compile(r"\\%|%|\\text\{\s*percent\s*\}|\bpercent\b")
 _THOUSANDS_LATEX_RE = re.compile(r"(\d)(?:,\\!|\{,\}|\\,)(?=\d{3}(?!\d))")
 _COUNTED_NOUN_RE = re.compile(r"^([-+]?\d[\d,]*(?:\.\d+)?)\s+([A-Za-z]{2,})(?: [A-Za-z]+)*$")
@@ -253,7 +258,10 @@ def prepare(answer: str) -> PreparedAnswer:
     - thousands separators: ``10,\\!080``, ``10{,}080``, ``10\\,080`` and a whole answer of the form
       ``1,234,567`` lose their separators (``1,2`` stays a list);
     - a degree sign (``^\\circ``, ``°``, ``\\text{ degrees}``) and a percent sign (``\\%``, ``%``)
-      are removed and remembered (see :func:`alternatives`);
+      are removed and remembered (see :func:`alternatives`); but in an answer with a trigonometric
+      function, degree signs are kept as ``^{\\circ}`` and the parser reads ``x^{\\circ}`` as
+      ``x\\pi/180`` where it stands, so ``\\sin 60^\\circ`` is ``\\sqrt3/2`` (not ``\\sin 60`` or
+      ``\\pi\\sin(60)/180``);
     - ``\\$`` and a trailing period are removed, and so are plain words after a plain number
       (``18 cookies`` -> ``18``).
     """
@@ -264,8 +272,12 @@ def prepare(answer: str) -> PreparedAnswer:
     s = s.replace("\\$", "").replace("$", "")
     s = re.sub(r"^\\\(|\\\)$|^\\\[|\\\]$", "", s.strip())
     s = _THOUSANDS_LATEX_RE.sub(r"\1", s)
-    degrees = bool(_DEGREE_RE.search(s)) or bool(re.search(r"\bdegrees?\b", s))
-    s = _DEGREE_RE.sub("", s)
+    if _TRIG_RE.search(s) and _DEGREE_RE.search(s):
+        degrees = False  # read inline by the parser: sin(x degrees)
+        s = _DEGREE_RE.sub(lambda _: "^{\\circ}", s)
+    else:
+        degrees = bool(_DEGREE_RE.search(s)) or bool(re.search(r"\bdegrees?\b", s))
+        s = _DEGREE_RE.sub("", s)
     percent = bool(_PERCENT_RE.search(s))
     s = _PERCENT_RE.sub("", s)
     s = s.strip().rstrip(".").strip()
@@ -472,9 +484,28 @@ def scalars_equal(a, b) -> bool:
     return _expand_equal(a, b)
 
 
+def _expanded_terms(expr, limit: int = MAX_EXPANDED_TERMS) -> int:
+    """An upper bound on the number of terms of ``expand(expr)`` (capped just above ``limit``)."""
+    if expr.is_Add:
+        return min(limit + 1, sum(_expanded_terms(a, limit) for a in expr.args))
+    if expr.is_Mul:
+        total = 1
+        for a in expr.args:
+            total = min(limit + 1, total * _expanded_terms(a, limit))
+        return total
+    if expr.is_Pow and expr.exp.is_Integer and expr.exp > 1:
+        n, k = _expanded_terms(expr.base, limit), int(expr.exp)
+        return limit + 1 if k > limit else min(limit + 1, _math.comb(n + k - 1, k))
+    return 1
+
+
 def _expand_equal(a, b) -> bool:
+    """``expand(a - b) == 0``, only for small integer powers and expansions of at most
+    :data:`MAX_EXPANDED_TERMS` terms (``(f(x)+g(x)+...)^{20}`` would take minutes)."""
     diff = a - b
     if _max_integer_exponent(diff) > 20 or sympy.count_ops(diff) > 200:
+        return False
+    if _expanded_terms(diff) > MAX_EXPANDED_TERMS:
         return False
     return sympy.expand(diff) == 0
 

@@ -340,7 +340,10 @@ def score_batch(responses: list[str], golds: list[str], *, timeout: float = DEFA
     """
     if len(responses) != len(golds):
         raise ValueError(f"score_batch got {len(responses)} responses but {len(golds)} golds")
-    tasks = [("score", r, str(g)) for r, g in zip(responses, golds)]
+    # Only the tail that extract_answer searches is sent to the workers (bounded pipe traffic); a
+    # response that is not a string has no answer.
+    tasks = [("score", r[-rmath.MAX_RESPONSE_CHARS:] if isinstance(r, str) else None, str(g))
+             for r, g in zip(responses, golds)]
     if pool is None:
         with VerifierPool(timeout=timeout) as own_pool:
             results = own_pool.run(tasks, timeout)
