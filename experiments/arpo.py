@@ -24,7 +24,7 @@ format penalty); 2 optimizer updates per batch instead of 16 (global batch 8 of 
 import numpy as np
 from absl import app, flags
 
-from offpolicy_jax import losses, replay
+from offpolicy_jax import losses, replay, tiny_arith
 from offpolicy_jax.training import algorithm as algorithm_lib
 from offpolicy_jax.training import flags as shared_flags
 from offpolicy_jax.training import loop
@@ -68,5 +68,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    flags.FLAGS.set_default("learning_rate", 2e-4)  # tiny-arith default; ARPO uses 1e-6 at 7B
+    # The embedded tiny-arith model's learning rate; ARPO uses 1e-6 at 7B.
+    flags.FLAGS.set_default("learning_rate", tiny_arith.RL_LEARNING_RATE)
     app.run(main)

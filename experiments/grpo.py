@@ -25,7 +25,7 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from offpolicy_jax import losses
+from offpolicy_jax import losses, tiny_arith
 from offpolicy_jax.training import algorithm as algorithm_lib
 from offpolicy_jax.training import flags as shared_flags
 from offpolicy_jax.training import loop
@@ -88,5 +88,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    flags.FLAGS.set_default("learning_rate", 2e-4)  # tiny-arith default; papers use 1e-6 at 7B
+    # The embedded tiny-arith model's learning rate; papers use 1e-6 at 7B.
+    flags.FLAGS.set_default("learning_rate", tiny_arith.RL_LEARNING_RATE)
     app.run(main)

@@ -23,7 +23,7 @@ verl's default is 1e-3).
 import jax
 from absl import app, flags
 
-from offpolicy_jax import critic, losses
+from offpolicy_jax import critic, losses, tiny_arith
 from offpolicy_jax.training import algorithm as algorithm_lib
 from offpolicy_jax.training import flags as shared_flags
 from offpolicy_jax.training import loop
@@ -72,5 +72,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    flags.FLAGS.set_default("learning_rate", 2e-4)  # tiny-arith default; verl's actor uses 1e-6
+    # The embedded tiny-arith model's learning rate; verl's actor uses 1e-6.
+    flags.FLAGS.set_default("learning_rate", tiny_arith.RL_LEARNING_RATE)
     app.run(main)

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from offpolicy_jax import critic, losses, replay
+from offpolicy_jax import critic, losses, replay, tiny_arith
 from offpolicy_jax.training import algorithm as algorithm_lib
 from offpolicy_jax.training import flags as shared_flags
 from offpolicy_jax.training import loop
@@ -133,5 +133,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    flags.FLAGS.set_default("learning_rate", 2e-4)  # tiny-arith default; the paper uses 1e-6
+    # The embedded tiny-arith model's learning rate; the paper uses 1e-6.
+    flags.FLAGS.set_default("learning_rate", tiny_arith.RL_LEARNING_RATE)
     app.run(main)

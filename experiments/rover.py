@@ -23,7 +23,7 @@ default keeps methods comparable); learning rate for a 1M-parameter model.
 import numpy as np
 from absl import app, flags
 
-from offpolicy_jax import losses
+from offpolicy_jax import losses, tiny_arith
 from offpolicy_jax.training import algorithm as algorithm_lib
 from offpolicy_jax.training import flags as shared_flags
 from offpolicy_jax.training import loop
@@ -63,5 +63,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    flags.FLAGS.set_default("learning_rate", 2e-4)  # tiny-arith default; the paper uses 1e-6 at 8B
+    # The embedded tiny-arith model's learning rate; the paper uses 1e-6 at 8B.
+    flags.FLAGS.set_default("learning_rate", tiny_arith.RL_LEARNING_RATE)
     app.run(main)
