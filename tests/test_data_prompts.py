@@ -94,6 +94,23 @@ def test_plain_and_chat_templates(tmp_path):
         "Question: What is 2+2?\nBox it.\nAnswer:"
 
 
+def test_plain_template_keeps_the_bos_a_tokenizer_prepends(tmp_path):
+    from tokenizers import processors
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(
+        char_tokenizer.build_char_tokenizer(tmp_path))
+    assert prompts.format_question("2+2?", tokenizer=tokenizer, instruction="").startswith("Q")
+    # A Llama-style tokenizer: every encoding starts with BOS (template post-processor).
+    bos = tokenizer.bos_token
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", special_tokens=[(bos, tokenizer.bos_token_id)])
+    assert tokenizer("x")["input_ids"][0] == tokenizer.bos_token_id
+    prompt = prompts.format_question("2+2?", tokenizer=tokenizer, instruction="")
+    assert prompt == f"{bos}Question: 2+2?\nAnswer:"
+    ids = tokenizer.encode(prompt, add_special_tokens=False)   # how the loop and eval encode
+    assert ids[0] == tokenizer.bos_token_id and ids.count(tokenizer.bos_token_id) == 1
+
+
 DATA_DIR = str(pathlib.Path(__file__).resolve().parents[2] / "shared" / "data")
 
 

@@ -46,7 +46,8 @@ def format_question(question: str, *, tokenizer=None, use_chat_template: bool = 
     With ``use_chat_template`` and a tokenizer that has a chat template: one user message
     ``"{question}\\n{instruction}"`` rendered with ``add_generation_prompt=True`` (the text then
     contains the template's special-token strings; encode it with ``add_special_tokens=False``).
-    Otherwise ``PLAIN_TEMPLATE``: ``"Question: {question}\\n{instruction}\\nAnswer:"``.
+    Otherwise ``PLAIN_TEMPLATE``: ``"Question: {question}\\n{instruction}\\nAnswer:"``, after the
+    BOS token's text when the tokenizer prepends one itself (``leading_special_text``).
 
     Args:
       question: the problem statement.
@@ -59,8 +60,24 @@ def format_question(question: str, *, tokenizer=None, use_chat_template: bool = 
         return tokenizer.apply_chat_template([{"role": "user", "content": content}],
                                              tokenize=False, add_generation_prompt=True)
     if not instruction:
-        return f"Question: {question}\nAnswer:"
-    return PLAIN_TEMPLATE.format(question=question, instruction=instruction)
+        text = f"Question: {question}\nAnswer:"
+    else:
+        text = PLAIN_TEMPLATE.format(question=question, instruction=instruction)
+    return leading_special_text(tokenizer) + text
+
+
+def leading_special_text(tokenizer) -> str:
+    """The BOS token's text if ``tokenizer`` puts one in front of every encoded text (Llama's
+    ``<|begin_of_text|>``), else ``""``.
+
+    Prompts are encoded with ``add_special_tokens=False`` everywhere (a chat template already
+    writes its special tokens into the text), so a plain-template prompt carries the BOS in its
+    text, as the model saw in pre-training.
+    """
+    if tokenizer is None or tokenizer.bos_token_id is None:
+        return ""
+    ids = tokenizer("", add_special_tokens=True)["input_ids"]
+    return tokenizer.bos_token if ids[:1] == [tokenizer.bos_token_id] else ""
 
 
 def arith_records(split: str, num: int, seed: int = 0,
