@@ -101,6 +101,11 @@ def test_run_config_validation_names_the_flag():
     split = algorithm_lib.Algorithm(name="x", loss=None, advantages=None, num_minibatches=3)
     with pytest.raises(ValueError, match="must divide into 3 minibatches"):
         loop.RunConfig(workdir="w", batch_size=4, group_size=2).validate(split)
+    with pytest.raises(ValueError, match="--remat must be 'none', 'full' or a jax.checkpoint"):
+        loop.RunConfig(workdir="w", remat="dots_only").validate(grouped)
+    for remat in ("none", "full", "dots_saveable"):
+        loop.RunConfig(workdir="w", remat=remat).validate(grouped)
+    assert (loop.remat_policy("none"), loop.remat_policy("full")) == (False, True)
     ungrouped = algorithm_lib.Algorithm(name="topr", loss=None, advantages=None,
                                         needs_groups=False)
     loop.RunConfig(workdir="w", group_size=1).validate(ungrouped)
