@@ -6,8 +6,9 @@ Builds a random Qwen2-shaped model (default: hidden 512, 8 layers, 8 query / 2 k
 SwiGLU 1408, vocab 32768, tied embeddings: ~39M parameters), runs the jitted train step (forward,
 backward, AdamW update; token-mean NLL on every position) on sequences of ``--seq_len`` tokens,
 and prints tokens/s and MFU = achieved model FLOP/s / the float32 matmul peak measured in the same
-run. Model FLOPs per token follow the PaLM appendix-B convention:
-6 * (matmul parameters, LM head included) + 12 * layers * heads * head_dim * seq_len
+run. ``--remat`` is the RL loop's activation-recomputation setting (default: its default); the
+recomputed elementwise ops are not counted as model FLOPs. Model FLOPs per token follow the PaLM
+appendix-B convention: 6 * (matmul parameters, LM head included) + 12 * layers * heads * head_dim * seq_len
 (attention scores and values; the causal half is counted in full, as is customary).
 """
 
@@ -24,7 +25,7 @@ from absl import app, flags
 
 from benchmarks.common import matmul_peak_flops  # noqa: E402
 from offpolicy_jax import losses, models
-from offpolicy_jax.training import optim, rollout, state as state_lib, step as step_lib
+from offpolicy_jax.training import loop, optim, rollout, state as state_lib, step as step_lib
 
 BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Sequences per step.")
 SEQ_LEN = flags.DEFINE_integer("seq_len", 256, "Tokens per sequence.")
@@ -33,6 +34,8 @@ LAYERS = flags.DEFINE_integer("num_layers", 8, "Layers.")
 VOCAB = flags.DEFINE_integer("vocab_size", 32768, "Vocabulary.")
 STEPS = flags.DEFINE_integer("steps", 5, "Timed steps (after one warm-up step).")
 MICROBATCHES = flags.DEFINE_integer("num_microbatches", 1, "Gradient accumulation.")
+REMAT = flags.DEFINE_string("remat", rollout.DEFAULT_REMAT, "Activation recomputation, as the RL "
+                            "loop's --remat: 'none', 'full' or a jax.checkpoint_policies name.")
 
 
 def model_flops_per_token(cfg: models.ModelConfig, seq_len: int) -> float:
@@ -63,7 +66,8 @@ def main(argv):
     def loss_fn(params, batch, rng):
         del rng
         logp = rollout.response_log_probs(cfg, params, batch["tokens"], batch["attention_mask"],
-                                          batch["positions"], num_response=seq_len - 1)["logp"]
+                                          batch["positions"], num_response=seq_len - 1,
+                                          remat=loop.remat_policy(REMAT.value))["logp"]
         return losses.nll(logp, batch["mask"])
 
     optimizer = optim.make_optimizer(optim.OptimizerConfig(name="adamw", learning_rate=1e-4))
@@ -83,7 +87,8 @@ def main(argv):
     achieved = tokens_per_s * model_flops_per_token(cfg, seq_len)
     peak = matmul_peak_flops()
     print(f"model: {cfg.num_params() / 1e6:.1f}M parameters, batch {batch_size} x {seq_len} "
-          f"tokens, devices: {jax.devices()[0].platform} x {jax.device_count()}")
+          f"tokens, remat {REMAT.value}, devices: {jax.devices()[0].platform} x "
+          f"{jax.device_count()}")
     print(f"train step: {step_s * 1e3:.1f} ms median over {STEPS.value} steps, "
           f"{tokens_per_s:,.0f} tokens/s, loss {float(metrics['loss']):.3f}")
     print(f"model FLOP/s: {achieved / 1e9:.1f} GFLOP/s; float32 matmul peak measured now: "

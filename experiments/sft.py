@@ -11,8 +11,8 @@ Command:
     python experiments/sft.py                       # into the cache used by --model=tiny-arith
     python experiments/sft.py --out=/tmp/tiny --sft_steps=300 --slip_probability=0
 
-Hardware: 2 CPU cores, about 3 minutes for the default recipe. Expected (held-out arith, 256
-problems): greedy pass@1 about 0.4; sampled (temperature 1) pass@1 about 0.21, pass@8 about 0.62.
+Hardware: 2 CPU cores, about 3.5 minutes for the default recipe. Expected (measured; held-out
+arith, 256 problems): greedy pass@1 0.53; sampled (temperature 1) pass@1 0.27, pass@8 0.77.
 """
 
 import dataclasses

@@ -1,9 +1,9 @@
 """The embedded default model ``tiny-arith``: a ~1M-parameter Qwen2-architecture model with a
 character-level tokenizer, warm-started by supervised training on ``arith`` demonstrations.
 
-It is built on first use (about a minute on 2 CPU cores), saved with ``save_hf_checkpoint`` into a
-cache directory (``$OFFPOLICY_JAX_CACHE``, default ``~/.cache/offpolicy_jax``) and loaded from there
-through the same code path as any Hugging Face checkpoint. A stamp file records the recipe; a
+It is built on first use (about 3.5 minutes on 2 CPU cores), saved with ``save_hf_checkpoint``
+into a cache directory (``$OFFPOLICY_JAX_CACHE``, default ``~/.cache/offpolicy_jax``) and loaded
+from there through the same code path as any Hugging Face checkpoint. A stamp file records the recipe; a
 missing or different stamp triggers a rebuild, so a change of recipe can never load a stale model.
 
 The warm start imitates demonstrations in which each arithmetic step is miscalculated with
@@ -50,8 +50,8 @@ class TinyArithRecipe:
     sft_batch_size: int = 64
     sft_learning_rate: float = 3e-3
     # Demonstrations miscalculate each step with this probability: the warm-started model knows
-    # the procedure but slips when sampling (greedy ~40% vs sampled pass@1 ~21%, pass@8 ~62% on
-    # the held-out set), the regime where RL from a verifier has room to work.
+    # the procedure but slips when sampling (measured on 256 held-out problems: greedy 0.53,
+    # sampled pass@1 0.27, pass@8 0.77), the regime where RL from a verifier has room to work.
     slip_probability: float = 0.2
     seed: int = 0
 
