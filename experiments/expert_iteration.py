@@ -22,6 +22,8 @@ Hardware: 2 CPU cores, a few minutes. Expected: held-out pass@1 of the tiny-arit
 after the first iteration and improves a little with the next (the paper: 40.3 → 41.9 % pass@1 over
 three iterations on MATH with PaLM 2-L).
 
+Runs in one process (a multi-process launch is refused at start-up).
+
 Departures (commented where set): K = 8 (``--group_size``) instead of 32; the M-step's length is a
 number of epochs over the kept set (the paper scales it with the data); AdamW with a cosine
 schedule at a learning rate suited to the tiny model.
@@ -37,7 +39,7 @@ import numpy as np
 from absl import app, flags
 from absl import logging as absl_logging
 
-from offpolicy_jax import rewards, sft
+from offpolicy_jax import distributed, rewards, sft
 from offpolicy_jax.training import checkpoint as checkpoint_lib
 from offpolicy_jax.training import flags as shared_flags
 from offpolicy_jax.training import logger as logger_lib
@@ -84,6 +86,13 @@ def m_step(cfg, base_params, tokenizer, kept, config, *, iteration: int):
 def run(config: loop.RunConfig) -> dict:
     from offpolicy_jax.data import pipeline, prompts as prompts_lib
 
+    # The E- and M-steps run unsharded in one process (the M-step is plain SFT of a model that
+    # fits one device). Under a multi-process launch every process would redo the same work and
+    # write the same workdir, so such a launch is refused, naming what was detected.
+    if distributed.maybe_initialize() and jax.process_count() > 1:
+        raise SystemExit(f"expert_iteration.py runs in a single process, but a multi-process "
+                         f"launch was detected ({distributed.detect_launch()}); run it without "
+                         f"launch/local.sh, SLURM or a multi-host TPU slice")
     absl_logging.set_verbosity(absl_logging.WARNING)
     start_time = time.time()
     os.makedirs(config.workdir, exist_ok=True)

@@ -5,10 +5,16 @@
 # Usage:
 #   launch/tpu_vm.sh [OPTIONS] create             create the slice, or start/reuse an existing one
 #   launch/tpu_vm.sh [OPTIONS] setup              copy this checkout to every worker and
-#                                                 pip install -e '.[tpu]' there
+#                                                 pip install -e '.[tpu]' there into a venv
+#                                                 (REMOTE_DIR/.venv, Python >= 3.11; the
+#                                                 runtime image ships 3.10, so python3.11 is
+#                                                 apt-installed when missing)
 #   launch/tpu_vm.sh [OPTIONS] run EXPERIMENT_FILE [FLAGS...]
-#                                                 run on all workers (output of worker 0 shown)
-#   launch/tpu_vm.sh [OPTIONS] status|stop|delete
+#                                                 run on all workers with that venv (all
+#                                                 workers' output is streamed; only process 0
+#                                                 prints metrics and the summary)
+#   launch/tpu_vm.sh [OPTIONS] status|stop|delete stop: single-host slices only (the TPU API
+#                                                 cannot stop a multi-host slice; delete it)
 #
 # Example (a v4-32 slice: 4 hosts x 4 chips, 16 devices):
 #   launch/tpu_vm.sh --name=rl --zone=us-central2-b --accelerator-type=v4-32 create
@@ -98,6 +104,10 @@ case ${command} in
     elif [[ ${state} == STOPPED ]]; then
       echo "tpu_vm.sh: reusing stopped TPU VM '${name}'; starting it" >&2
       run gcloud compute tpus tpu-vm start "${name}" "${common[@]}"
+    elif [[ ${state} == PREEMPTED || ${state} == TERMINATED ]]; then
+      # A preempted (spot) or terminated slice cannot be restarted, only deleted.
+      echo "tpu_vm.sh: TPU VM '${name}' is ${state}; delete it (launch/tpu_vm.sh delete) and create it again" >&2
+      exit 1
     else
       echo "tpu_vm.sh: reusing TPU VM '${name}' (state ${state})" >&2
     fi
@@ -112,15 +122,43 @@ case ${command} in
       tar -C "${root}" --null -T - -czf "${tarball}"
     run gcloud compute tpus tpu-vm scp "${tarball}" "${name}:offpolicy_jax.tar.gz" \
       "${common[@]}" --worker=all
+    # The package needs Python >= 3.11 (setup.py); the TPU runtime images are Ubuntu 22.04 with
+    # Python 3.10, so use a newer interpreter if there is one, else apt-install python3.11. A
+    # venv also keeps pip away from the system Python (PEP 668 on newer images).
+    # shellcheck disable=SC2016  # expanded on the workers
+    remote_setup='set -e
+mkdir -p "${D}"
+tar -xzf offpolicy_jax.tar.gz -C "${D}"
+cd "${D}"
+py=""
+for candidate in python3 python3.13 python3.12 python3.11; do
+  if command -v "${candidate}" >/dev/null &&
+      "${candidate}" -c "import sys; sys.exit(sys.version_info < (3, 11))"; then
+    py=${candidate}
+    break
+  fi
+done
+if [ -z "${py}" ]; then
+  sudo apt-get -o DPkg::Lock::Timeout=600 update -q
+  sudo DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -q python3.11 python3.11-venv
+  py=python3.11
+fi
+if ! "${py}" -m venv .venv; then
+  version=$("${py}" -c "import sys; print(\"%d.%d\" % sys.version_info[:2])")
+  sudo DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -q "python${version}-venv"
+  "${py}" -m venv .venv
+fi
+.venv/bin/python -m pip install --upgrade pip
+.venv/bin/python -m pip install -e ".[tpu]"'
     run gcloud compute tpus tpu-vm ssh "${name}" "${common[@]}" --worker=all --command \
-      "set -e; mkdir -p ${remote_dir@Q}; tar -xzf offpolicy_jax.tar.gz -C ${remote_dir@Q}; cd ${remote_dir@Q}; python3 -m pip install --upgrade pip; python3 -m pip install -e '.[tpu]'"
+      "D=${remote_dir@Q}; ${remote_setup}"
     ;;
   run)
     [[ $# -ge 1 ]] || usage
     quoted=$(printf '%q ' "$@")
     # All workers start the same program; JAX connects them (OFFPOLICY_JAX_DISTRIBUTED=1).
     run gcloud compute tpus tpu-vm ssh "${name}" "${common[@]}" --worker=all --command \
-      "cd ${remote_dir@Q} && OFFPOLICY_JAX_DISTRIBUTED=1 python3 ${quoted}"
+      "cd ${remote_dir@Q} && OFFPOLICY_JAX_DISTRIBUTED=1 .venv/bin/python ${quoted}"
     ;;
   status)
     run gcloud compute tpus tpu-vm describe "${name}" "${common[@]}"

@@ -3,8 +3,9 @@ character-level tokenizer, warm-started by supervised training on ``arith`` demo
 
 It is built on first use (about 3.5 minutes on 2 CPU cores), saved with ``save_hf_checkpoint``
 into a cache directory (``$OFFPOLICY_JAX_CACHE``, default ``~/.cache/offpolicy_jax``) and loaded
-from there through the same code path as any Hugging Face checkpoint. A stamp file records the recipe; a
-missing or different stamp triggers a rebuild, so a change of recipe can never load a stale model.
+from there through the same code path as any Hugging Face checkpoint. A stamp file records the
+recipe; a missing or different stamp triggers a rebuild, so a change of recipe can never load a
+stale model.
 
 The warm start imitates demonstrations in which each arithmetic step is miscalculated with
 probability ``slip_probability`` (``data.arith.demonstrations``): the model learns the procedure and,
@@ -14,6 +15,7 @@ where RL from verifiable rewards has room to work.
 """
 
 import dataclasses
+import fcntl
 import json
 import os
 import shutil
@@ -100,24 +102,36 @@ def ensure(cache_dir: str | None = None, recipe: TinyArithRecipe = TinyArithReci
     """The cached tiny-arith checkpoint directory, built first if missing or stale.
 
     The model is built in a temporary directory and renamed into place, so an interrupted build
-    never leaves a half-written checkpoint behind.
+    never leaves a half-written checkpoint behind. Builds are serialised by a lock file: when
+    several processes start at once (``launch/local.sh``), one builds and the others wait for it
+    and then load its result.
     """
     cache_dir = cache_dir or default_cache_dir()
     directory = os.path.join(cache_dir, f"{ALIAS}-v{recipe.version}")
-    stamp = os.path.join(directory, STAMP_FILE)
-    if os.path.exists(stamp):
-        with open(stamp) as f:
-            if json.load(f) == dataclasses.asdict(recipe):
-                return directory
+    if _is_current(directory, recipe):
+        return directory
     os.makedirs(cache_dir, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".{ALIAS}-", dir=cache_dir)
-    try:
-        build(staging, recipe, log_fn=log_fn)
-        shutil.rmtree(directory, ignore_errors=True)
-        os.replace(staging, directory)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    with open(os.path.join(cache_dir, f".{ALIAS}-v{recipe.version}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)          # released when the file is closed
+        if _is_current(directory, recipe):        # another process built it meanwhile
+            return directory
+        staging = tempfile.mkdtemp(prefix=f".{ALIAS}-", dir=cache_dir)
+        try:
+            build(staging, recipe, log_fn=log_fn)
+            shutil.rmtree(directory, ignore_errors=True)
+            os.replace(staging, directory)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     return directory
+
+
+def _is_current(directory: str, recipe: TinyArithRecipe) -> bool:
+    """Whether ``directory`` holds a finished build of ``recipe`` (its stamp matches)."""
+    stamp = os.path.join(directory, STAMP_FILE)
+    if not os.path.exists(stamp):
+        return False
+    with open(stamp) as f:
+        return json.load(f) == dataclasses.asdict(recipe)
 
 
 def resolve_model(name: str) -> str:

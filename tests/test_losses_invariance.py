@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from offpolicy_jax import losses
+from test_losses_offpolicy import random_batch
 
 JIT = pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
 
@@ -36,15 +37,6 @@ def assert_same(padded, plain, rows):
     for pgrad, grad in zip(jax.tree.leaves(pgrads), jax.tree.leaves(grads)):
         np.testing.assert_allclose(pgrad[:rows], grad, rtol=1e-6, atol=1e-8)
         np.testing.assert_array_equal(pgrad[rows:], 0.0)
-
-
-def random_batch(seed, batch=4, length=5):
-    rng = np.random.default_rng(seed)
-    logp = jnp.asarray(-rng.uniform(0.1, 3.0, size=(batch, length)), jnp.float32)
-    other = logp + jnp.asarray(rng.normal(scale=0.4, size=(batch, length)), jnp.float32)
-    lengths = rng.integers(1, length + 1, size=batch)
-    mask = jnp.asarray(np.arange(length)[None, :] < lengths[:, None], jnp.float32)
-    return logp, other, mask
 
 
 # ---------------------------------------------------------------------------------------------

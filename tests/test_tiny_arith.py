@@ -61,3 +61,35 @@ def test_char_tokenizer_keeps_whitespace_when_loaded_beside_a_qwen2_config(tmp_p
     ids = tokenizer.encode(text, add_special_tokens=False)
     assert len(ids) == len(text)
     assert tokenizer.decode(ids) == text
+
+
+def test_concurrent_ensure_builds_once(tmp_path, monkeypatch):
+    """Processes that start together (launch/local.sh) build the cached model once; the others
+    wait on the lock and load that build."""
+    import dataclasses
+    import json
+    import threading
+    import time
+
+    from offpolicy_jax import tiny_arith
+
+    builds = []
+
+    def fake_build(directory, recipe, *, log_fn=print):
+        del log_fn
+        builds.append(directory)
+        time.sleep(0.5)                       # long enough for the other caller to arrive
+        with open(f"{directory}/{tiny_arith.STAMP_FILE}", "w") as f:
+            json.dump(dataclasses.asdict(recipe), f)
+        return directory
+
+    monkeypatch.setattr(tiny_arith, "build", fake_build)
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(tiny_arith.ensure(str(tmp_path))))
+               for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(builds) == 1
+    assert results == [str(tmp_path / f"tiny-arith-v{tiny_arith.TinyArithRecipe().version}")] * 2
