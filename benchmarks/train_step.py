@@ -8,8 +8,8 @@ backward, AdamW update; token-mean NLL on every position) on sequences of ``--se
 and prints tokens/s and MFU = achieved model FLOP/s / the float32 matmul peak measured in the same
 run. ``--remat`` is the RL loop's activation-recomputation setting (default: its default); the
 recomputed elementwise ops are not counted as model FLOPs. Model FLOPs per token follow the PaLM
-appendix-B convention: 6 * (matmul parameters, LM head included) + 12 * layers * heads * head_dim * seq_len
-(attention scores and values; the causal half is counted in full, as is customary).
+appendix-B convention: 6 * (matmul parameters, LM head included) + 12 * layers * heads * head_dim
+* seq_len (attention scores and values; the causal half is counted in full, as is customary).
 """
 
 import os

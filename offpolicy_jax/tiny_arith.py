@@ -8,10 +8,10 @@ recipe; a missing or different stamp triggers a rebuild, so a change of recipe c
 stale model.
 
 The warm start imitates demonstrations in which each arithmetic step is miscalculated with
-probability ``slip_probability`` (``data.arith.demonstrations``): the model learns the procedure and,
-at its mode, mostly the right arithmetic, but its samples slip. Sampled answers are then right often
-but not always (held-out pass@1 well below pass@8, and below greedy accuracy), which is the regime
-where RL from verifiable rewards has room to work.
+probability ``slip_probability`` (``data.arith.demonstrations``): the model learns the procedure
+and, at its mode, mostly the right arithmetic, but its samples slip. Sampled answers are then
+right often but not always (held-out pass@1 well below pass@8, and below greedy accuracy), which
+is the regime where RL from verifiable rewards has room to work.
 """
 
 import dataclasses
@@ -31,9 +31,9 @@ ALIAS = "tiny-arith"
 STAMP_FILE = "offpolicy_jax_recipe.json"
 
 # The RL experiments' learning rate on this model (AdamW, a departure from the papers' ~1e-6 on
-# 1.5B-8B models). Measured with TOPR on the embedded default: 5e-5 gains 16 points of held-out
-# pass@1 in 200 iterations; 1e-4 collapses the policy; 2e-4 made every method in
-# experiments/compare.py lose accuracy within 20 iterations.
+# 1.5B-8B models). Measured: with 5e-5 TOPR gains 16 points of held-out pass@1 in 200 iterations
+# and every method in experiments/compare.py learns (README); in earlier tuning runs 1e-4
+# collapsed TOPR, and 2e-4 made every compared method lose accuracy within 20 iterations.
 RL_LEARNING_RATE = 5e-5
 
 
