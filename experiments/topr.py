@@ -10,9 +10,9 @@ Command (the README's main command; embedded default, no download):
     python experiments/topr.py
 
 Hardware: 2 CPU cores; measured 7 min 23 s including the tiny model's warm start (built once and
-cached; about 4 minutes in a new --workdir once it is cached). Expected (measured, deterministic): held-out pass@1 (256
-problems x 8 samples at temperature 1) rises from 0.263 to 0.422 (the final JSON line reports
-``pass@1_before`` and ``pass@1_after``).
+cached; about 4 minutes in a new --workdir once it is cached). Expected (measured, deterministic):
+held-out pass@1 (256 problems x 8 samples at temperature 1) rises from 0.263 to 0.422 (the final
+JSON line reports ``pass@1_before`` and ``pass@1_after``).
 
 Modes:
 * ``--mode=online`` (default): each iteration samples a fresh batch from the current policy μ_k and
