@@ -636,24 +636,14 @@ class _Parser:
             else:
                 return value
 
-    def _prime_follows(self) -> bool:
-        """Consumes ``^\\prime`` / ``^{\\prime}`` (a derivative mark) if it is next."""
-        if self.peek(1).kind == "cmd" and self.peek(1).value == "prime":
+    def _superscript_mark_follows(self, command: str) -> bool:
+        """Consumes ``^\\command`` / ``^{\\command}`` if it is next (the parser stands on the
+        ``^``): a derivative mark (``prime``) or a degree sign (``circ``)."""
+        if self.peek(1).kind == "cmd" and self.peek(1).value == command:
             self.pos += 2
             return True
         if (self.peek(1).kind == "op" and self.peek(1).value == "{" and self.peek(2).kind == "cmd"
-                and self.peek(2).value == "prime" and self.peek(3).value == "}"):
-            self.pos += 4
-            return True
-        return False
-
-    def _degree_follows(self) -> bool:
-        """Consumes ``^\\circ`` / ``^{\\circ}`` (a degree sign) if it is next."""
-        if self.peek(1).kind == "cmd" and self.peek(1).value == "circ":
-            self.pos += 2
-            return True
-        if (self.peek(1).kind == "op" and self.peek(1).value == "{" and self.peek(2).kind == "cmd"
-                and self.peek(2).value == "circ" and self.peek(3).value == "}"):
+                and self.peek(2).value == command and self.peek(3).value == "}"):
             self.pos += 4
             return True
         return False
@@ -666,9 +656,9 @@ class _Parser:
         self.enter()
         try:
             value, lit = self.parse_postfix()
-            if self.at("op", "^") and self._prime_follows():
+            if self.at("op", "^") and self._superscript_mark_follows("prime"):
                 value = _prime(value)
-            elif self.at("op", "^") and self._degree_follows():
+            elif self.at("op", "^") and self._superscript_mark_follows("circ"):
                 # only reached inside trigonometric answers (see math.prepare): x degrees
                 value = _unary(value, lambda x: x * sympy.pi / 180)
                 lit = None
