@@ -12,9 +12,10 @@ no EOS, float32 everywhere (``--dtype bfloat16`` switches both sides). Each side
 up once (our run compiles), then timed ``--repeats`` times, interleaved so that load from other
 processes hits both alike; the median is reported.
 
-Printed: tokens/s for both and their ratio, plus the ratio of process CPU seconds (with
-``--threads 1`` the measure least disturbed by other processes on a shared machine); where our time goes (prefill, one decode step, the
-model forward alone, the sampling alone); and the achieved FLOP/s of our decoding as a fraction
+Printed: tokens/s for both and their ratio, plus the ratio of process CPU seconds (``--threads
+1`` pins the process to one core: the measure least disturbed by other processes on a shared
+machine); where our time goes (prefill, one decode step, the model forward alone, the sampling
+alone); and the achieved FLOP/s of our decoding as a fraction
 of the matmul peak measured in the same process (a large float32 ``jnp.dot``). Useful FLOPs
 count 2 per multiply-add of every weight matrix per token (embedding lookup excluded) plus the
 attention scores and values over the real context length of each step.
@@ -56,8 +57,9 @@ def parse_args(argv=None):
                         help="parameter and compute dtype of BOTH sides (bfloat16 uses AMX on "
                              "CPUs that have it, for PyTorch and XLA alike)")
     parser.add_argument("--threads", type=int, choices=(0, 1), default=0,
-                        help="0: all cores (default); 1: one thread per side -- a comparison "
-                             "of work done that is robust to other processes on the machine")
+                        help="0: all cores (default); 1: the whole process pinned to one core "
+                             "-- a comparison of work done, robust to other processes on the "
+                             "machine")
     parser.add_argument("--skip-torch", action="store_true", help="time only our sampler")
     parser.add_argument("--breakdown", action=argparse.BooleanOptionalAction, default=True,
                         help="also time prefill / decode step / forward / sampling separately")
@@ -186,13 +188,13 @@ def breakdown(cfg, params, prompts, args):
     sampling_params = distribution.SamplingParams(temperature=1.0)
     keys = jax.random.split(jax.random.key(0), batch)
     statics = dict(params_sampling=sampling_params, eos_ids=(), pad_token_id=0, mesh=None)
-    prefill = lambda: gen._prefill(cfg, params, tokens, mask, keys, np.ones(batch, bool),  # noqa
+    split = gen._split_layer_params(cfg, params)
+    prefill = lambda: gen._prefill(cfg, split, tokens, mask, keys, np.ones(batch, bool),  # noqa
                                    jnp.int32(args.new_tokens), num_samples=1,
                                    response_bucket=response_bucket, cache_window=window,
                                    **statics)
     result = {"prefill": median_time(prefill, repeats=5)}
 
-    split = gen._split_layer_params(cfg, params)
     result["split_params"] = median_time(gen._split_layer_params, cfg, params, repeats=5)
     cache, state = prefill()
     # Decode steps: time 16 steps from the same starting point (cache is donated: re-prefill).
@@ -228,7 +230,10 @@ def breakdown(cfg, params, prompts, args):
 def main(argv=None):
     args = parse_args(argv)
     if args.threads == 1:
-        # Must be set before JAX creates its CPU client.
+        # XLA:CPU's dot kernels keep a worker pool of their own whatever the Eigen flag says, so
+        # pin the whole process (threads inherit the mask) to one core before JAX or PyTorch
+        # starts a thread; the flag still keeps XLA from splitting its other ops.
+        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                                    + " --xla_cpu_multi_thread_eigen=false").strip()
     import jax

@@ -195,9 +195,9 @@ def test_decode_step_matches_apply_cached(checkpoints):
 
     @functools.partial(jax.jit, static_argnums=0)
     def ours(cfg, params):
-        logits, cache = decode.prefill_last_logits(cfg, params, tokens, mask, 24)
-        step_logits, _ = decode.decode_step(cfg, decode.split_layer_params(cfg, params),
-                                            step_tokens, positions, decode.to_decode_cache(cache))
+        split = decode.split_layer_params(cfg, params)
+        logits, cache = decode.prefill(cfg, split, tokens, mask, 24)
+        step_logits, _ = decode.decode_step(cfg, split, step_tokens, positions, cache)
         return logits, step_logits
 
     @functools.partial(jax.jit, static_argnums=0)

@@ -248,7 +248,7 @@ def _record(state: dict, tokens, logprobs, truncated_logprobs, eos_ids: tuple[in
 @functools.partial(jax.jit, static_argnames=(
     "cfg", "params_sampling", "num_samples", "response_bucket", "cache_window", "eos_ids",
     "pad_token_id", "mesh"))
-def _prefill(cfg, params, prompt_tokens, prompt_mask, row_keys, row_valid, max_new_tokens, *,
+def _prefill(cfg, split_params, prompt_tokens, prompt_mask, row_keys, row_valid, max_new_tokens, *,
              params_sampling, num_samples, response_bucket, cache_window, eos_ids, pad_token_id,
              mesh):
     """Prefills the distinct prompts, repeats the cache per sample, draws the first token.
@@ -263,15 +263,14 @@ def _prefill(cfg, params, prompt_tokens, prompt_mask, row_keys, row_valid, max_n
       response buffers of response_bucket columns).
     """
     batch, prompt_len = prompt_tokens.shape
-    last_logits, cache = decode.prefill_last_logits(cfg, params, prompt_tokens, prompt_mask,
-                                                    prompt_len + cache_window)
+    last_logits, cache = decode.prefill(cfg, split_params, prompt_tokens, prompt_mask,
+                                        prompt_len + cache_window)
     if num_samples > 1:
-        cache = {"k": jnp.repeat(cache["k"], num_samples, axis=1),
-                 "v": jnp.repeat(cache["v"], num_samples, axis=1),
+        cache = {"k": tuple(jnp.repeat(k, num_samples, axis=0) for k in cache["k"]),
+                 "v": tuple(jnp.repeat(v, num_samples, axis=0) for v in cache["v"]),
                  "mask": jnp.repeat(cache["mask"], num_samples, axis=0),
                  "index": cache["index"]}
         last_logits = jnp.repeat(last_logits, num_samples, axis=0)
-    cache = decode.to_decode_cache(cache)
     cache = _constrain(cache, _decode_cache_specs(cache), mesh)
     rows = batch * num_samples
     prompt_lengths = jnp.repeat(jnp.sum(prompt_mask, axis=1, dtype=jnp.int32), num_samples)
@@ -325,10 +324,12 @@ def _decode(cfg, split_params, cache, state, *, params_sampling, steps, eos_ids,
         _, state, taken = carry
         return (taken < steps) & ~state["finished"]
 
+    rope = decode.rope_table(cfg, cache["mask"].shape[1])  # loop-invariant: computed once
+
     def step(carry):
         cache, state, taken = carry
         logits, cache = decode.decode_step(cfg, split_params, state["last_token"],
-                                           state["next_position"], cache)
+                                           state["next_position"], cache, rope)
         uniforms = distribution.row_uniforms(state["keys"], state["step"])
         tokens, logprobs, truncated = distribution.sample_from_logits(
             logits, uniforms, params_sampling)
@@ -416,14 +417,14 @@ def generate(cfg: models.ModelConfig, params, prompts, *, max_new_tokens: int,
                    mesh=mesh)
     cache_window = min(response_bucket,
                        _power_of_two_at_least(max(FIRST_CACHE_WINDOW, steps_per_dispatch)))
-    cache, state = _prefill(cfg, params, prompt_tokens, prompt_mask, row_keys, row_valid,
+    split_params = _split_layer_params(cfg, params)
+    cache, state = _prefill(cfg, split_params, prompt_tokens, prompt_mask, row_keys, row_valid,
                             jnp.int32(max_new_tokens), num_samples=num_samples,
                             response_bucket=response_bucket, cache_window=cache_window,
                             **statics)
     # Every forward after the prefill yields one more token, so max_new_tokens - 1 at most.
     num_dispatches = -(-(max_new_tokens - 1) // steps_per_dispatch)
     bar = _progress_bar(max_new_tokens) if progress else None
-    split_params = _split_layer_params(cfg, params)
     previous = state
     for chunk in range(num_dispatches):
         # Forwards after this chunk <= (chunk + 1) * steps, each writing one response slot.
