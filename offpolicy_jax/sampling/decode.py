@@ -49,7 +49,7 @@ def split_layer_params(cfg: models.ModelConfig, params: dict) -> dict:
     Every matrix is kept as ``[out, in]`` and multiplied by :func:`_matmul` (contracting both
     operands' last axis): on a chain of the benchmark model's decode matmuls (32 rows) XLA:CPU
     ran that form 9-12% faster than ``[in, out]`` weights (the tied embedding already has this
-    layout; the transposes add ~20 ms per ``generate`` call to the split).
+    layout; the transposes add 20-35 ms per ``generate`` call to the split).
 
     Returns:
       ``{"embed" [V, D], "final_norm" [D], "head" [V, D], "layers": (layer_0, ...,
@@ -168,9 +168,10 @@ def prefill(cfg: models.ModelConfig, split_params: dict, tokens: jax.Array,
     """Runs left-padded prompts into a fresh cache; returns the last position's logits.
 
     Same function as ``models.init_cache`` + ``models.apply_cached`` (positions count each row's
-    real tokens; pad slots stay invisible), with the cache in the decode layout, but attention runs among the P prompt slots only -- the other ``max_len - P`` are empty --
-    and only the last column, where left padding puts every prompt's final token, is carried
-    through the last layer's attention and MLP and projected to the vocabulary.
+    real tokens; pad slots stay invisible), with the cache in the decode layout; but attention
+    runs among the P prompt slots only -- the other ``max_len - P`` are empty -- and only the
+    last column, where left padding puts every prompt's final token, is carried through the last
+    layer's attention and MLP and projected to the vocabulary.
 
     Args:
       split_params: from :func:`split_layer_params`.
@@ -269,7 +270,8 @@ def decode_step(cfg: models.ModelConfig, split_params: dict, tokens: jax.Array,
         v_cache = _write_slot(cache["v"][layer], v[:, :, None, :], (0, 0, index, 0))
         new_k.append(k_cache)
         new_v.append(v_cache)
-        attended = _attend(q, k_cache, v_cache, allowed).reshape(batch, cfg.num_heads * cfg.head_dim)
+        attended = _attend(q, k_cache, v_cache, allowed)
+        attended = attended.reshape(batch, cfg.num_heads * cfg.head_dim)
         x = _finish_layer(cfg, w, x, attended)
 
     logits = _logits(cfg, split_params, x)
