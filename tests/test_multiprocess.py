@@ -207,3 +207,17 @@ def test_local_sh_stops_every_process_when_interrupted(tmp_path):
     while _processes_mentioning(marker) and time.time() < deadline:
         time.sleep(0.2)
     assert _processes_mentioning(marker) == []
+
+
+def test_expert_iteration_refuses_a_multi_process_launch(tmp_path):
+    """expert_iteration.py is single-process by design: under launch/local.sh every process stops
+    at start-up with a message that names the launch, instead of redoing the same work."""
+    result = _local(tmp_path, 2, ROOT / "experiments" / "expert_iteration.py",
+                    f"--workdir={tmp_path / 'run'}", "--progress=false",
+                    log_dir=tmp_path / "logs", timeout=180)
+    assert result.returncode != 0
+    for process in range(2):
+        log = (tmp_path / "logs" / f"process_{process}.log").read_text()
+        assert "expert_iteration.py runs in a single process" in log, log[-2000:]
+        assert "num_processes=2" in log, log[-2000:]
+    assert not (tmp_path / "run" / "checkpoints").exists()
