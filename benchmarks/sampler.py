@@ -15,10 +15,10 @@ processes hits both alike; the median is reported.
 Printed: tokens/s for both and their ratio, plus the ratio of process CPU seconds (``--threads
 1`` pins the process to one core: the measure least disturbed by other processes on a shared
 machine); where our time goes (prefill, one decode step, the model forward alone, the sampling
-alone); and the achieved FLOP/s of our decoding as a fraction
-of the matmul peak measured in the same process (a large float32 ``jnp.dot``). Useful FLOPs
-count 2 per multiply-add of every weight matrix per token (embedding lookup excluded) plus the
-attention scores and values over the real context length of each step.
+alone); and the achieved FLOP/s of our decoding as a fraction of the matmul peak measured in
+the same process (a large float32 ``jnp.dot``). Useful FLOPs count 2 per multiply-add of every
+weight matrix per token (embedding lookup excluded) plus the attention scores and values over
+the real context length of each step.
 """
 
 from __future__ import annotations

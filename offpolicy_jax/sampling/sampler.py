@@ -248,12 +248,13 @@ def _record(state: dict, tokens, logprobs, truncated_logprobs, eos_ids: tuple[in
 @functools.partial(jax.jit, static_argnames=(
     "cfg", "params_sampling", "num_samples", "response_bucket", "cache_window", "eos_ids",
     "pad_token_id", "mesh"))
-def _prefill(cfg, split_params, prompt_tokens, prompt_mask, row_keys, row_valid, max_new_tokens, *,
-             params_sampling, num_samples, response_bucket, cache_window, eos_ids, pad_token_id,
-             mesh):
+def _prefill(cfg, split_params, prompt_tokens, prompt_mask, row_keys, row_valid,
+             max_new_tokens, *, params_sampling, num_samples, response_bucket, cache_window,
+             eos_ids, pad_token_id, mesh):
     """Prefills the distinct prompts, repeats the cache per sample, draws the first token.
 
     Args:
+      split_params: ``decode.split_layer_params`` of the policy (shared with the decode steps).
       prompt_tokens, prompt_mask: [Bp, P] left-padded prompts (Bp = prompt batch bucket).
       row_keys: [Bp * num_samples] typed keys; row_valid: [Bp * num_samples] bool.
       max_new_tokens: int32 scalar (traced: the budget does not force a recompile).
