@@ -6,7 +6,7 @@ https://arxiv.org/abs/2505.16282 (code: github.com/dvlab-research/ARPO, ``replay
 responses (capacity 8, success = reward > 0.1): when every response of a group failed
 (std < 0.05 and mean < 0.2), the group's first response is replaced by a stored success of the
 same prompt, so the group carries a learning signal instead of a zero advantage. Buffer and
-source: ``offpolicy_jax.replay.SuccessReplayRollouts``. Loss: ``losses.ppo_clip`` with the
+stage: ``training.stages.SuccessReplay``. Loss: ``losses.ppo_clip`` with the
 asymmetric clip ε_low 0.2 / ε_high 0.3 and dual clip c = 3 for negative advantages, no KL.
 
 Command (embedded default, no download):
@@ -24,10 +24,10 @@ format penalty); 2 optimizer updates per batch instead of 16 (global batch 8 of 
 import numpy as np
 from absl import app, flags
 
-from offpolicy_jax import losses, replay, tiny_arith
-from offpolicy_jax.training import algorithm as algorithm_lib
+from offpolicy_jax import losses, tiny_arith
 from offpolicy_jax.training import flags as shared_flags
-from offpolicy_jax.training import loop
+from offpolicy_jax.training import loop, stages
+from offpolicy_jax.training.algorithm import Algorithm
 
 CAPACITY = flags.DEFINE_integer("replay_capacity", 8, "Successful responses kept per prompt "
                                 "(ARPO: 8).")
@@ -36,38 +36,36 @@ SUCCESS_THRESHOLD = flags.DEFINE_float("success_threshold", 0.1, "Reward above w
 CLIP_EPS_LOW = flags.DEFINE_float("clip_eps_low", 0.2, "ε_low (ARPO: 0.2).")
 CLIP_EPS_HIGH = flags.DEFINE_float("clip_eps_high", 0.3, "ε_high (ARPO: 0.3).")
 DUAL_CLIP = flags.DEFINE_float("dual_clip", 3.0, "Dual-clip c for A < 0 (ARPO: 3).")
-UPDATES_PER_BATCH = flags.DEFINE_integer("updates_per_batch", 1, "Passes over each batch "
-                                         "(ARPO: ppo_epochs 1).")
-NUM_MINIBATCHES = flags.DEFINE_integer("num_minibatches", 2, "Optimizer updates per pass "
-                                       "(ARPO: 16; 2 here, as the GRPO baseline).")
 
 
-def make_algorithm() -> algorithm_lib.Algorithm:
+def make_algorithm() -> Algorithm:
     eps_low, eps_high, dual_clip = CLIP_EPS_LOW.value, CLIP_EPS_HIGH.value, DUAL_CLIP.value
 
-    def advantages(rewards: np.ndarray, group_size: int) -> np.ndarray:
+    def advantages(inputs, info) -> dict:
         # A_i = (R_i − mean) / (std + 1e-6), unbiased std as torch.std (ARPO core_algos).
-        return np.asarray(losses.grpo_advantages(rewards, group_size, eps=1e-6))
+        return {"advantages": np.asarray(losses.grpo_advantages(inputs["rewards"],
+                                                                info.group_size, eps=1e-6))}
 
-    def loss(inputs):
+    def loss(inputs, info):
+        del info
         # Micro-batch 1 in ARPO: token-mean per trajectory, then the mean over trajectories.
         return losses.ppo_clip(inputs["logp"], inputs["old_logp"], inputs["advantages"],
                                inputs["mask"], eps_low=eps_low, eps_high=eps_high,
                                dual_clip=dual_clip, agg="seq-mean-token-mean")
 
-    return algorithm_lib.Algorithm(
-        name="arpo", loss=loss, advantages=advantages,
-        updates_per_batch=UPDATES_PER_BATCH.value, num_minibatches=NUM_MINIBATCHES.value)
+    return Algorithm(name="arpo", loss=loss, prepare=advantages, forward={"old": ("logp",)},
+                     stages=(stages.SuccessReplay(capacity=CAPACITY.value,
+                                                  success_threshold=SUCCESS_THRESHOLD.value),))
 
 
 def main(argv):
     del argv
-    source = replay.SuccessReplayRollouts(capacity=CAPACITY.value,
-                                          success_threshold=SUCCESS_THRESHOLD.value)
-    loop.run(shared_flags.run_config("arpo"), make_algorithm(), rollout_source=source)
+    loop.run(shared_flags.run_config("arpo"), make_algorithm())
 
 
 if __name__ == "__main__":
     # The embedded tiny-arith model's learning rate; ARPO uses 1e-6 at 7B.
     flags.FLAGS.set_default("learning_rate", tiny_arith.RL_LEARNING_RATE)
+    # ARPO: 16 updates per batch (global batch 8 of 128 rollouts); 2 here, as the GRPO baseline.
+    flags.FLAGS.set_default("num_minibatches", 2)
     app.run(main)

@@ -106,7 +106,7 @@ def plan(method: str, seed: str) -> dict:
     workdir = os.path.join(root_workdir(), f"{method}_seed{seed}")
     command = [sys.executable, str(ROOT / "experiments" / f"{experiment}.py"), *extra,
                f"--model={shared_flags.MODEL.value}", f"--workdir={workdir}", f"--seed={seed}",
-               f"--steps={steps}", f"--batch_size={batch}", f"--group_size={group}",
+               f"--iterations={steps}", f"--batch_size={batch}", f"--group_size={group}",
                f"--eval_every={eval_every}", f"--eval_size={shared_flags.EVAL_SIZE.value}",
                f"--eval_samples={shared_flags.EVAL_SAMPLES.value}", "--progress=false",
                *EXTRA_FLAGS.value]
@@ -152,7 +152,7 @@ def read_curve(workdir: str) -> list[dict]:
         for line in f:
             record = json.loads(line)
             if "eval/pass@1" in record:
-                curve.append({"step": record["step"], "rollouts": record.get("rollouts", 0),
+                curve.append({"step": record["iteration"], "rollouts": record.get("rollouts", 0),
                               "pass@1": record["eval/pass@1"]})
     return curve
 

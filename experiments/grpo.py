@@ -21,73 +21,69 @@ instead, which keeps the rollout budget fixed (their advantage is 0 anyway; mask
 from the token-mean denominator, which is the part of dynamic sampling that changes the gradient).
 """
 
-import jax
 import numpy as np
 from absl import app, flags
 
 from offpolicy_jax import losses, tiny_arith
-from offpolicy_jax.training import algorithm as algorithm_lib
 from offpolicy_jax.training import flags as shared_flags
-from offpolicy_jax.training import loop
+from offpolicy_jax.training import loop, policies
+from offpolicy_jax.training.algorithm import Algorithm
 
 VARIANT = flags.DEFINE_enum("variant", "grpo", ["grpo", "dr_grpo", "dapo"], "Which objective.")
 CLIP_EPS_LOW = flags.DEFINE_float("clip_eps_low", None, "ε_low (default: 0.2 for every variant).")
 CLIP_EPS_HIGH = flags.DEFINE_float("clip_eps_high", None, "ε_high (default: 0.2; DAPO 0.28).")
 KL_COEF = flags.DEFINE_float("kl_coef", 0.0, "β of the k3 KL to the initial policy "
                              "(GRPO paper 0.04; DAPO and Dr.GRPO use 0).")
-UPDATES_PER_BATCH = flags.DEFINE_integer("updates_per_batch", 1, "Passes over each batch "
-                                         "(GRPO paper: 1).")
-NUM_MINIBATCHES = flags.DEFINE_integer("num_minibatches", 2, "Optimizer updates per pass.")
 
-# Per-variant defaults: (std_normalize, aggregation, eps_low, eps_high, mask_uninformative).
+# Per variant: the loss, whether the advantage divides by the group std, the clip range.
 VARIANTS = {
-    "grpo": (True, "seq-mean-token-mean", 0.2, 0.2, False),
-    "dr_grpo": (False, "seq-mean-token-sum-norm", 0.2, 0.2, False),
-    "dapo": (True, "token-mean", 0.2, 0.28, True),
+    "grpo": (losses.grpo, True, 0.2, 0.2),
+    "dr_grpo": (losses.dr_grpo, False, 0.2, 0.2),
+    "dapo": (losses.dapo, True, 0.2, 0.28),
 }
 
 
-def make_algorithm(variant: str) -> algorithm_lib.Algorithm:
-    std_normalize, agg, eps_low, eps_high, mask_uninformative = VARIANTS[variant]
+def make_algorithm(variant: str) -> Algorithm:
+    objective, std_normalize, eps_low, eps_high = VARIANTS[variant]
     eps_low = CLIP_EPS_LOW.value if CLIP_EPS_LOW.value is not None else eps_low
     eps_high = CLIP_EPS_HIGH.value if CLIP_EPS_HIGH.value is not None else eps_high
     kl_coef = KL_COEF.value
 
-    def advantages(rewards: np.ndarray, group_size: int) -> dict:
-        out = {"advantages": np.asarray(losses.grpo_advantages(rewards, group_size,
-                                                               std_normalize=std_normalize))}
-        if mask_uninformative:
-            out["informative"] = np.asarray(losses.informative_groups(rewards, group_size))
+    def group_advantages(inputs, info) -> dict:
+        """Advantages over whole groups of the rollout batch (and DAPO's informative groups)."""
+        rewards = inputs["rewards"]
+        out = {"advantages": np.asarray(losses.grpo_advantages(
+            rewards, info.group_size, std_normalize=std_normalize))}
+        if variant == "dapo":
+            out["informative"] = np.asarray(
+                losses.informative_groups(rewards, info.group_size), np.float32)
         return out
 
-    def loss(inputs):
-        mask = inputs["mask"]
-        if mask_uninformative:
-            mask = mask * inputs["informative"][:, None]
-        policy_loss, metrics = losses.ppo_clip(inputs["logp"], inputs["old_logp"],
-                                               inputs["advantages"], mask, eps_low=eps_low,
-                                               eps_high=eps_high, agg=agg,
-                                               max_len=mask.shape[1])
-        if kl_coef:
-            # GRPO Eq. 3: the k3 estimator of KL(π_θ ‖ π_ref), in the loss, same aggregation.
-            kl = losses.aggregate(losses.kl_estimate(inputs["logp"], inputs["ref_logp"], "k3"),
-                                  mask, agg, max_len=mask.shape[1])
-            policy_loss = policy_loss + kl_coef * kl
-            metrics = {**metrics, "kl_ref": jax.lax.stop_gradient(kl)}
-        return policy_loss, metrics
+    def loss(inputs, info):
+        del info
+        extra = {"informative": inputs["informative"]} if variant == "dapo" else {}
+        return objective(inputs["logp"], inputs["old_logp"], inputs["advantages"], inputs["mask"],
+                         ref_logp=inputs.get("ref_logp"), eps_low=eps_low, eps_high=eps_high,
+                         kl_coef=kl_coef, **extra)
 
-    return algorithm_lib.Algorithm(
-        name=variant, loss=loss, advantages=advantages, needs_reference=kl_coef > 0,
-        updates_per_batch=UPDATES_PER_BATCH.value, num_minibatches=NUM_MINIBATCHES.value)
+    forward = {"old": ("logp",)}
+    stored = ()
+    if kl_coef:
+        forward["ref"] = ("logp",)
+        stored = (policies.reference("ref"),)   # GRPO's π_ref: the initial policy
+    return Algorithm(name=variant, loss=loss, prepare=group_advantages, forward=forward,
+                     policies=stored)
 
 
 def main(argv):
     del argv
-    config = shared_flags.run_config(VARIANT.value)
-    loop.run(config, make_algorithm(VARIANT.value))
+    loop.run(shared_flags.run_config(VARIANT.value), make_algorithm(VARIANT.value))
 
 
 if __name__ == "__main__":
     # The embedded tiny-arith model's learning rate; papers use 1e-6 at 7B.
     flags.FLAGS.set_default("learning_rate", tiny_arith.RL_LEARNING_RATE)
+    # Two optimizer updates per rollout batch (the second is off-policy, where the clip acts);
+    # the GRPO paper takes one pass over each batch.
+    flags.FLAGS.set_default("num_minibatches", 2)
     app.run(main)

@@ -20,13 +20,12 @@ actor's 1e-6); β_KL defaults to 0 on the tiny default (no separate SFT referenc
 verl's default is 1e-3).
 """
 
-import jax
 from absl import app, flags
 
 from offpolicy_jax import critic, losses, tiny_arith
-from offpolicy_jax.training import algorithm as algorithm_lib
 from offpolicy_jax.training import flags as shared_flags
-from offpolicy_jax.training import loop
+from offpolicy_jax.training import loop, policies
+from offpolicy_jax.training.algorithm import Algorithm
 
 CLIP_EPS = flags.DEFINE_float("clip_eps", 0.2, "PPO clip ε (verl default 0.2).")
 VF_CLIP = flags.DEFINE_float("vf_clip", 0.5, "Value clip ε_v (verl default 0.5).")
@@ -36,34 +35,34 @@ GAMMA = flags.DEFINE_float("gamma", 1.0, "Discount γ (verl 1.0).")
 GAE_LAMBDA = flags.DEFINE_float("gae_lambda", 1.0, "GAE λ (verl 1.0).")
 KL_COEF = flags.DEFINE_float("kl_coef", 0.0, "β_KL of the per-token KL penalty in the reward "
                              "(verl 1e-3; 0 on the tiny default).")
-UPDATES_PER_BATCH = flags.DEFINE_integer("updates_per_batch", 1, "PPO epochs over each batch.")
-NUM_MINIBATCHES = flags.DEFINE_integer("num_minibatches", 2, "Optimizer updates per epoch.")
 
 
-def make_algorithm() -> algorithm_lib.Algorithm:
+def make_algorithm() -> Algorithm:
     clip_eps, vf_clip, vf_coef = CLIP_EPS.value, VF_CLIP.value, VF_COEF.value
     gamma, gae_lambda, kl_coef = GAMMA.value, GAE_LAMBDA.value, KL_COEF.value
 
-    def targets(batch, iteration):
-        del iteration
-        return critic.gae_targets(batch, gamma=gamma, lam=gae_lambda, kl_coef=kl_coef)
+    def targets(inputs, info) -> dict:
+        del info
+        return critic.gae_targets(inputs, gamma=gamma, lam=gae_lambda, kl_coef=kl_coef)
 
-    def loss(inputs):
+    def loss(inputs, info):
+        del info
         mask = inputs["mask"]
         policy_loss, metrics = losses.ppo_clip(inputs["logp"], inputs["old_logp"],
                                                inputs["advantages"], mask, eps_low=clip_eps,
                                                eps_high=clip_eps, agg="token-mean")
         value_loss, value_metrics = losses.value_loss(inputs["values"], inputs["old_values"],
                                                       inputs["returns"], mask, clip_eps=vf_clip)
-        total = policy_loss + vf_coef * value_loss
-        return total, {**metrics, **value_metrics,
-                       "policy_loss": jax.lax.stop_gradient(policy_loss)}
+        return policy_loss + vf_coef * value_loss, {**metrics, **value_metrics,
+                                                    "policy_loss": policy_loss}
 
-    return algorithm_lib.Algorithm(
-        name="ppo", loss=loss, advantages=None, needs_reference=kl_coef > 0, needs_groups=False,
-        updates_per_batch=UPDATES_PER_BATCH.value, num_minibatches=NUM_MINIBATCHES.value,
-        extra_params=critic.init_value_head, value_fn=critic.values_from_hidden,
-        batch_targets=targets)
+    forward = {"current": ("values",), "old": ("logp", "values")}
+    stored = ()
+    if kl_coef:
+        forward["ref"] = ("logp",)
+        stored = (policies.reference("ref"),)   # the KL penalty's anchor: the initial policy
+    return Algorithm(name="ppo", loss=loss, prepare=targets, forward=forward, policies=stored,
+                     value_head=critic.VALUE_HEAD, needs_groups=False)
 
 
 def main(argv):
@@ -74,4 +73,5 @@ def main(argv):
 if __name__ == "__main__":
     # The embedded tiny-arith model's learning rate; verl's actor uses 1e-6.
     flags.FLAGS.set_default("learning_rate", tiny_arith.RL_LEARNING_RATE)
+    flags.FLAGS.set_default("num_minibatches", 2)   # optimizer updates per PPO epoch
     app.run(main)

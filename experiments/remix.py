@@ -4,14 +4,17 @@ Paper: "Squeeze the Soaked Sponge: Efficient Off-policy Reinforcement Finetuning
 Language Model", https://arxiv.org/abs/2507.06892. Three pieces (ALGORITHMS.md §2):
 
 1. Mix-PPG (``losses.mix_ppg``): each batch mixes a fraction p of groups replayed from the last N
-   policies' rollouts (``offpolicy_jax.replay.MixedRollouts``; each row keeps its behaviour
-   log-probs log π_{k−i}) with fresh groups from π_k, and takes m updates per batch (UTD ratio).
+   policies' rollouts (``training.stages.ReplayWindow``; each row keeps its behaviour log-probs
+   log π_{k−i}) with fresh groups from π_k, and takes m passes over each batch (UTD ratio,
+   ``--num_passes``). The whole objective is ``losses.remix``.
    The clip is centred on π_k/π_{k−i}: stored ``behaviour_logp`` vs the recomputed ``old_logp``.
 2. KL-Convex (``losses.kl_convex``): β·[λ(t)·KL(π_θ‖π_base) + (1−λ(t))·KL(π_θ‖π_{k−1})] with
    λ(t) = max(1 − 0.1·⌈max(t − delay, 0)/interval⌉, 0.5) (``losses.kl_convex_lambda``); π_{k−1} is
-   the policy at the start of the previous iteration (the loop keeps it: ``needs_previous_policy``).
+   the policy at the start of the previous iteration (a stored policy one iteration behind:
+   ``policies.behind("prev", 1)``).
 3. Policy reincarnation at step T: the KL anchor π_base becomes the current policy π_T
-   (``reset_reference_after``) and training switches to on-policy (p = 0, window discarded).
+   (``policies.reset_after("base", T)``) and training switches to on-policy (p = 0, window
+   discarded: ``stages.ReplayWindow``). One T sets both, in ``make_algorithm``.
 
 Variants: ``--variant=grpo`` (group-normalised advantage of each stored group, recomputed from its
 stored rewards) and ``--variant=ppo`` (GAE from the current critic, ``offpolicy_jax.critic``; the
@@ -34,15 +37,13 @@ entropy bonus (c unconfirmed; verl's default 1e-3 is negligible); the UTD ratio 
 it restarts at T is unconfirmed).
 """
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from offpolicy_jax import critic, losses, replay, tiny_arith
-from offpolicy_jax.training import algorithm as algorithm_lib
+from offpolicy_jax import critic, losses, tiny_arith
 from offpolicy_jax.training import flags as shared_flags
-from offpolicy_jax.training import loop
+from offpolicy_jax.training import loop, policies, stages
+from offpolicy_jax.training.algorithm import Algorithm
 
 VARIANT = flags.DEFINE_enum("variant", "grpo", ["grpo", "ppo"], "ReMix-GRPO (group advantages) "
                             "or ReMix-PPO (value head + GAE).")
@@ -50,9 +51,6 @@ OFF_POLICY_FRACTION = flags.DEFINE_float("off_policy_fraction", 0.4, "p: fractio
                                          "groups replayed from the window (paper 0.4).")
 WINDOW = flags.DEFINE_integer("window", 2, "N: past policies whose samples are replayable "
                               "(paper 2).")
-UPDATES_PER_BATCH = flags.DEFINE_integer("updates_per_batch", 2, "m: UTD ratio, passes over each "
-                                         "batch (paper 2).")
-NUM_MINIBATCHES = flags.DEFINE_integer("num_minibatches", 2, "Optimizer updates per pass.")
 REINCARNATION_STEP = flags.DEFINE_integer("reincarnation_step", 20, "T: after this iteration the "
                                           "KL anchor becomes the current policy and training is "
                                           "on-policy (paper 50 of 350+ steps; -1: never).")
@@ -76,63 +74,57 @@ def schedule() -> tuple[int | None, int, int]:
     return reincarnation, delay, interval
 
 
-def make_algorithm(variant: str) -> algorithm_lib.Algorithm:
+def make_algorithm(variant: str) -> Algorithm:
+    """ReMix: the window stage, the two KL anchors and the loss, all from one T."""
     reincarnation, delay, interval = schedule()
     kl_coef, clip_eps, dual_clip, vf_coef = (KL_COEF.value, CLIP_EPS.value, DUAL_CLIP.value,
                                              VF_COEF.value)
-    group_size = shared_flags.GROUP_SIZE.value
+    ppo = variant == "ppo"
 
-    def targets(batch: dict, iteration: int) -> dict:
-        """The training step t for λ(t), and the variant's advantage A^{π_k}."""
-        out = {"iteration": np.full(batch["rewards"].shape, iteration, np.int32)}
-        if variant == "ppo":
-            out.update(critic.gae_targets(batch))
-        else:
-            out["advantages"] = np.asarray(losses.grpo_advantages(batch["rewards"], group_size))
-        return out
+    def advantages(inputs, info) -> dict:
+        """A^{π_k}: GAE from the current critic, or the group advantage of each stored group."""
+        if ppo:
+            return critic.gae_targets(inputs)
+        return {"advantages": np.asarray(losses.grpo_advantages(inputs["rewards"],
+                                                                info.group_size))}
 
-    def loss(inputs):
-        logp, mask = inputs["logp"], inputs["mask"]
-        policy_loss, metrics = losses.mix_ppg(logp, inputs["old_logp"], inputs["behaviour_logp"],
-                                              inputs["advantages"], mask, eps_low=clip_eps,
-                                              eps_high=clip_eps, dual_clip=dual_clip)
-        lam = losses.kl_convex_lambda(jnp.max(inputs["iteration"]), delay=delay,
-                                      interval=interval)
-        # π_base is the loop's reference: the initial policy, then π_T after reincarnation.
-        kl, kl_metrics = losses.kl_convex(logp, inputs["ref_logp"], inputs["prev_logp"], mask,
-                                          lam=lam)
-        total = policy_loss + kl_coef * kl
-        metrics = {**metrics, **kl_metrics, "policy_loss": jax.lax.stop_gradient(policy_loss)}
-        if variant == "ppo":
+    def loss(inputs, info):
+        mask = inputs["mask"]
+        # π_base ("base"): the initial policy, then π_T after reincarnation; π_{k−1} ("prev").
+        total, metrics = losses.remix(
+            inputs["logp"], inputs["old_logp"], inputs["behaviour_logp"], inputs["advantages"],
+            mask, base_logp=inputs["base_logp"], prev_logp=inputs["prev_logp"],
+            step=info.iteration, kl_coef=kl_coef, lambda_delay=delay, lambda_interval=interval,
+            eps_low=clip_eps, eps_high=clip_eps, dual_clip=dual_clip)
+        if ppo:
             value_loss, value_metrics = losses.value_loss(inputs["values"], inputs["old_values"],
                                                           inputs["returns"], mask)
             total = total + vf_coef * value_loss
             metrics.update(value_metrics)
         return total, metrics
 
-    ppo = variant == "ppo"
-    return algorithm_lib.Algorithm(
-        name=f"remix_{variant}", loss=loss, advantages=None, batch_targets=targets,
-        needs_reference=True, needs_previous_policy=True, reset_reference_after=reincarnation,
-        needs_groups=not ppo, updates_per_batch=UPDATES_PER_BATCH.value,
-        num_minibatches=NUM_MINIBATCHES.value,
-        extra_params=critic.init_value_head if ppo else None,
-        value_fn=critic.values_from_hidden if ppo else None)
-
-
-def make_rollout_source() -> replay.MixedRollouts:
-    reincarnation, _, _ = schedule()
-    return replay.MixedRollouts(off_policy_fraction=OFF_POLICY_FRACTION.value,
-                                window=WINDOW.value, reincarnation_step=reincarnation)
+    base = (policies.reference("base") if reincarnation is None
+            else policies.reset_after("base", reincarnation))
+    old_outputs = ("logp", "values") if ppo else ("logp",)
+    return Algorithm(
+        name=f"remix_{variant}", loss=loss, prepare=advantages,
+        forward={"current": ("values",) if ppo else (), "old": old_outputs,
+                 "base": ("logp",), "prev": ("logp",)},
+        policies=(base, policies.behind("prev", 1)),
+        value_head=critic.VALUE_HEAD if ppo else None, needs_groups=not ppo,
+        stages=(stages.ReplayWindow(off_policy_fraction=OFF_POLICY_FRACTION.value,
+                                    window=WINDOW.value, reincarnation_step=reincarnation),))
 
 
 def main(argv):
     del argv
     config = shared_flags.run_config(f"remix_{VARIANT.value}")
-    loop.run(config, make_algorithm(VARIANT.value), rollout_source=make_rollout_source())
+    loop.run(config, make_algorithm(VARIANT.value))
 
 
 if __name__ == "__main__":
     # The embedded tiny-arith model's learning rate; the paper uses 1e-6.
     flags.FLAGS.set_default("learning_rate", tiny_arith.RL_LEARNING_RATE)
+    flags.FLAGS.set_default("num_passes", 2)        # m: the UTD ratio (paper 2)
+    flags.FLAGS.set_default("num_minibatches", 2)
     app.run(main)

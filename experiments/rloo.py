@@ -26,41 +26,38 @@ import numpy as np
 from absl import app, flags
 
 from offpolicy_jax import losses, tiny_arith
-from offpolicy_jax.training import algorithm as algorithm_lib
 from offpolicy_jax.training import flags as shared_flags
-from offpolicy_jax.training import loop
+from offpolicy_jax.training import loop, policies
+from offpolicy_jax.training.algorithm import Algorithm
 
 KL_COEF = flags.DEFINE_float("kl_coef", 0.0, "β of the sequence KL to the initial policy, "
                              "subtracted from the reward (paper 0.03 / 0.10; 0 here).")
-UPDATES_PER_BATCH = flags.DEFINE_integer("updates_per_batch", 1, "Passes over each batch.")
-NUM_MINIBATCHES = flags.DEFINE_integer("num_minibatches", 2, "Optimizer updates per pass (paper: "
-                                       "2 gradient steps per batch).")
 
 
-def make_algorithm() -> algorithm_lib.Algorithm:
+def make_algorithm() -> Algorithm:
     kl_coef = KL_COEF.value
-    group_size = shared_flags.GROUP_SIZE.value
 
-    def advantages(rewards: np.ndarray, group_size: int) -> np.ndarray:
-        return np.asarray(losses.rloo_advantages(rewards, group_size))
-
-    def kl_shaped_advantages(batch: dict, iteration: int) -> dict:
+    def advantages(inputs, info) -> dict:
         """RLOO advantages of R = r − β Σ_t (log π_old − log π_ref) (KL in the reward)."""
-        del iteration
-        mask = batch["mask"]
-        sequence_kl = np.sum((batch["old_logp"] - batch["ref_logp"]) * mask, axis=1)
-        shaped = batch["rewards"] - kl_coef * sequence_kl
-        return {"advantages": np.asarray(losses.rloo_advantages(shaped, group_size)),
+        if not kl_coef:
+            return {"advantages": np.asarray(losses.rloo_advantages(inputs["rewards"],
+                                                                    info.group_size))}
+        sequence_kl = np.sum((inputs["old_logp"] - inputs["ref_logp"]) * inputs["mask"], axis=1)
+        shaped = inputs["rewards"] - kl_coef * sequence_kl
+        return {"advantages": np.asarray(losses.rloo_advantages(shaped, info.group_size)),
                 "sequence_kl": sequence_kl.astype(np.float32)}
 
-    def loss(inputs):
+    def loss(inputs, info):
+        del info
         return losses.reinforce(inputs["logp"], inputs["advantages"], inputs["mask"],
                                 agg="seq-mean-token-sum")
 
-    return algorithm_lib.Algorithm(
-        name="rloo", loss=loss, advantages=advantages, needs_reference=kl_coef > 0,
-        batch_targets=kl_shaped_advantages if kl_coef > 0 else None,
-        updates_per_batch=UPDATES_PER_BATCH.value, num_minibatches=NUM_MINIBATCHES.value)
+    forward, stored = {}, ()
+    if kl_coef:
+        forward = {"old": ("logp",), "ref": ("logp",)}
+        stored = (policies.reference("ref"),)
+    return Algorithm(name="rloo", loss=loss, prepare=advantages, forward=forward,
+                     policies=stored)
 
 
 def main(argv):
@@ -71,4 +68,5 @@ def main(argv):
 if __name__ == "__main__":
     # The embedded tiny-arith model's learning rate; the paper uses 1e-6.
     flags.FLAGS.set_default("learning_rate", tiny_arith.RL_LEARNING_RATE)
+    flags.FLAGS.set_default("num_minibatches", 2)   # the paper's 2 gradient steps per batch
     app.run(main)

@@ -24,9 +24,9 @@ import numpy as np
 from absl import app, flags
 
 from offpolicy_jax import losses, tiny_arith
-from offpolicy_jax.training import algorithm as algorithm_lib
 from offpolicy_jax.training import flags as shared_flags
 from offpolicy_jax.training import loop
+from offpolicy_jax.training.algorithm import Algorithm
 
 RHO = flags.DEFINE_float("rho", 1.0, "ρ, temperature of the Q parameterisation (paper: 1).")
 BETA_Q = flags.DEFINE_float("beta_q", 1.0, "β_Q, scale of the successor mean-Q term (paper: 1; "
@@ -34,27 +34,23 @@ BETA_Q = flags.DEFINE_float("beta_q", 1.0, "β_Q, scale of the successor mean-Q 
 STD_NORMALIZE = flags.DEFINE_bool("std_normalize", False, "Divide the centred reward by the group "
                                   "std (the released math script) instead of mean-centring only "
                                   "(the paper, Eq. 4).")
-UPDATES_PER_BATCH = flags.DEFINE_integer("updates_per_batch", 1, "Passes over each batch (paper "
-                                         "ppo_epoch 1).")
-# Paper: 128 prompts per batch in mini-batches of 32, so 4 updates per batch; with one update the
-# target alone carries the gradient (Q ≡ 0 on-policy).
-NUM_MINIBATCHES = flags.DEFINE_integer("num_minibatches", 4, "Optimizer updates per pass.")
 
 
-def make_algorithm() -> algorithm_lib.Algorithm:
+def make_algorithm() -> Algorithm:
     rho, beta_q, std_normalize = RHO.value, BETA_Q.value, STD_NORMALIZE.value
 
-    def centred_rewards(rewards: np.ndarray, group_size: int) -> np.ndarray:
-        return np.asarray(losses.rover_rewards(rewards, group_size, std_normalize=std_normalize))
+    def centred_rewards(inputs, info) -> dict:
+        return {"advantages": np.asarray(losses.rover_rewards(
+            inputs["rewards"], info.group_size, std_normalize=std_normalize))}
 
-    def loss(inputs):
+    def loss(inputs, info):
+        del info
         return losses.rover(inputs["logp"], inputs["old_logp"], inputs["vocab_mean"],
                             inputs["old_vocab_mean"], inputs["advantages"], inputs["mask"],
                             rho=rho, beta_q=beta_q)
 
-    return algorithm_lib.Algorithm(
-        name="rover", loss=loss, advantages=centred_rewards, needs_vocab_mean=True,
-        updates_per_batch=UPDATES_PER_BATCH.value, num_minibatches=NUM_MINIBATCHES.value)
+    return Algorithm(name="rover", loss=loss, prepare=centred_rewards,
+                     forward={"current": ("vocab_mean",), "old": ("logp", "vocab_mean")})
 
 
 def main(argv):
@@ -65,4 +61,7 @@ def main(argv):
 if __name__ == "__main__":
     # The embedded tiny-arith model's learning rate; the paper uses 1e-6 at 8B.
     flags.FLAGS.set_default("learning_rate", tiny_arith.RL_LEARNING_RATE)
+    # Paper: 128 prompts per batch in mini-batches of 32, so 4 updates per batch; with one update
+    # the target alone carries the gradient (Q ≡ 0 on-policy).
+    flags.FLAGS.set_default("num_minibatches", 4)
     app.run(main)

@@ -16,11 +16,11 @@ JSON line reports ``pass@1_before`` and ``pass@1_after``).
 
 Modes:
 * ``--mode=online`` (default): each iteration samples a fresh batch from the current policy μ_k and
-  makes ``--num_minibatches`` x ``--updates_per_batch`` updates on it, so all but the first update
+  makes ``--num_minibatches`` x ``--num_passes`` updates on it, so all but the first update
   are off-policy with respect to μ_k (the iterated setting of §4.4, one iteration per batch).
 * ``--mode=offline``: the paper's main setting — one dataset of ``--offline_prompts`` prompts x
   ``--group_size`` responses is sampled from the initial policy, then the policy is trained on it
-  for ``--steps`` iterations (each takes the next ``--batch_size`` prompts' groups; μ is fixed).
+  for ``--iterations`` iterations (each takes the next ``--batch_size`` prompts' groups; μ is fixed).
 
 Departures from the paper (commented where set, see ``EMBEDDED_DEFAULTS``): rewards are the
 verifier's {0, 1} mapped to {-1, +1}; AdamW at a learning rate suited to a 0.8M-parameter model
@@ -32,9 +32,9 @@ import numpy as np
 from absl import app, flags
 
 from offpolicy_jax import losses, tiny_arith
-from offpolicy_jax.training import algorithm as algorithm_lib
 from offpolicy_jax.training import flags as shared_flags
-from offpolicy_jax.training import loop
+from offpolicy_jax.training import loop, stages
+from offpolicy_jax.training.algorithm import Algorithm
 
 MODE = flags.DEFINE_enum("mode", "online", ["online", "offline"], "Online (resample every "
                          "iteration) or offline (one dataset from the initial policy).")
@@ -48,36 +48,35 @@ RATIO_LEVEL = flags.DEFINE_enum("ratio_level", "sequence", ["sequence", "sequenc
                                 "normalised (verl), or per token (Trinity-RFT/ROLL).")
 NEGATIVE_REWARD = flags.DEFINE_float("negative_reward", -1.0, "Reward of a wrong answer (the paper "
                                      "uses R in {+1, -1}; the verifier gives 1 for correct).")
-UPDATES_PER_BATCH = flags.DEFINE_integer("updates_per_batch", 1, "Passes over each batch.")
-NUM_MINIBATCHES = flags.DEFINE_integer("num_minibatches", 2, "Optimizer updates per pass.")
 
 
-def make_algorithm() -> algorithm_lib.Algorithm:
+def make_algorithm() -> Algorithm:
     negative_reward = NEGATIVE_REWARD.value
     baseline = BASELINE.value
     ratio_level = RATIO_LEVEL.value
 
-    def signed_rewards(rewards: np.ndarray, group_size: int) -> np.ndarray:
+    def signed_rewards(inputs, info) -> dict:
         """R = +1 for a verified answer, ``negative_reward`` otherwise (TOPR §4: R ∈ {+1, −1})."""
-        del group_size
-        return np.where(rewards > 0, 1.0, negative_reward).astype(np.float32)
+        del info
+        return {"advantages": np.where(inputs["rewards"] > 0, 1.0,
+                                       negative_reward).astype(np.float32)}
 
-    def loss(inputs):
+    def loss(inputs, info):
+        del info
         return losses.topr(inputs["logp"], inputs["behaviour_logp"], inputs["advantages"],
                            inputs["mask"], baseline=baseline, ratio_level=ratio_level)
 
-    return algorithm_lib.Algorithm(
-        name="topr", loss=loss, advantages=signed_rewards, needs_groups=False,
-        updates_per_batch=UPDATES_PER_BATCH.value, num_minibatches=NUM_MINIBATCHES.value)
+    # The offline setting replaces every iteration's fresh batch by the next groups of one dataset
+    # sampled from the initial policy.
+    replay = (stages.OfflineDataset(num_prompts=OFFLINE_PROMPTS.value),) \
+        if MODE.value == "offline" else ()
+    return Algorithm(name="topr", loss=loss, prepare=signed_rewards, needs_groups=False,
+                     stages=replay)
 
 
 def main(argv):
     del argv
-    config = shared_flags.run_config("topr")
-    source = None
-    if MODE.value == "offline":
-        source = loop.OfflineRollouts(num_prompts=OFFLINE_PROMPTS.value)
-    loop.run(config, make_algorithm(), rollout_source=source)
+    loop.run(shared_flags.run_config("topr"), make_algorithm())
 
 
 # Defaults for the embedded tiny-arith task on 2 CPU cores, each a departure from the paper's
@@ -90,7 +89,7 @@ EMBEDDED_DEFAULTS = {
                              # this recipe (+4 and +10 points in 160 iterations).
     "num_minibatches": 4,    # 4 updates per rollout batch: updates 2-4 are off-policy, where the
                              # truncated negative weights act (on-policy TOPR is REINFORCE)
-    "steps": 200,
+    "iterations": 200,
     "eval_size": 256,        # 256 held-out prompts x 8 samples: pass@1 standard error ~2 points
 }
 

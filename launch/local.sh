@@ -7,7 +7,7 @@
 #
 # Usage:
 #   launch/local.sh NUM_PROCESSES EXPERIMENT_FILE [FLAGS...]
-#   launch/local.sh 2 experiments/topr.py --mesh=1,-1,1 --steps=4
+#   launch/local.sh 2 experiments/topr.py --mesh=1,-1,1 --iterations=4
 #
 # Environment:
 #   LOCAL_DEVICES_PER_PROCESS  fake CPU devices per process (default 2), i.e.

@@ -1,11 +1,12 @@
 """PPO's critic for LLMs: a linear value head on the policy's final hidden state, and the GAE
 targets computed from it (used by ``experiments/ppo.py`` and ReMix's PPO variant).
 
-The head is plugged into the loop through the ``Algorithm`` hooks: ``extra_params`` adds
+An algorithm plugs the head in with ``Algorithm(value_head=critic.VALUE_HEAD)``: its ``init`` adds
 ``{"value_head": {"kernel" [D], "bias" [1]}}`` to the policy's parameters (trained and checkpointed
-with them; the model and the sampler ignore the entry), ``value_fn`` maps the hidden states that
-predict each response token to V(s_t), and ``batch_targets`` turns the rollout's outcome rewards and
-the pre-update values into GAE advantages and value targets.
+with them; the model and the sampler ignore the entry), its ``apply`` maps the hidden states that
+predict each response token to V(s_t) (the ``values`` forward output), and the algorithm's
+``prepare`` turns the rollout's outcome rewards and the pre-update values (``old_values``) into GAE
+advantages and value targets with :func:`gae_targets`.
 
 Per-token reward (InstructGPT-style PPO; ALGORITHMS.md §5.4):
 
@@ -22,15 +23,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from offpolicy_jax import losses
+from offpolicy_jax.training.algorithm import ValueHead
 
-VALUE_HEAD = "value_head"
+PARAM_NAME = "value_head"   # the top-level parameter entry of the head
 
 
 def init_value_head(cfg, rng) -> dict:
     """``{"value_head": {"kernel": [D], "bias": [1]}}``, zero-initialised (V ≡ 0 at the start, so
     the first advantages are the whitened returns; the kernel still gets a gradient)."""
-    del rng  # zero init is deterministic; the argument keeps the hook's signature
-    return {VALUE_HEAD: {"kernel": jnp.zeros((cfg.hidden_size,), jnp.float32),
+    del rng  # zero init is deterministic; the argument keeps ValueHead.init's signature
+    return {PARAM_NAME: {"kernel": jnp.zeros((cfg.hidden_size,), jnp.float32),
                          "bias": jnp.zeros((1,), jnp.float32)}}
 
 
@@ -43,8 +45,11 @@ def values_from_hidden(params: dict, hidden) -> jax.Array:
 
     Returns: [N, R] float32 values.
     """
-    head = params[VALUE_HEAD]
+    head = params[PARAM_NAME]
     return jnp.einsum("nrd,d->nr", hidden.astype(jnp.float32), head["kernel"]) + head["bias"][0]
+
+
+VALUE_HEAD = ValueHead(init=init_value_head, apply=values_from_hidden)
 
 
 def token_rewards(scores, mask, *, old_logp=None, ref_logp=None, kl_coef: float = 0.0

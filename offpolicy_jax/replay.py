@@ -1,23 +1,20 @@
-"""Replay buffers for the off-policy methods, and the rollout sources built on them.
+"""Replay buffers for the off-policy methods.
 
-Both buffers hold numpy arrays plus JSON-able metadata, are bounded in memory, and are saved in
-every checkpoint through their rollout source's ``state_dict()`` (see ``training.loop``), so a
-killed run resumes with the same buffer contents and draws the same replayed samples.
+Both buffers hold numpy arrays plus JSON-able metadata, are bounded in memory, and give their
+state as ``(meta, arrays)`` for a checkpoint (the rollout stages that use them,
+``training.stages.ReplayWindow`` and ``SuccessReplay``, save it in every checkpoint), so a killed
+run resumes with the same buffer contents and draws the same replayed samples.
 
 * :class:`PolicyWindowBuffer` keeps whole groups of responses from the last ``window`` policy
   versions with their behaviour log-probs, for ReMix's mix-policy batches (Liang et al., "Squeeze
-  the Soaked Sponge", https://arxiv.org/abs/2507.06892): :class:`MixedRollouts` draws a fraction p
-  of each training batch from the window and samples the rest fresh, and switches to purely
-  on-policy batches (buffer discarded) after the policy-reincarnation step T.
+  the Soaked Sponge", https://arxiv.org/abs/2507.06892).
 * :class:`SuccessBuffer` keeps, per prompt, a FIFO of the last ``capacity`` successful responses,
   for ARPO's replay (Lu et al., https://arxiv.org/abs/2505.16282; rule from the official code's
-  ``replay_buffer.py`` / ``apply_replay``): :class:`SuccessReplayRollouts` replaces the first
-  response of every all-failed group with a stored success of the same prompt.
+  ``replay_buffer.py`` / ``apply_replay``): :func:`inject_successes` replaces the first response
+  of every all-failed group with a stored success of the same prompt.
 
-A rollout batch (the loop's layout) is a dict of arrays with one row per response, rows grouped
-contiguously by prompt (``group_size`` rows per prompt): ``prompt_tokens`` [N, P] (left-aligned,
-padded), ``prompt_lengths`` [N], ``tokens`` [N, R], ``lengths`` [N], ``behaviour_logp`` [N, R],
-``rewards`` [N], ``group_index`` [N], ``policy_version`` [N].
+Rollout rows are ``training.batch.Rollouts`` (shapes documented there), grouped contiguously by
+prompt, ``group_size`` rows per prompt.
 """
 
 from __future__ import annotations
@@ -26,44 +23,8 @@ import collections
 
 import numpy as np
 
-ROW_KEYS = ("prompt_tokens", "prompt_lengths", "tokens", "lengths", "behaviour_logp", "rewards",
-            "group_index", "policy_version")
-
-
-def _check_rollouts(rollouts: dict, group_size: int) -> int:
-    """Number of rows; fails naming the key on a missing array or a ragged / ungrouped batch."""
-    missing = [k for k in ROW_KEYS if k not in rollouts]
-    if missing:
-        raise ValueError(f"rollout batch lacks {missing} (needs {list(ROW_KEYS)})")
-    rows = rollouts["rewards"].shape[0]
-    bad = {k: rollouts[k].shape for k in ROW_KEYS if rollouts[k].shape[0] != rows}
-    if bad:
-        raise ValueError(f"rollout arrays disagree on the number of rows {rows}: {bad}")
-    if rows % group_size:
-        raise ValueError(f"{rows} rows do not form whole groups of group_size={group_size}")
-    return rows
-
-
-def concat_rollouts(parts: list[dict], pad_id: int) -> dict:
-    """Concatenates rollout batches row-wise, padding ``prompt_tokens`` to the widest part."""
-    parts = [p for p in parts if p["rewards"].shape[0]]
-    if not parts:
-        raise ValueError("concat_rollouts needs at least one non-empty batch")
-    width = max(p["prompt_tokens"].shape[1] for p in parts)
-    out = {}
-    for key in ROW_KEYS:
-        arrays = [p[key] for p in parts]
-        if key == "prompt_tokens":
-            arrays = [np.pad(a, ((0, 0), (0, width - a.shape[1])), constant_values=pad_id)
-                      for a in arrays]
-        out[key] = np.concatenate(arrays)
-    return out
-
-
-def group_rows(groups, group_size: int) -> np.ndarray:
-    """Row indices of whole groups, in group order: ``[g0*G .. g0*G+G-1, g1*G, ...]``."""
-    groups = np.asarray(groups, np.int64)
-    return (groups[:, None] * group_size + np.arange(group_size)[None, :]).reshape(-1)
+from offpolicy_jax.training import batch as batch_lib
+from offpolicy_jax.training.batch import Rollouts
 
 
 # ---------------------------------------------------------------------------------------------
@@ -93,138 +54,50 @@ class PolicyWindowBuffer:
         self.window = window
         self.group_size = group_size
         self.max_groups = max_groups
-        self.data: dict | None = None
+        self.data: Rollouts | None = None
 
     @property
     def num_groups(self) -> int:
-        return 0 if self.data is None else self.data["rewards"].shape[0] // self.group_size
+        return 0 if self.data is None else self.data.num_rows // self.group_size
 
     def versions(self) -> np.ndarray:
         """Policy version of each stored group, [num_groups]."""
         if self.data is None:
             return np.zeros((0,), np.int32)
-        return self.data["policy_version"][::self.group_size]
+        return self.data.policy_version[::self.group_size]
 
     def clear(self) -> None:
         self.data = None
 
-    def add(self, rollouts: dict, newest_version: int, pad_id: int = 0) -> None:
+    def add(self, rollouts: Rollouts, newest_version: int, pad_id: int = 0) -> None:
         """Stores ``rollouts`` (whole groups), then evicts versions ≤ ``newest_version − window``."""
-        _check_rollouts(rollouts, self.group_size)
-        stored = {k: np.asarray(rollouts[k]) for k in ROW_KEYS}
-        self.data = stored if self.data is None else concat_rollouts([self.data, stored], pad_id)
+        rollouts.num_groups(self.group_size)
+        self.data = rollouts if self.data is None else batch_lib.concat([self.data, rollouts],
+                                                                        pad_id)
         keep = np.nonzero(self.versions() > newest_version - self.window)[0]
         keep = keep[-self.max_groups:]                       # oldest groups go first
         if keep.size == 0:
             self.data = None
         elif keep.size < self.num_groups:
-            rows = group_rows(keep, self.group_size)
-            self.data = {k: v[rows] for k, v in self.data.items()}
+            self.data = self.data.take_groups(keep, self.group_size)
 
-    def sample_groups(self, num_groups: int, rng: np.random.Generator) -> dict:
+    def sample_groups(self, num_groups: int, rng: np.random.Generator) -> Rollouts:
         """``num_groups`` distinct stored groups drawn uniformly (i ~ ν uniform over the window)."""
         if num_groups > self.num_groups:
             raise ValueError(f"asked for {num_groups} replayed groups, the buffer holds "
                              f"{self.num_groups}")
         groups = np.sort(rng.choice(self.num_groups, size=num_groups, replace=False))
-        rows = group_rows(groups, self.group_size)
-        return {k: v[rows] for k, v in self.data.items()}
+        return self.data.take_groups(groups, self.group_size)
 
-    def state_dict(self, prefix: str) -> tuple[dict, dict]:
-        arrays = {} if self.data is None else {prefix + k: v for k, v in self.data.items()}
+    def state_dict(self) -> tuple[dict, dict]:
+        arrays = {} if self.data is None else self.data.as_dict()
         return {"num_groups": self.num_groups}, arrays
 
-    def load_state_dict(self, meta: dict, arrays: dict, prefix: str) -> None:
-        data = {k[len(prefix):]: np.asarray(v) for k, v in arrays.items() if k.startswith(prefix)}
-        self.data = data or None
+    def load_state_dict(self, meta: dict, arrays: dict) -> None:
+        self.data = Rollouts.from_dict(arrays) if arrays else None
         if self.num_groups != meta.get("num_groups", 0):
             raise ValueError(f"replay window checkpoint: meta says {meta.get('num_groups')} "
                              f"groups, arrays hold {self.num_groups}")
-
-
-class MixedRollouts:
-    """ReMix's mix-policy batches: a fraction p of replayed groups, the rest sampled fresh.
-
-    Iteration k (policy π_k = version k − 1) draws ``round(p · batch_size)`` groups uniformly from
-    the window of the last N policies' samples (fewer while the buffer is still filling) and
-    samples the other groups from π_k; the fresh groups are then added to the window. Only fresh
-    responses count towards the rollout budget (``context.generated``). After the reincarnation
-    step T (iterations k > T) the buffer is discarded and every batch is fresh (p = 0), as in the
-    paper's switch to on-policy training. Replayed rows come first in the batch; every group stays
-    contiguous.
-
-    Args:
-      off_policy_fraction: p (ReMix: 0.4).
-      window: N past policies (ReMix: 2).
-      reincarnation_step: T, or None for no reincarnation.
-      max_groups: cap on the window's stored groups.
-
-    Departure: the fresh part takes the first ``batch_size − replayed`` prompts of the next
-    prompt batch (the rest of that batch is skipped), which keeps the prompt stream's checkpoint
-    state a single counter.
-    """
-
-    PREFIX = "remix_window/"
-
-    def __init__(self, off_policy_fraction: float = 0.4, window: int = 2,
-                 reincarnation_step: int | None = None, max_groups: int = 4096):
-        if not 0.0 <= off_policy_fraction < 1.0:
-            raise ValueError(f"off-policy fraction p must be in [0, 1), got {off_policy_fraction}")
-        if reincarnation_step is not None and reincarnation_step < 0:
-            raise ValueError(f"reincarnation_step must be >= 0, got {reincarnation_step}")
-        self.off_policy_fraction = off_policy_fraction
-        self.window = window
-        self.reincarnation_step = reincarnation_step
-        self.max_groups = max_groups
-        self.buffer: PolicyWindowBuffer | None = None
-        self.last_replayed_groups = 0
-
-    def reincarnated(self, iteration: int) -> bool:
-        """True for iterations after T: on-policy batches, no buffer."""
-        return self.reincarnation_step is not None and iteration > self.reincarnation_step
-
-    def replayed_groups(self, batch_size: int, iteration: int) -> int:
-        """How many of this iteration's ``batch_size`` groups come from the window."""
-        if self.reincarnated(iteration) or self.buffer is None:
-            return 0
-        return min(int(round(self.off_policy_fraction * batch_size)), self.buffer.num_groups)
-
-    def _ensure_buffer(self, group_size: int) -> PolicyWindowBuffer:
-        if self.buffer is None:
-            self.buffer = PolicyWindowBuffer(self.window, group_size, self.max_groups)
-        return self.buffer
-
-    def collect(self, context, params, iteration: int) -> dict:
-        config = context.config
-        buffer = self._ensure_buffer(config.group_size)
-        if self.reincarnated(iteration):
-            buffer.clear()
-        num_replayed = self.replayed_groups(config.batch_size, iteration)
-        records = next(context.iterator)[:config.batch_size - num_replayed]
-        fresh = context.sample_and_score(params, records, iteration,
-                                         policy_version=iteration - 1)
-        parts = []
-        if num_replayed:
-            rng = np.random.default_rng([config.seed, iteration, 7])
-            parts.append(buffer.sample_groups(num_replayed, rng))
-        parts.append(fresh)
-        if not self.reincarnated(iteration):
-            buffer.add(fresh, newest_version=iteration - 1, pad_id=context.pad_id)
-        self.last_replayed_groups = num_replayed
-        return concat_rollouts(parts, context.pad_id)
-
-    def state_dict(self) -> tuple[dict, dict]:
-        if self.buffer is None:
-            return {"group_size": None}, {}
-        meta, arrays = self.buffer.state_dict(self.PREFIX)
-        return {"group_size": self.buffer.group_size, "buffer": meta}, arrays
-
-    def load_state_dict(self, meta: dict, arrays: dict) -> None:
-        if meta.get("group_size") is None:
-            self.buffer = None
-            return
-        self.buffer = PolicyWindowBuffer(self.window, meta["group_size"], self.max_groups)
-        self.buffer.load_state_dict(meta["buffer"], arrays, self.PREFIX)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -285,7 +158,7 @@ class SuccessBuffer:
             return None
         return queue[int(rng.integers(len(queue)))]
 
-    def state_dict(self, prefix: str) -> tuple[dict, dict]:
+    def state_dict(self) -> tuple[dict, dict]:
         """Meta: the prompt keys in order with their counts; arrays: all responses stacked."""
         rows = [r for q in self.entries.values() for r in q]
         meta = {"keys": list(self.entries), "counts": [len(q) for q in self.entries.values()]}
@@ -293,23 +166,22 @@ class SuccessBuffer:
             return meta, {}
         width = max(r["prompt_tokens"].shape[0] for r in rows)
         arrays = {
-            prefix + "prompt_tokens": np.stack(
+            "prompt_tokens": np.stack(
                 [np.pad(r["prompt_tokens"], (0, width - r["prompt_tokens"].shape[0]))
                  for r in rows]),
-            prefix + "prompt_lengths": np.array([r["prompt_tokens"].shape[0] for r in rows],
+            "prompt_lengths": np.array([r["prompt_tokens"].shape[0] for r in rows],
                                                 np.int32),
         }
         for field in self.FIELDS[1:]:
-            arrays[prefix + field] = np.stack([r[field] for r in rows])
+            arrays[field] = np.stack([r[field] for r in rows])
         return meta, arrays
 
-    def load_state_dict(self, meta: dict, arrays: dict, prefix: str) -> None:
+    def load_state_dict(self, meta: dict, arrays: dict) -> None:
         self.entries = collections.OrderedDict()
         total = sum(meta.get("counts", []))
         if total == 0:
             return
-        stacked = {k[len(prefix):]: np.asarray(v) for k, v in arrays.items()
-                   if k.startswith(prefix)}
+        stacked = {k: np.asarray(v) for k, v in arrays.items()}
         if stacked["rewards"].shape[0] != total:
             raise ValueError(f"success buffer checkpoint: meta counts {total} responses, arrays "
                              f"hold {stacked['rewards'].shape[0]}")
@@ -332,8 +204,15 @@ def all_failed_groups(rewards: np.ndarray, group_size: int, *, std_below: float 
     return (grouped.std(axis=1) < std_below) & (grouped.mean(axis=1) < mean_below)
 
 
-def inject_successes(rollouts: dict, keys: list[str], buffer: SuccessBuffer, group_size: int,
-                     rng: np.random.Generator) -> tuple[dict, np.ndarray]:
+def response_of(rollouts: Rollouts, row: int) -> dict:
+    """One row as a :class:`SuccessBuffer` entry (the prompt without its padding)."""
+    response = {f: getattr(rollouts, f)[row] for f in SuccessBuffer.FIELDS if f != "prompt_tokens"}
+    response["prompt_tokens"] = rollouts.prompt_tokens[row, :rollouts.prompt_lengths[row]]
+    return response
+
+
+def inject_successes(rollouts: Rollouts, keys: list[str], buffer: SuccessBuffer, group_size: int,
+                     rng: np.random.Generator) -> tuple[Rollouts, np.ndarray]:
     """ARPO's replay: the first response of each all-failed group becomes a stored success.
 
     For every group g (prompt ``keys[g]``) whose rewards are all failures (see
@@ -343,10 +222,10 @@ def inject_successes(rollouts: dict, keys: list[str], buffer: SuccessBuffer, gro
     success, or without a stored success, are unchanged. Returns ``(new rollouts, injected
     [num_groups] bool)``; the input is not modified.
     """
-    rows = _check_rollouts(rollouts, group_size)
-    if len(keys) != rows // group_size:
-        raise ValueError(f"{len(keys)} prompt keys for {rows // group_size} groups")
-    out = {k: np.array(v, copy=True) for k, v in rollouts.items()}
+    num_groups = rollouts.num_groups(group_size)
+    if len(keys) != num_groups:
+        raise ValueError(f"{len(keys)} prompt keys for {num_groups} groups")
+    out = {k: np.array(v, copy=True) for k, v in rollouts.as_dict().items()}
     failed = all_failed_groups(out["rewards"], group_size)
     injected = np.zeros(len(keys), bool)
     for group, key in enumerate(keys):
@@ -365,54 +244,4 @@ def inject_successes(rollouts: dict, keys: list[str], buffer: SuccessBuffer, gro
         for field in ("lengths", "rewards", "policy_version"):
             out[field][row] = stored[field]
         injected[group] = True
-    return out, injected
-
-
-class SuccessReplayRollouts:
-    """ARPO's rollout source: fresh GRPO groups, with all-failed groups rescued from the buffer.
-
-    Each iteration samples ``batch_size`` prompts × ``group_size`` responses from the current
-    policy, injects stored successes into all-failed groups (:func:`inject_successes`, using the
-    buffer *before* this batch), then stores this batch's own fresh successes. Injected responses
-    carry their stored behaviour log-probs and policy version; the loop recomputes ``old_logp``
-    under the current policy, so GRPO treats them as on-policy at the first update (ARPO applies
-    no importance correction). Injected responses are not rollouts of this iteration and do not
-    count towards the budget.
-
-    Args:
-      capacity: successes per prompt (ARPO: 8).
-      success_threshold: reward above which a response is stored (ARPO: 0.1).
-      max_prompts: cap on the prompts the buffer tracks.
-    """
-
-    PREFIX = "arpo_successes/"
-
-    def __init__(self, capacity: int = 8, success_threshold: float = 0.1,
-                 max_prompts: int = 4096):
-        self.buffer = SuccessBuffer(capacity, success_threshold, max_prompts)
-        self.last_injected = 0
-
-    @staticmethod
-    def prompt_key(record: dict) -> str:
-        return str(record["id"]) if "id" in record else str(record["prompt"])
-
-    def collect(self, context, params, iteration: int) -> dict:
-        config = context.config
-        records = next(context.iterator)
-        fresh = context.sample_and_score(params, records, iteration, policy_version=iteration - 1)
-        group_size = config.group_size
-        keys = [self.prompt_key(records[int(i)]) for i in fresh["group_index"][::group_size]]
-        rng = np.random.default_rng([config.seed, iteration, 11])
-        batch, injected = inject_successes(fresh, keys, self.buffer, group_size, rng)
-        self.last_injected = int(injected.sum())
-        for row in np.nonzero(fresh["rewards"] > self.buffer.success_threshold)[0]:
-            response = {f: fresh[f][row] for f in SuccessBuffer.FIELDS if f != "prompt_tokens"}
-            response["prompt_tokens"] = fresh["prompt_tokens"][row, :fresh["prompt_lengths"][row]]
-            self.buffer.add(keys[row // group_size], response)
-        return batch
-
-    def state_dict(self) -> tuple[dict, dict]:
-        return self.buffer.state_dict(self.PREFIX)
-
-    def load_state_dict(self, meta: dict, arrays: dict) -> None:
-        self.buffer.load_state_dict(meta, arrays, self.PREFIX)
+    return Rollouts(**out), injected

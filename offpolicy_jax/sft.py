@@ -49,7 +49,8 @@ def train_sft(cfg, params, tokenizer, examples, *, steps: int, batch_size: int,
               learning_rate: float, seed: int = 0, eos_id: int, pad_id: int,
               warmup_steps: int = 0, log_every: int = 0, log_fn=print):
     """Fine-tunes ``params`` on ``examples`` (list of ``(prompt, completion)``) with AdamW and a
-    cosine schedule; returns the new params and the per-step losses."""
+    cosine schedule; returns ``(params, per-step losses, skipped updates)`` (an update whose loss
+    or gradient is not finite leaves the parameters unchanged and is counted)."""
     prompts, completions = encode_examples(tokenizer, examples, eos_id=eos_id)
     # One fixed shape for the whole run (one compile), rounded up to a multiple of 16 rather than
     # a power of two: padding is pure waste in every step.
@@ -72,4 +73,4 @@ def train_sft(cfg, params, tokenizer, examples, *, steps: int, batch_size: int,
         history.append(float(metrics["loss"]))
         if log_every and (step + 1) % log_every == 0:
             log_fn(f"sft step {step + 1}/{steps}: loss {np.mean(history[-log_every:]):.4f}")
-    return jax.device_get(state.params), history
+    return jax.device_get(state.params), history, int(state.skipped_steps)

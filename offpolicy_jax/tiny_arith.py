@@ -78,7 +78,7 @@ def build(directory: str, recipe: TinyArithRecipe = TinyArithRecipe(), *, log_fn
                                     slip_probability=recipe.slip_probability)
     log_fn(f"tiny-arith: warm-starting a {cfg.num_params() / 1e6:.2f}M-parameter model on "
            f"{len(examples)} arith demonstrations ({recipe.sft_steps} steps)")
-    params, _ = sft.train_sft(
+    params, _, _ = sft.train_sft(
         cfg, params, tokenizer, examples, steps=recipe.sft_steps,
         batch_size=recipe.sft_batch_size, learning_rate=recipe.sft_learning_rate,
         seed=recipe.seed, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,

@@ -36,7 +36,7 @@ def _write_metrics(path, points):
     path.mkdir(parents=True)
     with open(path / "metrics.jsonl", "w") as f:
         for step, (rollouts, pass1) in enumerate(points):
-            record = {"step": step, "eval/pass@1": pass1}
+            record = {"iteration": step, "eval/pass@1": pass1}
             if step:
                 record["rollouts"] = rollouts
             f.write(json.dumps(record) + "\n")

@@ -18,7 +18,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 TIMING_KEYS = ("tokens_per_s", "step_s", "rollout_s", "reward_s", "update_s", "eval_s", "wall_s")
 
 # A few seconds per run: 2 layers, short responses, small batches.
-SMOKE_FLAGS = ["--steps=2", "--batch_size=4", "--group_size=4", "--max_new_tokens=24",
+SMOKE_FLAGS = ["--iterations=2", "--batch_size=4", "--group_size=4", "--max_new_tokens=24",
                "--eval_size=4", "--eval_samples=2", "--ckpt_every=1", "--progress=false"]
 
 
@@ -78,18 +78,19 @@ def test_experiment_runs_end_to_end(tiny_model, tmp_path, name, extra):
     result = run_experiment(name, f"--model={tiny_model}", f"--workdir={workdir}", *SMOKE_FLAGS,
                             *extra)
     summary = summary_of(result)
-    for key in ("algorithm", "steps", "rollouts", "pass@1_before", "pass@1_after", "wall_s"):
+    for key in ("algorithm", "iterations", "rollouts", "pass@1_before", "pass@1_after",
+                "skipped_steps", "wall_s"):
         assert key in summary, key
-    assert summary["steps"] == 2
+    assert summary["iterations"] == 2
     assert 0.0 <= summary["pass@1_after"] <= 1.0
     records = metrics_without_timing(workdir)
-    assert [r["step"] for r in records] == [0, 1, 2]
+    assert [r["iteration"] for r in records] == [0, 1, 2]
     assert np.isfinite(records[-1]["train/loss"])
     assert (workdir / "tensorboard").is_dir()
 
 
 def test_kill_and_resume_gives_identical_results(tiny_model, tmp_path):
-    flags = [f"--model={tiny_model}", *SMOKE_FLAGS, "--steps=4", "--ckpt_every=2"]
+    flags = [f"--model={tiny_model}", *SMOKE_FLAGS, "--iterations=4", "--ckpt_every=2"]
     straight = tmp_path / "straight"
     run_experiment("topr", f"--workdir={straight}", *flags)
 
@@ -105,7 +106,7 @@ def test_kill_and_resume_gives_identical_results(tiny_model, tmp_path):
     process.wait()
     assert checkpoint.exists(), "the run ended before its step-2 checkpoint"
     summary = summary_of(run_experiment("topr", f"--workdir={resumed}", *flags))
-    assert summary["steps"] == 4
+    assert summary["iterations"] == 4
 
     assert metrics_without_timing(resumed) == metrics_without_timing(straight)
     from offpolicy_jax.training import checkpoint as checkpoint_lib
@@ -134,7 +135,7 @@ def test_remix_replay_lambda_schedule_and_reincarnation_happen_at_the_configured
     step 1's policy (staleness 1) and spends fewer fresh rollouts; step 3 is on-policy again (the
     window is discarded after T, the anchor reset to π_2 is checkpointed); λ(t) = 1, 0.9, 0.8."""
     workdir = tmp_path / "remix"
-    flags = [f"--model={tiny_model}", *SMOKE_FLAGS, "--steps=3", "--variant=grpo",
+    flags = [f"--model={tiny_model}", *SMOKE_FLAGS, "--iterations=3", "--variant=grpo",
              "--reincarnation_step=2", "--kl_lambda_delay=1", "--kl_lambda_interval=1"]
     run_experiment("remix", f"--workdir={workdir}", *flags)
     records = metrics_without_timing(workdir)[1:]

@@ -132,18 +132,18 @@ def test_every_experiment_docstring_command_parses_with_its_flags():
 def test_flag_check_rejects_a_renamed_flag():
     # The same check, fed a misspelt shared flag and a misspelt experiment flag, must fail.
     errors = check_flags([("experiments/topr.py", ["--stepz=3"]),
-                          ("experiments/topr.py", ["--steps=3", "--mode=offlin"]),
-                          ("experiments/topr.py", ["--steps=3", "--mesh=1,-1,1"])])
+                          ("experiments/topr.py", ["--iterations=3", "--mode=offlin"]),
+                          ("experiments/topr.py", ["--iterations=3", "--mesh=1,-1,1"])])
     assert len(errors) == 2, errors
     assert "stepz" in errors[0] and "offlin" in errors[1]
 
 
 def test_invocation_extraction_handles_continuations_and_launchers():
     text = ("sbatch --nodes=2 launch/gpu_slurm.sh experiments/topr.py \\\n"
-            "    --steps=3 --mesh=2,4,1 2>&1 | tee log\n"
+            "    --iterations=3 --mesh=2,4,1 2>&1 | tee log\n"
             "launch/tpu_vm.sh --name=rl run experiments/grpo.py --variant=dapo # note\n")
     assert experiment_invocations(text) == [
-        ("experiments/topr.py", ["--steps=3", "--mesh=2,4,1"]),
+        ("experiments/topr.py", ["--iterations=3", "--mesh=2,4,1"]),
         ("experiments/grpo.py", ["--variant=dapo"])]
 
 

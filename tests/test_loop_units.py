@@ -1,11 +1,14 @@
-"""Unit tests of the loop's host-side pieces: packing, prompt arrays, the offline source, config
-validation. (The end-to-end runs live in test_experiments.py.)"""
+"""Unit tests of the loop's host-side pieces: packing, prompt arrays, the rollout container,
+config validation. (The rollout stages are in test_replay.py, the engine in test_trainer.py, the
+end-to-end runs in test_experiments.py.)"""
 
 import numpy as np
 import pytest
 
-from offpolicy_jax.training import algorithm as algorithm_lib
-from offpolicy_jax.training import loop, rollout
+from offpolicy_jax.training import batch as batch_lib
+from offpolicy_jax.training import rollout, trainer
+from offpolicy_jax.training.algorithm import Algorithm
+from offpolicy_jax.training.config import RunConfig
 
 
 def test_pack_sequences_layout():
@@ -38,74 +41,80 @@ def test_bucket_length():
 
 def test_prompt_array_round_trip():
     prompts = [[1, 2, 3], [4], [5, 6]]
-    array, lengths = loop.prompts_to_array(prompts, pad_id=0)
+    array, lengths = batch_lib.prompts_to_array(prompts, pad_id=0)
     assert array.shape == (3, 3)
-    assert loop.array_to_prompts(array, lengths) == prompts
+    rows = batch_lib.Rollouts(
+        prompt_tokens=array, prompt_lengths=lengths, tokens=np.zeros((3, 2), np.int32),
+        lengths=np.ones(3, np.int32), behaviour_logp=np.zeros((3, 2), np.float32),
+        rewards=np.zeros(3, np.float32), group_index=np.arange(3, dtype=np.int32),
+        policy_version=np.zeros(3, np.int32))
+    assert rows.prompts() == prompts
+    assert rows.take([2, 0]).prompts() == [[5, 6], [1, 2, 3]]
+    narrow = batch_lib.Rollouts(**{**rows.take([1]).as_dict(),
+                                   "prompt_tokens": np.array([[4]], np.int32)})
+    merged = batch_lib.concat([narrow, rows.take([0])], pad_id=9)
+    assert merged.prompt_tokens.tolist() == [[4, 9, 9], [1, 2, 3]]   # padded to the widest part
+    assert merged.prompts() == [[4], [1, 2, 3]]
 
 
-class _FakeContext:
-    """Stands in for RolloutContext: 'samples' are row numbers, so order is observable."""
-
-    def __init__(self, batch_size, group_size, seed=0):
-        self.config = loop.RunConfig(workdir="", batch_size=batch_size, group_size=group_size,
-                                     seed=seed)
-        self.pad_id = 0
-        self.calls = 0
-        self.iterator = iter([[{"prompt": str(i)} for i in range(start, start + batch_size)]
-                              for start in range(0, 1000, batch_size)])
-
-    def sample_and_score(self, params, records, seed_index, policy_version):
-        self.calls += 1
-        ids = np.repeat([int(r["prompt"]) for r in records], self.config.group_size)
-        n = ids.shape[0]
-        return {"prompt_tokens": ids[:, None].astype(np.int32),
-                "prompt_lengths": np.ones(n, np.int32), "tokens": ids[:, None],
-                "lengths": np.ones(n, np.int32), "behaviour_logp": np.zeros((n, 1), np.float32),
-                "rewards": np.zeros(n, np.float32), "group_index": np.zeros(n, np.int32),
-                "policy_version": np.full(n, policy_version, np.int32)}
+def test_rollouts_reject_ragged_rows_and_partial_groups():
+    with pytest.raises(ValueError, match="disagree on the number of rows 2"):
+        batch_lib.Rollouts(
+            prompt_tokens=np.zeros((2, 1), np.int32), prompt_lengths=np.ones(2, np.int32),
+            tokens=np.zeros((3, 2), np.int32), lengths=np.ones(2, np.int32),
+            behaviour_logp=np.zeros((3, 2), np.float32), rewards=np.zeros(2, np.float32),
+            group_index=np.zeros(2, np.int32), policy_version=np.zeros(2, np.int32))
+    rows = batch_lib.Rollouts.from_dict({
+        "prompt_tokens": np.zeros((3, 1)), "prompt_lengths": np.ones(3), "tokens": np.zeros((3, 2)),
+        "lengths": np.ones(3), "behaviour_logp": np.zeros((3, 2)), "rewards": np.zeros(3),
+        "group_index": np.zeros(3), "policy_version": np.zeros(3)})
+    with pytest.raises(ValueError, match="3 rows do not form whole groups of group_size=2"):
+        rows.num_groups(2)
+    with pytest.raises(ValueError, match=r"rollout arrays lack \['rewards'\]"):
+        batch_lib.Rollouts.from_dict({k: v for k, v in rows.as_dict().items() if k != "rewards"})
 
 
-def test_offline_rollouts_sample_once_and_cycle_through_every_group():
-    context = _FakeContext(batch_size=2, group_size=3)
-    source = loop.OfflineRollouts(num_prompts=5)
-    seen = []
-    for iteration in range(1, 6):  # 5 iterations x 2 groups = 2 epochs over 5 groups
-        batch = source.collect(context, None, iteration)
-        assert batch["tokens"].shape[0] == 6
-        # Rows stay grouped: each group of 3 rows is one prompt.
-        groups = batch["tokens"][:, 0].reshape(2, 3)
-        assert (groups == groups[:, :1]).all()
-        seen.extend(groups[:, 0].tolist())
-        assert (batch["policy_version"] == 0).all()
-    assert context.calls == 3  # 5 prompts drawn once, in batches of 2 (2 + 2 + 1)
-    assert sorted(seen) == sorted(list(range(5)) * 2)
-
-
-def test_offline_rollouts_state_round_trip():
-    context = _FakeContext(batch_size=2, group_size=2)
-    source = loop.OfflineRollouts(num_prompts=4)
-    source.collect(context, None, 1)
-    meta, arrays = source.state_dict()
-    restored = loop.OfflineRollouts(num_prompts=4)
-    restored.load_state_dict(meta, arrays)
-    np.testing.assert_array_equal(source.collect(context, None, 2)["tokens"],
-                                  restored.collect(context, None, 2)["tokens"])
+def _algorithm(name="grpo", **kwargs):
+    return Algorithm(name=name, loss=None, **kwargs)
 
 
 def test_run_config_validation_names_the_flag():
-    grouped = algorithm_lib.Algorithm(name="grpo", loss=None, advantages=None)
+    grouped = _algorithm()
     with pytest.raises(ValueError, match="--group_size=1: grpo normalises advantages"):
-        loop.RunConfig(workdir="w", group_size=1).validate(grouped)
+        RunConfig(workdir="w", group_size=1).validate(grouped)
     with pytest.raises(ValueError, match="--temperature must be > 0"):
-        loop.RunConfig(workdir="w", temperature=0.0).validate(grouped)
-    split = algorithm_lib.Algorithm(name="x", loss=None, advantages=None, num_minibatches=3)
+        RunConfig(workdir="w", temperature=0.0).validate(grouped)
     with pytest.raises(ValueError, match="must divide into 3 minibatches"):
-        loop.RunConfig(workdir="w", batch_size=4, group_size=2).validate(split)
+        RunConfig(workdir="w", batch_size=4, group_size=2, num_minibatches=3).validate(grouped)
+    with pytest.raises(ValueError, match="--num_passes must be >= 1"):
+        RunConfig(workdir="w", num_passes=0).validate(grouped)
     with pytest.raises(ValueError, match="--remat must be 'none', 'full' or a jax.checkpoint"):
-        loop.RunConfig(workdir="w", remat="dots_only").validate(grouped)
+        RunConfig(workdir="w", remat="dots_only").validate(grouped)
     for remat in ("none", "full", "dots_saveable"):
-        loop.RunConfig(workdir="w", remat=remat).validate(grouped)
-    assert (loop.remat_policy("none"), loop.remat_policy("full")) == (False, True)
-    ungrouped = algorithm_lib.Algorithm(name="topr", loss=None, advantages=None,
-                                        needs_groups=False)
-    loop.RunConfig(workdir="w", group_size=1).validate(ungrouped)
+        RunConfig(workdir="w", remat=remat).validate(grouped)
+    assert (trainer.remat_policy("none"), trainer.remat_policy("full")) == (False, True)
+    ungrouped = _algorithm("topr", needs_groups=False)
+    RunConfig(workdir="w", group_size=1).validate(ungrouped)
+
+
+def test_run_config_checks_minibatches_against_the_algorithms_unit():
+    # 3 groups of 4 rows: 12 rows split into 2 minibatches of rows, but not of whole groups.
+    RunConfig(workdir="w", batch_size=3, group_size=4, num_minibatches=2).validate(_algorithm())
+    by_group = _algorithm(minibatch_unit="group")
+    with pytest.raises(ValueError, match="the 3 groups of 4 rows .* must divide into 2 minibatches"):
+        RunConfig(workdir="w", batch_size=3, group_size=4, num_minibatches=2).validate(by_group)
+    RunConfig(workdir="w", batch_size=4, group_size=4, num_minibatches=2).validate(by_group)
+    by_pair = _algorithm("dpo", minibatch_unit="pair")
+    with pytest.raises(ValueError, match="the 3 pairs of 2 rows"):
+        RunConfig(workdir="w", batch_size=3, group_size=2, num_minibatches=2).validate(by_pair)
+
+
+def test_algorithm_rejects_undeclared_policies_and_unknown_outputs():
+    with pytest.raises(ValueError, match="forward outputs for 'ref', which is neither"):
+        _algorithm(forward={"ref": ("logp",)})
+    with pytest.raises(ValueError, match=r"unknown forward outputs \['logits'\]"):
+        _algorithm(forward={"old": ("logits",)})
+    with pytest.raises(ValueError, match="a 'values' output needs a value_head"):
+        _algorithm(forward={"old": ("values",)})
+    with pytest.raises(ValueError, match="minibatch_unit must be one of"):
+        _algorithm(minibatch_unit="token")

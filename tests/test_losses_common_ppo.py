@@ -353,7 +353,8 @@ def _check_against_paper(ours, seed, *, std, eps_high, beta, normaliser):
 def test_grpo_equals_deepseekmath_formula():
     # J = (1/G) Σ_i (1/|o_i|) Σ_t [...]: weight 1 / (B · |o_i|); β = 0.04, std-normalised.
     _check_against_paper(
-        lambda lp, old, r, m, ref: losses.grpo(lp, old, r, m, group_size=4, ref_logp=ref),
+        lambda lp, old, r, m, ref: losses.grpo(lp, old, losses.grpo_advantages(r, 4), m,
+                                               ref_logp=ref),
         seed=0, std=True, eps_high=0.2, beta=0.04,
         normaliser=lambda batch, lengths, i: 1.0 / (batch * lengths[i]))
 
@@ -361,7 +362,8 @@ def test_grpo_equals_deepseekmath_formula():
 def test_dr_grpo_equals_paper_formula():
     # No std, constant normaliser 1 / (B · L_max) with L_max = 8, no KL.
     _check_against_paper(
-        lambda lp, old, r, m, ref: losses.dr_grpo(lp, old, r, m, group_size=4, max_len=8),
+        lambda lp, old, r, m, ref: losses.dr_grpo(
+            lp, old, losses.grpo_advantages(r, 4, std_normalize=False), m, max_len=8),
         seed=1, std=False, eps_high=0.2, beta=0.0,
         normaliser=lambda batch, lengths, i: 1.0 / (batch * 8))
 
@@ -369,7 +371,7 @@ def test_dr_grpo_equals_paper_formula():
 def test_dapo_equals_paper_formula():
     # Token-level: every token weighted 1 / Σ_i |o_i|; clip [1 − 0.2, 1 + 0.28]; no KL.
     _check_against_paper(
-        lambda lp, old, r, m, ref: losses.dapo(lp, old, r, m, group_size=4),
+        lambda lp, old, r, m, ref: losses.dapo(lp, old, losses.grpo_advantages(r, 4), m),
         seed=2, std=True, eps_high=0.28, beta=0.0,
         normaliser=lambda batch, lengths, i: 1.0 / float(np.sum(lengths)))
 
@@ -379,17 +381,36 @@ def test_group_compositions_zero_variance_and_extremes_are_finite():
     old = jnp.zeros((4, 2))
     mask = jnp.array([[1, 1], [1, 0], [0, 0], [1, 1]])
     rewards = jnp.ones(4)                       # one group, all equal: advantages exactly 0
-    for fn in (functools.partial(losses.grpo, ref_logp=-logp), losses.dr_grpo, losses.dapo):
+    advantages = losses.grpo_advantages(rewards, 4)
+    np.testing.assert_array_equal(advantages, 0.0)
+    for fn in (functools.partial(losses.grpo, ref_logp=-logp), losses.dr_grpo, losses.dapo,
+               functools.partial(losses.dapo, informative=losses.informative_groups(rewards, 4))):
         (loss, metrics), grad = jax.value_and_grad(
-            lambda lp, fn=fn: fn(lp, old, rewards, mask, group_size=4), has_aux=True)(logp)
+            lambda lp, fn=fn: fn(lp, old, advantages, mask), has_aux=True)(logp)
         assert_finite_tree((loss, metrics, grad))
         np.testing.assert_allclose(metrics["pg_loss"], 0.0, atol=1e-6)
-        assert float(metrics["informative_group_fraction"]) == 0.0
+
+
+def test_dapo_drops_uninformative_groups_from_the_token_mean():
+    # Two groups of 2: group 0 all-equal rewards (uninformative), group 1 informative.
+    rewards = jnp.array([1.0, 1.0, 0.0, 1.0])
+    informative = losses.informative_groups(rewards, 2)
+    np.testing.assert_array_equal(informative, [False, False, True, True])
+    logp = jnp.log(jnp.array([[0.5, 0.5, 0.5], [0.5, 0.5, 0.5], [0.2, 0.4, 0.5], [0.6, 0.5, 0.5]]))
+    mask = jnp.array([[1, 1, 1], [1, 1, 1], [1, 1, 0], [1, 0, 0]], jnp.float32)
+    advantages = losses.grpo_advantages(rewards, 2)
+    loss, _ = losses.dapo(logp, logp, advantages, mask, informative=informative)
+    # On-policy: each token contributes −A_i; only group 1's 3 tokens count in the denominator.
+    a = np.asarray(advantages)
+    np.testing.assert_allclose(loss, -(2 * a[2] + a[3]) / 3.0, rtol=1e-6)
+    every_row, _ = losses.dapo(logp, logp, advantages, mask)
+    np.testing.assert_allclose(every_row, -(2 * a[2] + a[3]) / 9.0, rtol=1e-6)
 
 
 def test_grpo_requires_reference_for_kl():
     logp, old, _, mask, rewards, _ = _random_group_batch()
+    advantages = losses.grpo_advantages(rewards, 4)
     with pytest.raises(ValueError, match="needs ref_logp"):
-        losses.grpo(logp, old, rewards, mask, group_size=4)
-    loss, metrics = losses.grpo(logp, old, rewards, mask, group_size=4, kl_coef=0.0)
+        losses.grpo(logp, old, advantages, mask)
+    loss, metrics = losses.grpo(logp, old, advantages, mask, kl_coef=0.0)
     assert "kl_ref" not in metrics and np.isfinite(loss)

@@ -73,12 +73,16 @@ def test_group_compositions_padding_group_changes_nothing(name):
     logp, old, mask = random_batch(2)
     ref = old - 0.2
     rewards = jnp.array([1.0, 0.0, 0.0, 1.0])
-    kwargs = {"group_size": 2, "ref_logp": ref} if name == "grpo" else {"group_size": 2}
-    fn = functools.partial(getattr(losses, name), **kwargs)
+    std_normalize = name != "dr_grpo"
 
     def value_and_grad(lp, o, r, m, rf):
-        call_kwargs = {"ref_logp": rf} if name == "grpo" else {}
-        return jax.value_and_grad(lambda lp: fn(lp, o, r, m, **call_kwargs), has_aux=True)(lp)
+        # The advantages (and DAPO's informative rows) are statistics of whole groups.
+        kwargs = {"ref_logp": rf} if name == "grpo" else {}
+        if name == "dapo":
+            kwargs["informative"] = losses.informative_groups(r, 2)
+        advantages = losses.grpo_advantages(r, 2, std_normalize=std_normalize)
+        return jax.value_and_grad(
+            lambda lp: getattr(losses, name)(lp, o, advantages, m, **kwargs), has_aux=True)(lp)
 
     plain = value_and_grad(logp, old, rewards, mask, ref)
     # Two padding rows = one padding group, with informative (1, 0) rewards and garbage log-probs.

@@ -95,21 +95,21 @@ def test_two_processes_match_one_process_and_resume(tiny_model, tmp_path):
     # The reference: one process, four devices, two uninterrupted steps (run alongside).
     single = subprocess.Popen(
         [sys.executable, str(topr), f"--model={tiny_model}", f"--workdir={single_dir}",
-         "--steps=2", *RUN_FLAGS], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+         "--iterations=2", *RUN_FLAGS], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env=_env(tmp_path, XLA_FLAGS="--xla_force_host_platform_device_count=4"))
     try:
         first = _local(tmp_path, 2, topr, f"--model={tiny_model}", f"--workdir={multi_dir}",
-                       "--steps=1", *RUN_FLAGS, log_dir=tmp_path / "logs_first")
+                       "--iterations=1", *RUN_FLAGS, log_dir=tmp_path / "logs_first")
         assert first.returncode == 0, first.stderr[-4000:]
-        assert _summary(first.stdout)["steps"] == 1
+        assert _summary(first.stdout)["iterations"] == 1
         # Only process 0 prints the summary and writes the logs.
         assert "pass@1_after" not in (tmp_path / "logs_first" / "process_1.log").read_text()
 
         second = _local(tmp_path, 2, topr, f"--model={tiny_model}", f"--workdir={multi_dir}",
-                        "--steps=2", *RUN_FLAGS, log_dir=tmp_path / "logs_second")
+                        "--iterations=2", *RUN_FLAGS, log_dir=tmp_path / "logs_second")
         assert second.returncode == 0, second.stderr[-4000:]
         summary = _summary(second.stdout)
-        assert (summary["steps"], summary["rollouts"]) == (2, 32)
+        assert (summary["iterations"], summary["rollouts"]) == (2, 32)
         single_out, single_err = single.communicate(timeout=400)
         assert single.returncode == 0, single_err[-4000:]
     finally:
@@ -120,8 +120,8 @@ def test_two_processes_match_one_process_and_resume(tiny_model, tmp_path):
     # Resumed, not restarted: a fresh start would have logged step 0 (the initial evaluation)
     # a second time. And the whole metric history equals the single process's.
     multi_metrics, single_metrics = _metrics(multi_dir), _metrics(single_dir)
-    assert [r["step"] for r in multi_metrics] == [0, 1, 2]
-    assert [r["step"] for r in single_metrics] == [0, 1, 2]
+    assert [r["iteration"] for r in multi_metrics] == [0, 1, 2]
+    assert [r["iteration"] for r in single_metrics] == [0, 1, 2]
     for multi_record, single_record in zip(multi_metrics, single_metrics):
         # The first launch ended at step 1, so its step-1 record also has a final evaluation.
         assert single_record.keys() <= multi_record.keys()

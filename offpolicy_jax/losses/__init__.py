@@ -39,7 +39,14 @@ from offpolicy_jax.losses.logits import (
     token_logprobs_and_vocab_mean,
 )
 from offpolicy_jax.losses.policy_gradient import RATIO_LEVELS, reinforce, topr
-from offpolicy_jax.losses.ppo import dapo, dr_grpo, grpo, ppo_clip, value_loss
+from offpolicy_jax.losses.ppo import (
+    clipped_policy_loss,
+    dapo,
+    dr_grpo,
+    grpo,
+    ppo_clip,
+    value_loss,
+)
 from offpolicy_jax.losses.preference import dpo, spin
 from offpolicy_jax.losses.remix import kl_convex, kl_convex_lambda, mix_ppg, remix
 from offpolicy_jax.losses.rover import rover, rover_rewards
@@ -50,6 +57,7 @@ from offpolicy_jax.losses.sft import nll
 # arrays that family needs.
 POLICY_LOSSES = {
     "reinforce": reinforce,
+    "clipped_policy_loss": clipped_policy_loss,
     "topr": topr,
     "ppo_clip": ppo_clip,
     "grpo": grpo,
@@ -65,9 +73,10 @@ POLICY_LOSSES = {
 
 __all__ = [
     "AGGREGATIONS", "KL_ESTIMATORS", "LOG_RATIO_BOUND", "POLICY_LOSSES", "RATIO_LEVELS",
-    "aggregate", "dapo", "dapo_overlong_penalty", "dpo", "dr_grpo", "entropy", "gae", "grpo",
-    "grpo_advantages", "informative_groups", "kl_convex", "kl_convex_lambda", "kl_estimate",
-    "kl_k1", "kl_k2", "kl_k3", "masked_mean", "masked_whiten", "mix_ppg", "nll", "ppo_clip",
-    "reinforce", "remix", "rloo_advantages", "rover", "rover_rewards", "sequence_sum", "spin",
-    "token_entropy", "token_log_probs", "token_logprobs_and_vocab_mean", "topr", "value_loss",
+    "aggregate", "clipped_policy_loss", "dapo", "dapo_overlong_penalty", "dpo", "dr_grpo",
+    "entropy", "gae", "grpo", "grpo_advantages", "informative_groups", "kl_convex",
+    "kl_convex_lambda", "kl_estimate", "kl_k1", "kl_k2", "kl_k3", "masked_mean", "masked_whiten",
+    "mix_ppg", "nll", "ppo_clip", "reinforce", "remix", "rloo_advantages", "rover",
+    "rover_rewards", "sequence_sum", "spin", "token_entropy", "token_log_probs",
+    "token_logprobs_and_vocab_mean", "topr", "value_loss",
 ]

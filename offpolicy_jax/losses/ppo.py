@@ -1,5 +1,6 @@
 """Clipped policy-gradient objectives: PPO-clip (with DAPO's clip-higher and dual clip), the clipped
-value loss, and GRPO / Dr. GRPO / DAPO as compositions of advantage + clip + KL + aggregation.
+value loss, and GRPO / Dr. GRPO / DAPO as compositions of clip + KL + aggregation on advantages
+computed over whole groups.
 """
 
 from __future__ import annotations
@@ -7,7 +8,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from offpolicy_jax.losses import advantages as advantages_lib
 from offpolicy_jax.losses import common
 
 
@@ -158,55 +158,65 @@ def value_loss(values, old_values, returns, mask, *, clip_eps: float | None = 0.
 
 
 # ----------------------------------------------------------------------------------------------
-# Group-relative compositions.
+# Group-relative compositions: the paper objectives, given advantages computed over whole groups.
 # ----------------------------------------------------------------------------------------------
+#
+# The advantage is a statistic of a whole group of responses (``grpo_advantages``), so it is
+# computed once per rollout batch, before the batch is split into minibatches; these losses take
+# it as an input. In a notebook with one whole batch:
+#
+#     adv = losses.grpo_advantages(rewards, group_size)
+#     loss, metrics = losses.grpo(logp, old_logp, adv, mask, ref_logp=ref_logp)
 
-def _group_clipped_objective(logp, old_logp, rewards, mask, *, group_size, ref_logp,
-                             std_normalize, eps_low, eps_high, dual_clip, kl_coef, kl_estimator,
-                             kl_clamp, agg, max_len) -> tuple[jax.Array, dict]:
-    """advantage (group-relative) → clipped surrogate → + β·KL(π_θ‖π_ref) → one aggregation.
+def clipped_policy_loss(logp, old_logp, advantages, mask, *, ref_logp=None, eps_low: float = 0.2,
+                        eps_high: float = 0.2, dual_clip: float | None = None,
+                        kl_coef: float = 0.0, kl_estimator: str = "k3",
+                        kl_clamp: float | None = None, agg: str = "token-mean",
+                        max_len: int | None = None) -> tuple[jax.Array, dict]:
+    """PPO-clip surrogate plus β·KL(π_θ‖π_ref) in the loss, under one aggregation.
 
-    Aggregation is linear, so ``agg(ℓ_clip + β·k) = agg(ℓ_clip) + β·agg(k)`` and the clip term can
-    be computed by :func:`ppo_clip` itself.
+        loss = agg_t[ ℓ_clip(ρ_t, A) ] + β · agg_t[ k(logp_t, ref_logp_t) ]
+
+    PPO, Schulman et al. 2017, https://arxiv.org/abs/1707.06347, with the KL penalty in the loss as
+    in GRPO (DeepSeekMath, https://arxiv.org/abs/2402.03300, Eq. 3-4). Aggregation is linear, so
+    this equals ``agg(ℓ_clip + β·k)``. The KL term (estimator k1, k2 or k3; GRPO uses k3) is only
+    formed when ``kl_coef`` ≠ 0.
+
+    Args:
+      logp, old_logp: [B, T] log π_θ (differentiated) and log π_old.
+      advantages: [B] or [B, T], computed over whole groups (constants).
+      mask: [B, T] response mask (a [B, T] product with a row mask drops rows from every term).
+      ref_logp: [B, T] log π_ref; required when ``kl_coef`` ≠ 0.
+      eps_low, eps_high, dual_clip: the clip (:func:`ppo_clip`).
+      kl_coef: β. kl_estimator: "k1", "k2" or "k3". kl_clamp: clip the estimate to ±kl_clamp
+        (verl's ``low_var_kl`` uses 10); None = unclipped.
+      agg, max_len: the aggregation (:func:`offpolicy_jax.losses.aggregate`).
+
+    Returns: ``(loss, metrics)``: the :func:`ppo_clip` metrics, plus ``kl_ref`` when β ≠ 0.
     """
-    batch, _ = common.check_token_arrays(logp=logp, old_logp=old_logp, mask=mask)
-    common.check_sequence_array("rewards", rewards, batch)
-    adv = advantages_lib.grpo_advantages(jax.lax.stop_gradient(rewards), group_size,
-                                         std_normalize=std_normalize)
-    pg_loss, metrics = ppo_clip(logp, old_logp, adv, mask, eps_low=eps_low, eps_high=eps_high,
-                                dual_clip=dual_clip, agg=agg, max_len=max_len)
-    loss = pg_loss
+    loss, metrics = ppo_clip(logp, old_logp, advantages, mask, eps_low=eps_low,
+                             eps_high=eps_high, dual_clip=dual_clip, agg=agg, max_len=max_len)
+    if isinstance(kl_coef, (int, float)) and kl_coef == 0:
+        return loss, metrics
     if ref_logp is None:
-        if not (isinstance(kl_coef, (int, float)) and kl_coef == 0):
-            raise ValueError(f"kl_coef={kl_coef!r} needs ref_logp (the reference policy's [B, T] "
-                             f"log-probs); pass ref_logp or set kl_coef=0")
-    else:
-        common.check_token_arrays(logp=logp, ref_logp=ref_logp)
-        m = common.as_mask(mask)
-        kl_tokens = common.kl_estimate(common.masked_zero(logp, m),
-                                       common.masked_zero(jax.lax.stop_gradient(ref_logp), m),
-                                       kl_estimator, clamp=kl_clamp)
-        kl = common.aggregate(kl_tokens, m, agg, max_len=max_len)
-        loss = loss + kl_coef * kl
-        metrics["kl_ref"] = jax.lax.stop_gradient(kl)
-    rewards = jnp.asarray(rewards, jnp.float32)
-    # Over the responses with at least one token, so fully-masked padding rows change nothing.
-    non_empty = (jnp.sum(common.as_mask(mask), axis=-1) > 0).astype(jnp.float32)
-    metrics["reward_mean"] = common.masked_mean(rewards, non_empty)
-    metrics["informative_group_fraction"] = common.masked_mean(
-        advantages_lib.informative_groups(rewards, group_size), non_empty)
-    metrics = jax.tree.map(jax.lax.stop_gradient, metrics)
-    metrics["loss"] = jax.lax.stop_gradient(loss)
-    return loss, metrics
+        raise ValueError(f"kl_coef={kl_coef!r} needs ref_logp (the reference policy's [B, T] "
+                         f"log-probs); pass ref_logp or set kl_coef=0")
+    common.check_token_arrays(logp=logp, ref_logp=ref_logp)
+    m = common.as_mask(mask)
+    kl_tokens = common.kl_estimate(common.masked_zero(logp, m),
+                                   common.masked_zero(jax.lax.stop_gradient(ref_logp), m),
+                                   kl_estimator, clamp=kl_clamp)
+    kl = common.aggregate(kl_tokens, m, agg, max_len=max_len)
+    metrics["kl_ref"] = jax.lax.stop_gradient(kl)
+    return loss + kl_coef * kl, metrics
 
 
-def grpo(logp, old_logp, rewards, mask, *, group_size: int, ref_logp=None, eps: float = 0.2,
-         kl_coef: float = 0.04, kl_estimator: str = "k3", kl_clamp: float | None = None,
-         std_normalize: bool = True, agg: str = "seq-mean-token-mean"
-         ) -> tuple[jax.Array, dict]:
-    """GRPO: group-normalised outcome advantage, PPO clip, per-token k3 KL to π_ref in the loss.
+def grpo(logp, old_logp, advantages, mask, *, ref_logp=None, eps_low: float = 0.2,
+         eps_high: float = 0.2, kl_coef: float = 0.04, kl_estimator: str = "k3", kl_clamp: float | None = None,
+         agg: str = "seq-mean-token-mean") -> tuple[jax.Array, dict]:
+    """GRPO: PPO clip on the group-normalised outcome advantage, per-token k3 KL to π_ref.
 
-        Â_i   = (r_i − mean(r)) / (std(r) + 1e-6)
+        Â_i   = (r_i − mean(r)) / (std(r) + 1e-6)           (grpo_advantages, whole groups)
         J     = (1/G) Σ_i (1/|o_i|) Σ_t [ min(ρ_{i,t} Â_i, clip(ρ_{i,t}, 1−ε, 1+ε) Â_i)
                                          − β k3_{i,t} ]
         loss  = −J
@@ -216,33 +226,26 @@ def grpo(logp, old_logp, rewards, mask, *, group_size: int, ref_logp=None, eps: 
 
     Args:
       logp, old_logp: [B, T] log-probs under π_θ (differentiated) and π_old.
-      rewards: [B] outcome rewards, consecutive groups of ``group_size`` responses per prompt.
+      advantages: [B] ``grpo_advantages(rewards, group_size)`` of the whole rollout batch.
       mask: [B, T] response mask.
-      group_size: G (static).
       ref_logp: [B, T] log-probs under π_ref; required when ``kl_coef != 0``.
-      eps: clip ε.
-      kl_coef: β.
-      kl_estimator: "k3" (paper), "k2" or "k1".
-      kl_clamp: clip k3 to ±kl_clamp (verl ``low_var_kl`` uses 10); None = paper.
-      std_normalize: divide the advantage by the group std (GRPO; False = Dr. GRPO's advantage).
-      agg: aggregation mode (paper: seq-mean-token-mean).
+      eps_low, eps_high: the clip range ``[1 − ε_low, 1 + ε_high]`` (paper: ε = 0.2 both).
+      kl_coef: β. kl_estimator: "k3" (paper), "k2" or "k1". kl_clamp: as
+        :func:`clipped_policy_loss`. agg: aggregation (paper: seq-mean-token-mean).
 
-    Returns: ``(loss, metrics)``: the :func:`ppo_clip` metrics plus ``kl_ref`` (if ``ref_logp``),
-    ``reward_mean``, ``informative_group_fraction`` (groups with non-identical rewards), ``loss``;
-    the last three are averaged over responses with at least one unmasked token.
+    Returns: ``(loss, metrics)``: the :func:`ppo_clip` metrics plus ``kl_ref`` (when β ≠ 0).
     """
-    return _group_clipped_objective(
-        logp, old_logp, rewards, mask, group_size=group_size, ref_logp=ref_logp,
-        std_normalize=std_normalize, eps_low=eps, eps_high=eps, dual_clip=None, kl_coef=kl_coef,
-        kl_estimator=kl_estimator, kl_clamp=kl_clamp, agg=agg, max_len=None)
+    return clipped_policy_loss(logp, old_logp, advantages, mask, ref_logp=ref_logp,
+                               eps_low=eps_low, eps_high=eps_high, kl_coef=kl_coef,
+                               kl_estimator=kl_estimator, kl_clamp=kl_clamp, agg=agg)
 
 
-def dr_grpo(logp, old_logp, rewards, mask, *, group_size: int, max_len: int | None = None,
-            ref_logp=None, eps: float = 0.2, kl_coef: float = 0.0, kl_estimator: str = "k3"
-            ) -> tuple[jax.Array, dict]:
+def dr_grpo(logp, old_logp, advantages, mask, *, max_len: int | None = None, ref_logp=None,
+            eps_low: float = 0.2, eps_high: float = 0.2, kl_coef: float = 0.0,
+            kl_estimator: str = "k3") -> tuple[jax.Array, dict]:
     """Dr. GRPO ("GRPO done right"): GRPO without the std and without the per-response 1/|o_i|.
 
-        Ã_i  = r_i − mean(r)
+        Ã_i  = r_i − mean(r)          (grpo_advantages(..., std_normalize=False), whole groups)
         loss = −(1/(G·L_max)) Σ_i Σ_t min(ρ_{i,t} Ã_i, clip(ρ_{i,t}, 1−ε, 1+ε) Ã_i)  [+ β·KL]
 
     Liu et al. 2025, "Understanding R1-Zero-Like Training: A Critical Perspective",
@@ -253,40 +256,49 @@ def dr_grpo(logp, old_logp, rewards, mask, *, group_size: int, max_len: int | No
     "everything else as GRPO" — pass ``kl_coef=0.04, ref_logp=...`` for that reading].
 
     Args:
-      logp, old_logp, rewards, mask, group_size, ref_logp, eps, kl_coef, kl_estimator: as
-        :func:`grpo`.
+      logp, old_logp, mask, ref_logp, eps_low, eps_high, kl_coef, kl_estimator: as :func:`grpo`.
+      advantages: [B] mean-centred group rewards of the whole rollout batch.
       max_len: L_max, the constant normaliser — the generation budget; defaults to T.
 
     Returns: ``(loss, metrics)`` as :func:`grpo`.
     """
-    return _group_clipped_objective(
-        logp, old_logp, rewards, mask, group_size=group_size, ref_logp=ref_logp,
-        std_normalize=False, eps_low=eps, eps_high=eps, dual_clip=None, kl_coef=kl_coef,
-        kl_estimator=kl_estimator, kl_clamp=None, agg="seq-mean-token-sum-norm", max_len=max_len)
+    return clipped_policy_loss(logp, old_logp, advantages, mask, ref_logp=ref_logp,
+                               eps_low=eps_low, eps_high=eps_high, kl_coef=kl_coef,
+                               kl_estimator=kl_estimator, agg="seq-mean-token-sum-norm",
+                               max_len=max_len)
 
 
-def dapo(logp, old_logp, rewards, mask, *, group_size: int, eps_low: float = 0.2,
+def dapo(logp, old_logp, advantages, mask, *, informative=None, eps_low: float = 0.2,
          eps_high: float = 0.28, ref_logp=None, kl_coef: float = 0.0, kl_estimator: str = "k3"
          ) -> tuple[jax.Array, dict]:
-    """DAPO's policy loss: GRPO advantage, clip-higher, token-level mean, no KL.
+    """DAPO's policy loss: GRPO advantage, clip-higher, token-level mean, no KL, and only the
+    informative groups.
 
         Â_{i,t} = (r_i − mean(r)) / (std(r) + 1e-6)
-        loss    = −(1/Σ_i |o_i|) Σ_i Σ_t min(ρ_{i,t} Â_{i,t},
-                                            clip(ρ_{i,t}, 1−ε_low, 1+ε_high) Â_{i,t})
+        loss    = −(1/Σ_{i∈I} |o_i|) Σ_{i∈I} Σ_t min(ρ_{i,t} Â_{i,t},
+                                                  clip(ρ_{i,t}, 1−ε_low, 1+ε_high) Â_{i,t})
 
     Yu et al. 2025, "DAPO: An Open-Source LLM Reinforcement Learning System at Scale",
-    https://arxiv.org/abs/2503.14476 (ε_low = 0.2, ε_high = 0.28, KL removed). DAPO's two other
-    ingredients act on the data, not the loss: dynamic sampling (drop groups whose rewards are all
-    equal — see :func:`informative_groups`) and the soft overlong punishment added to the reward
+    https://arxiv.org/abs/2503.14476 (ε_low = 0.2, ε_high = 0.28, KL removed). I is the set of
+    responses whose group's rewards are not all equal: DAPO's dynamic sampling re-draws prompts
+    until the batch holds only such groups; here the uninformative groups are dropped from the
+    loss instead (``informative``), which keeps the rollout budget fixed. Their advantage is 0
+    anyway; dropping them removes their tokens from the token-mean denominator, the part of
+    dynamic sampling that changes the gradient. The soft overlong punishment acts on the reward
     (:func:`dapo_overlong_penalty`).
 
     Args:
-      logp, old_logp, rewards, mask, group_size, ref_logp, kl_coef, kl_estimator: as :func:`grpo`.
+      logp, old_logp, mask, ref_logp, kl_coef, kl_estimator: as :func:`grpo`.
+      advantages: [B] ``grpo_advantages`` of the whole rollout batch.
+      informative: [B] 1 for rows of groups with non-identical rewards
+        (:func:`informative_groups` of the whole batch); None keeps every row.
       eps_low, eps_high: the decoupled clip range ``[1 − ε_low, 1 + ε_high]``.
 
     Returns: ``(loss, metrics)`` as :func:`grpo`.
     """
-    return _group_clipped_objective(
-        logp, old_logp, rewards, mask, group_size=group_size, ref_logp=ref_logp,
-        std_normalize=True, eps_low=eps_low, eps_high=eps_high, dual_clip=None, kl_coef=kl_coef,
-        kl_estimator=kl_estimator, kl_clamp=None, agg="token-mean", max_len=None)
+    if informative is not None:
+        common.check_sequence_array("informative", informative, mask.shape[0])
+        mask = mask * jnp.asarray(informative, mask.dtype)[:, None]
+    return clipped_policy_loss(logp, old_logp, advantages, mask, ref_logp=ref_logp,
+                               eps_low=eps_low, eps_high=eps_high, kl_coef=kl_coef,
+                               kl_estimator=kl_estimator, agg="token-mean")

@@ -144,9 +144,10 @@ def kl_convex(logp, base_logp, prev_logp, mask, *, lam, estimator: str = "k3",
 
 
 def remix(logp, old_logp, behaviour_logp, advantages, mask, *, base_logp, prev_logp, step,
-          kl_coef: float, entropy=None, entropy_coef: float = 0.0, eps_low: float = 0.2,
-          eps_high: float = 0.2, dual_clip: float | None = None, kl_estimator: str = "k3",
-          agg: str = "token-mean", max_len: int | None = None) -> tuple[jax.Array, dict]:
+          kl_coef: float, lambda_delay: int = 50, lambda_interval: int = 10, entropy=None,
+          entropy_coef: float = 0.0, eps_low: float = 0.2, eps_high: float = 0.2,
+          dual_clip: float | None = None, kl_estimator: str = "k3", agg: str = "token-mean",
+          max_len: int | None = None) -> tuple[jax.Array, dict]:
     """The full ReMix objective: Mix-PPG − c·H[π_θ] + β · KL-Convex(λ(step)).
 
         L = L^{Mix-PPG} − c·H[π_θ] + β · L_KLC(θ; π_base, λ(t))
@@ -159,27 +160,29 @@ def remix(logp, old_logp, behaviour_logp, advantages, mask, *, base_logp, prev_l
     Args:
       logp, old_logp, behaviour_logp, advantages, mask: as :func:`mix_ppg`.
       base_logp, prev_logp: [B, T] KL anchors, as :func:`kl_convex`.
-      step: training step for :func:`kl_convex_lambda` (default schedule).
+      step: training step t for λ(t) (:func:`kl_convex_lambda`; may be traced).
       kl_coef: β.
+      lambda_delay, lambda_interval: λ(t)'s schedule (paper: 50 and 10).
       entropy: optional [B, T] per-token entropy of π_θ (e.g. :func:`token_entropy`,
         differentiated).
       entropy_coef: c.
       eps_low, eps_high, dual_clip, agg, max_len: as :func:`mix_ppg` (one aggregation for every
         term); kl_estimator: as :func:`kl_convex`.
 
-    Returns: ``(loss, metrics)``: the :func:`mix_ppg` and :func:`kl_convex` metrics, ``entropy``
-    (if given) and ``loss``.
+    Returns: ``(loss, metrics)``: the :func:`mix_ppg` and :func:`kl_convex` metrics,
+    ``policy_loss`` (the Mix-PPG term alone) and ``entropy`` (if given).
     """
     pg_loss, metrics = mix_ppg(logp, old_logp, behaviour_logp, advantages, mask, eps_low=eps_low,
                                eps_high=eps_high, dual_clip=dual_clip, agg=agg, max_len=max_len)
-    kl, kl_metrics = kl_convex(logp, base_logp, prev_logp, mask, lam=kl_convex_lambda(step),
+    lam = kl_convex_lambda(step, delay=lambda_delay, interval=lambda_interval)
+    kl, kl_metrics = kl_convex(logp, base_logp, prev_logp, mask, lam=lam,
                                estimator=kl_estimator, agg=agg, max_len=max_len)
     metrics.update(kl_metrics)
+    metrics["policy_loss"] = jax.lax.stop_gradient(pg_loss)
     loss = pg_loss + kl_coef * kl
     if entropy is not None:
         common.check_token_arrays(logp=logp, entropy=entropy)
         mean_entropy = common.aggregate(entropy, common.as_mask(mask), agg, max_len=max_len)
         loss = loss - entropy_coef * mean_entropy
         metrics["entropy"] = jax.lax.stop_gradient(mean_entropy)
-    metrics["loss"] = jax.lax.stop_gradient(loss)
     return loss, metrics

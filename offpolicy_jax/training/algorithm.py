@@ -1,75 +1,152 @@
-"""What an experiment file tells the loop: how to turn rewards into training targets, and the loss.
+"""What an experiment file tells the trainer: the forward outputs its loss needs, its targets, its
+loss, how a batch splits, and where its rollouts come from.
 
-An ``Algorithm`` is plain data plus two pure functions, so each experiment file reads as its paper:
+An :class:`Algorithm` is plain data plus pure functions, so an experiment file reads as its paper:
 
-* ``advantages(rewards, group_size) -> [N]`` runs on the host after the verifier;
-* ``loss(inputs) -> (loss, metrics)`` runs inside the jitted train step. ``inputs`` holds ``logp``
-  (with gradient) and the stored arrays: ``old_logp`` (policy before this update, recomputed),
-  ``behaviour_logp`` (the sampler's), ``ref_logp`` (if ``needs_reference``), ``mask``,
-  ``rewards``, ``advantages``, ``group_index`` and, for ROVER, ``vocab_mean``/``old_vocab_mean``.
+* ``forward`` declares the model outputs the loss needs, per policy. ``"current"`` is the policy
+  being trained (computed inside the differentiated loss: ``logp``, ``vocab_mean``, ``values``,
+  ``entropy``); ``"old"`` is the policy before this iteration's updates (``old_logp``, ...); any
+  other key names a stored policy from ``policies`` (``ref_logp``, ``prev_logp``, ...). Outputs:
+  ``logp`` [N, R] log-probs of the response tokens, ``vocab_mean`` [N, R] mean log-prob over the
+  vocabulary (ROVER), ``values`` [N, R] the critic's V(s_t) (needs ``value_head``), ``entropy``
+  [N, R] the per-token entropy.
+* ``prepare(inputs, info) -> dict`` runs on the host once per rollout batch, after the old and
+  stored policies' outputs are known, with the *whole* batch (group statistics are never cut by a
+  minibatch). It returns per-row arrays (``[N]`` or ``[N, R]``) added to the loss inputs, e.g.
+  ``advantages``.
+* ``loss(inputs, info) -> (loss, metrics)`` runs inside the jitted train step on a minibatch.
+* ``minibatch_unit`` says which rows stay together when a batch is split: ``"row"``, ``"group"``
+  (every response of a prompt: group statistics inside the loss) or ``"pair"`` (rows 2j and 2j+1:
+  preference pairs).
+* ``stages``, ``reward_fn`` and ``selection`` configure the rollout pipeline
+  (``training.stages``): replay or mixing stages in order, the reward of a response (default: the
+  math verifier), and how prompts are chosen (default: the shuffled prompt stream).
 
-Optional hooks (all off by default, which leaves the loop exactly as above) serve the methods that
-need more than log-probs: a critic on the policy's last hidden state (PPO: ``extra_params``,
-``value_fn``, which add ``values``/``old_values``), per-token targets computed once the batch's
-log-probs are known (GAE: ``batch_targets``), the previous iteration's policy (ReMix's KL-Convex:
-``needs_previous_policy`` adds ``prev_logp``) and a KL anchor that moves to the current policy at a
-given iteration (ReMix's policy reincarnation: ``reset_reference_after``).
+The loss inputs (a dict of ``[B, ...]`` arrays; B rows of the minibatch): ``tokens``,
+``attention_mask``, ``positions`` ([B, P + R], see ``rollout.pack_sequences``), ``mask`` [B, R]
+(1 on generated tokens up to and including EOS), the rollout rows' ``behaviour_logp``,
+``rewards``, ``group_index`` (``training.batch``), the forward outputs above and ``prepare``'s
+arrays.
 """
 
-import dataclasses
-from typing import Callable
+from __future__ import annotations
 
+import dataclasses
+from typing import Any, Callable
+
+import flax.struct
 import numpy as np
+
+OUTPUTS = ("logp", "vocab_mean", "values", "entropy")
+MINIBATCH_UNITS = ("row", "group", "pair")
+
+
+@flax.struct.dataclass
+class StepInfo:
+    """What a loss or a ``prepare`` function may know besides the batch.
+
+    Attributes:
+      iteration: the RL iteration, 1-based (a traced int32 scalar inside the jitted loss, so a
+        schedule such as ReMix's λ(t) compiles once).
+      rng: a PRNG key: per optimizer update inside the loss, per iteration in ``prepare``.
+      group_size: responses per prompt (static).
+      seed: the run's ``--seed`` (static).
+    """
+
+    iteration: Any
+    rng: Any
+    group_size: int = flax.struct.field(pytree_node=False)
+    seed: int = flax.struct.field(pytree_node=False, default=0)
+
+    def host_rng(self, *salt: int) -> np.random.Generator:
+        """A numpy generator determined by (seed, iteration, salt): the same after a resume."""
+        return np.random.default_rng([self.seed, int(self.iteration), *salt])
+
+
+@dataclasses.dataclass(frozen=True)
+class ValueHead:
+    """A critic on the policy's final hidden states (``offpolicy_jax.critic``).
+
+    Attributes:
+      init: ``(cfg, rng) -> dict`` of extra top-level parameter entries (e.g. ``{"value_head":
+        ...}``), added to the policy's parameters, replicated, trained and checkpointed with them
+        (the model and the sampler ignore unknown entries).
+      apply: ``(params, hidden [N, R, D]) -> values [N, R]``.
+    """
+
+    init: Callable[[Any, Any], dict]
+    apply: Callable[[dict, Any], Any]
 
 
 @dataclasses.dataclass(frozen=True)
 class Algorithm:
-    """One RL objective as the loop runs it.
+    """One RL method as the trainer runs it (see the module docstring).
 
     Attributes:
       name: shown in logs and the summary.
-      loss: ``inputs -> (scalar loss, metrics)``, jittable.
-      advantages: host function ``(rewards [N], group_size) -> advantages [N]``, or a dict of
-        per-row ``[N]`` arrays holding ``"advantages"`` and any other inputs the loss needs
-        (e.g. DAPO's informative-group mask); every entry is added to the loss inputs.
-      needs_reference: compute ``ref_logp`` with the frozen initial policy (KL terms).
-      needs_vocab_mean: compute ``vocab_mean`` (ROVER's successor mean-Q).
-      needs_groups: advantages are group-relative, so ``group_size >= 2`` is required.
-      updates_per_batch: passes over each rollout batch (PPO epochs / UTD ratio).
-      num_minibatches: optimizer updates per pass (the rollout batch is split into this many).
-      extra_params: ``(cfg, rng) -> dict`` of extra trainable top-level parameter entries (e.g.
-        ``{"value_head": ...}``), added to the policy's parameters, replicated on the mesh, trained
-        and checkpointed with them (the model and the sampler ignore unknown entries).
-      value_fn: ``(params, hidden [N, R, D]) -> values [N, R]``: a critic on the final hidden
-        states that predict each response token. Adds ``values`` (with gradient) to the loss
-        inputs and ``old_values`` (no gradient, before this batch's updates) to the batch.
-      batch_targets: host function ``(batch, iteration) -> dict`` of per-row arrays added to (or
-        replacing entries of) the batch after ``old_logp``/``ref_logp``/``prev_logp``/
-        ``old_values`` are known (e.g. GAE advantages and returns). ``advantages`` may then be
-        None.
-      needs_previous_policy: compute ``prev_logp`` = log π_{k−1}, the policy at the start of the
-        previous iteration (the initial policy at iteration 1); the loop keeps one extra copy of
-        the parameters and checkpoints it.
-      reset_reference_after: after this iteration's updates the reference policy (``ref_logp``)
-        becomes the current policy (ReMix's policy reincarnation); None keeps the initial policy.
+      loss: ``(inputs, info) -> (scalar loss, metrics)``, jittable.
+      forward: ``{policy: outputs}``: ``"current"``, ``"old"`` or a stored policy's name, each
+        with a tuple from ``OUTPUTS``. ``logp`` under ``"current"`` is always computed.
+      prepare: host function ``(inputs, info) -> dict`` of per-row arrays for the loss, or None.
+      policies: stored policies (``training.policies``) the forward outputs refer to.
+      value_head: the critic, needed for a ``values`` output.
+      minibatch_unit: "row", "group" or "pair" (see the module docstring).
+      needs_groups: the method compares responses within a group (``--group_size >= 2``).
+      stages: replay / mixing stages of the rollout pipeline, applied in order.
+      reward_fn: ``(records, responses, pool) -> rewards [n]`` (see ``stages.verifier_reward``);
+        None: the math verifier.
+      selection: the prompt-selection stage; None: the shuffled prompt stream.
     """
 
     name: str
-    loss: Callable[[dict], tuple]
-    advantages: Callable[[np.ndarray, int], np.ndarray] | None
-    needs_reference: bool = False
-    needs_vocab_mean: bool = False
+    loss: Callable[[dict, StepInfo], tuple]
+    forward: dict = dataclasses.field(default_factory=dict)
+    prepare: Callable[[dict, StepInfo], dict] | None = None
+    policies: tuple = ()
+    value_head: ValueHead | None = None
+    minibatch_unit: str = "row"
     needs_groups: bool = True
-    updates_per_batch: int = 1
-    num_minibatches: int = 1
-    extra_params: Callable[[object, object], dict] | None = None
-    value_fn: Callable[[dict, object], object] | None = None
-    batch_targets: Callable[[dict, int], dict] | None = None
-    needs_previous_policy: bool = False
-    reset_reference_after: int | None = None
+    stages: tuple = ()
+    reward_fn: Callable | None = None
+    selection: Any = None
+
+    def __post_init__(self):
+        known = {"current", "old", *(p.name for p in self.policies)}
+        for policy, outputs in self.forward.items():
+            if policy not in known:
+                raise ValueError(f"{self.name}: forward outputs for {policy!r}, which is neither "
+                                 f"'current', 'old' nor a declared stored policy "
+                                 f"{sorted(known - {'current', 'old'})}")
+            unknown = sorted(set(outputs) - set(OUTPUTS))
+            if unknown:
+                raise ValueError(f"{self.name}: unknown forward outputs {unknown} for {policy!r} "
+                                 f"(choose from {OUTPUTS})")
+            if "values" in outputs and self.value_head is None:
+                raise ValueError(f"{self.name}: a 'values' output needs a value_head")
+        if self.minibatch_unit not in MINIBATCH_UNITS:
+            raise ValueError(f"{self.name}: minibatch_unit must be one of {MINIBATCH_UNITS}, "
+                             f"got {self.minibatch_unit!r}")
+
+    def outputs(self, policy: str) -> tuple[str, ...]:
+        """The outputs declared for ``policy`` (``logp`` first when declared)."""
+        declared = self.forward.get(policy, ())
+        return tuple(o for o in OUTPUTS if o in declared)
 
 
-def raw_rewards(rewards: np.ndarray, group_size: int) -> np.ndarray:
-    """Advantage = reward (TOPR, REINFORCE without baseline)."""
-    del group_size
-    return np.asarray(rewards, np.float32)
+def input_name(policy: str, output: str) -> str:
+    """The loss-input key of a forward output: ``logp`` for the current policy, else
+    ``<policy>_<output>`` (``old_logp``, ``ref_logp``, ``old_values``)."""
+    return output if policy == "current" else f"{policy}_{output}"
+
+
+def minibatches(num_rows: int, num_minibatches: int, unit: str, group_size: int,
+                rng: np.random.Generator) -> list[np.ndarray]:
+    """One pass's minibatches (row indices): a random permutation of the units ("row": one row;
+    "group": ``group_size`` consecutive rows; "pair": 2), split into ``num_minibatches`` parts;
+    the rows of a unit stay together and in order."""
+    size = {"row": 1, "group": group_size, "pair": 2}[unit]
+    if num_rows % size:
+        raise ValueError(f"{num_rows} rows do not split into whole {unit}s of {size} rows")
+    order = rng.permutation(num_rows // size)
+    return [(part[:, None] * size + np.arange(size)[None, :]).reshape(-1)
+            for part in np.array_split(order, num_minibatches)]

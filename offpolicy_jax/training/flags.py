@@ -6,7 +6,7 @@ against the real definitions: a renamed flag breaks that test instead of a user'
 
 from absl import flags
 
-from offpolicy_jax.training.loop import RunConfig
+from offpolicy_jax.training.config import RunConfig
 
 _DEFAULTS = RunConfig(workdir="")
 
@@ -22,7 +22,8 @@ PROMPT_FIELD = flags.DEFINE_string("prompt_field", _DEFAULTS.prompt_field,
                                    "JSONL datasets: the field holding the question.")
 ANSWER_FIELD = flags.DEFINE_string("answer_field", _DEFAULTS.answer_field,
                                    "JSONL datasets: the field holding the gold answer.")
-STEPS = flags.DEFINE_integer("steps", _DEFAULTS.steps, "Rollout batches (RL iterations).")
+ITERATIONS = flags.DEFINE_integer("iterations", _DEFAULTS.iterations, "RL iterations: each "
+                                  "samples (or replays) one rollout batch and trains on it.")
 SEED = flags.DEFINE_integer("seed", _DEFAULTS.seed, "Seed for data order, sampling, init.")
 MESH = flags.DEFINE_string("mesh", _DEFAULTS.mesh, "Device mesh 'data,fsdp,tensor'; -1 takes the "
                            "remaining devices.")
@@ -37,8 +38,13 @@ LEARNING_RATE = flags.DEFINE_float("learning_rate", _DEFAULTS.learning_rate, "Pe
 OPTIMIZER = flags.DEFINE_enum("optimizer", _DEFAULTS.optimizer, ["adamw", "adafactor"],
                               "Optimizer.")
 GRAD_CLIP = flags.DEFINE_float("grad_clip", _DEFAULTS.grad_clip, "Global-norm gradient clip.")
+NUM_PASSES = flags.DEFINE_integer("num_passes", _DEFAULTS.num_passes, "Passes over each rollout "
+                                  "batch (PPO epochs; the UTD ratio).")
+NUM_MINIBATCHES = flags.DEFINE_integer("num_minibatches", _DEFAULTS.num_minibatches,
+                                       "Optimizer updates per pass (the batch is split into this "
+                                       "many minibatches).")
 NUM_MICROBATCHES = flags.DEFINE_integer("num_microbatches", _DEFAULTS.num_microbatches,
-                                        "Gradient-accumulation steps per optimizer update.")
+                                        "Gradient-accumulation slices per optimizer update.")
 EVAL_EVERY = flags.DEFINE_integer("eval_every", _DEFAULTS.eval_every, "Held-out evaluation every "
                                   "N iterations (0 disables periodic evaluation; the start and "
                                   "the end are always evaluated).")
@@ -61,11 +67,13 @@ def run_config(experiment_name: str) -> RunConfig:
     return RunConfig(
         workdir=WORKDIR.value or f"workdirs/{experiment_name}",
         model=MODEL.value, dataset=DATASET.value, prompt_field=PROMPT_FIELD.value,
-        answer_field=ANSWER_FIELD.value, steps=STEPS.value, seed=SEED.value, mesh=MESH.value,
+        answer_field=ANSWER_FIELD.value, iterations=ITERATIONS.value, seed=SEED.value,
+        mesh=MESH.value,
         batch_size=BATCH_SIZE.value, group_size=GROUP_SIZE.value,
         max_new_tokens=MAX_NEW_TOKENS.value, temperature=TEMPERATURE.value, top_k=TOP_K.value,
         top_p=TOP_P.value, learning_rate=LEARNING_RATE.value, optimizer=OPTIMIZER.value,
-        grad_clip=GRAD_CLIP.value, num_microbatches=NUM_MICROBATCHES.value,
+        grad_clip=GRAD_CLIP.value, num_passes=NUM_PASSES.value,
+        num_minibatches=NUM_MINIBATCHES.value, num_microbatches=NUM_MICROBATCHES.value,
         eval_every=EVAL_EVERY.value, eval_size=EVAL_SIZE.value, eval_samples=EVAL_SAMPLES.value,
         eval_temperature=EVAL_TEMPERATURE.value, ckpt_every=CKPT_EVERY.value, dtype=DTYPE.value,
         remat=REMAT.value, progress=PROGRESS.value)

@@ -25,10 +25,12 @@ def to_python(value):
 
 
 class MetricsLogger:
-    """Appends one JSON object per step to ``metrics.jsonl`` and mirrors scalars to TensorBoard.
+    """Appends one JSON object per iteration to ``metrics.jsonl`` and mirrors scalars to
+    TensorBoard (x-axis: the iteration).
 
-    On resume, ``truncate_after(step)`` drops lines logged after the restored checkpoint, so the
-    file of a killed-and-resumed run is identical (up to timing keys) to an uninterrupted run's.
+    On resume, ``truncate_after(iteration)`` drops lines logged after the restored checkpoint, so
+    the file of a killed-and-resumed run is identical (up to timing keys) to an uninterrupted
+    run's.
     """
 
     def __init__(self, workdir: str, *, is_main: bool = True, tensorboard: bool = True):
@@ -41,26 +43,28 @@ class MetricsLogger:
                 from tensorboardX import SummaryWriter
                 self._writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
-    def truncate_after(self, step: int) -> None:
-        """Keeps only the records with ``record['step'] <= step``."""
+    def truncate_after(self, iteration: int) -> None:
+        """Keeps only the records with ``record['iteration'] <= iteration``."""
         if not self.is_main or not os.path.exists(self.path):
             return
         with open(self.path) as f:
-            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+            kept = [line for line in f
+                    if line.strip() and json.loads(line)["iteration"] <= iteration]
         tmp = self.path + ".tmp"
         with open(tmp, "w") as f:
             f.writelines(kept)
         os.replace(tmp, self.path)
 
-    def write(self, step: int, metrics: dict) -> dict:
-        record = {"step": int(step), **{k: to_python(v) for k, v in sorted(metrics.items())}}
+    def write(self, iteration: int, metrics: dict) -> dict:
+        record = {"iteration": int(iteration),
+                  **{k: to_python(v) for k, v in sorted(metrics.items())}}
         if self.is_main:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
             if self._writer is not None:
                 for key, value in record.items():
-                    if key != "step" and isinstance(value, (int, float)):
-                        self._writer.add_scalar(key, value, step)
+                    if key != "iteration" and isinstance(value, (int, float)):
+                        self._writer.add_scalar(key, value, iteration)
         return record
 
     def read(self) -> list[dict]:

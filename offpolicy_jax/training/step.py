@@ -1,11 +1,14 @@
 """One jitted optimizer update: gradient accumulation, global norms, and the non-finite guard.
 
 The step is built once per run (``make_train_step``) and compiled once: the loss is a pure function
-``loss_fn(params, batch, rng) -> (loss, metrics)`` of a dict of ``[B, ...]`` arrays, the state is
-donated, and on a mesh the state and batch carry explicit shardings (state as the partition rules
-say, batch split over ``("data", "fsdp")``).
+``loss_fn(params, batch, rng) -> (loss, metrics)`` of a dict of ``[B, ...]`` arrays (or
+``loss_fn(params, batch, rng, context)`` when the step is called with a ``context``: a small pytree
+that is the same for every row, e.g. the RL iteration as a scalar), the state is donated, and on a
+mesh the state and batch carry explicit shardings (state as the partition rules say, batch split
+over ``("data", "fsdp")``, the context replicated).
 """
 
+import functools
 from typing import Any, Callable
 
 import jax
@@ -41,13 +44,16 @@ def _split_microbatches(batch: dict, num_microbatches: int) -> dict:
     return jax.tree.map(split, batch)
 
 
-def _loss_and_grads(loss_fn: LossFn, params, batch: dict, rng, num_microbatches: int):
+def _loss_and_grads(loss_fn: LossFn, params, batch: dict, rng, num_microbatches: int,
+                    context=None):
     """Mean loss, mean gradient and mean metrics over ``num_microbatches`` equal microbatches.
 
     The microbatch losses are averaged with equal weights, so a ``token-mean`` loss is exactly the
     global token mean only when every microbatch holds the same number of tokens (the same caveat
     as verl's gradient accumulation).
     """
+    if context is not None:
+        loss_fn = functools.partial(_with_context, loss_fn, context=context)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     if num_microbatches == 1:
         (loss, metrics), grads = grad_fn(params, batch, rng)
@@ -72,6 +78,10 @@ def _loss_and_grads(loss_fn: LossFn, params, batch: dict, rng, num_microbatches:
     scale = 1.0 / num_microbatches
     grads = jax.tree.map(lambda g, p: (g * scale).astype(p.dtype), grad_sum, params)
     return loss_sum * scale, grads, jax.tree.map(lambda m: m * scale, metric_sum)
+
+
+def _with_context(loss_fn: LossFn, params, batch: dict, rng, *, context):
+    return loss_fn(params, batch, rng, context)
 
 
 def apply_gradients(state: TrainState, grads, loss, optimizer: optax.GradientTransformation,
@@ -112,10 +122,11 @@ def apply_gradients(state: TrainState, grads, loss, optimizer: optax.GradientTra
 def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
                     num_microbatches: int = 1, mesh=None, state_sharding=None,
                     learning_rate_fn: Callable | None = None, donate: bool = True):
-    """Builds ``train_step(state, batch) -> (state, metrics)``, jitted once.
+    """Builds ``train_step(state, batch, context=None) -> (state, metrics)``, jitted once.
 
     Args:
-      loss_fn: ``(params, batch, rng) -> (scalar loss, dict of scalar metrics)``.
+      loss_fn: ``(params, batch, rng) -> (scalar loss, dict of scalar metrics)``; called as
+        ``loss_fn(params, batch, rng, context)`` when the step is given a ``context``.
       optimizer: the optax transformation the state was created with.
       num_microbatches: gradient-accumulation steps; the batch's leading dim must divide by it.
       mesh: optional ``jax.sharding.Mesh`` with axes ``("data", "fsdp", "tensor")``.
@@ -128,10 +139,10 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
     ``skipped`` (1 when the update was not applied) and ``learning_rate``.
     """
 
-    def train_step(state: TrainState, batch: dict):
+    def train_step(state: TrainState, batch: dict, context=None):
         rng = jax.random.fold_in(state.rng, state.step)
         loss, grads, loss_metrics = _loss_and_grads(loss_fn, state.params, batch, rng,
-                                                    num_microbatches)
+                                                    num_microbatches, context)
         new_state, norms = apply_gradients(state, grads, loss, optimizer)
         metrics = {"loss": loss, **loss_metrics, **norms}
         if learning_rate_fn is not None:
@@ -145,8 +156,15 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
         raise ValueError("make_train_step(mesh=...) needs state_sharding (see state_shardings)")
     batch_sharding = NamedSharding(mesh, PartitionSpec(BATCH_AXES))
     replicated = NamedSharding(mesh, PartitionSpec())
-    return jax.jit(train_step, in_shardings=(state_sharding, batch_sharding),
-                   out_shardings=(state_sharding, replicated), donate_argnums=donate_argnums)
+    jitted = jax.jit(train_step, in_shardings=(state_sharding, batch_sharding, replicated),
+                     out_shardings=(state_sharding, replicated), donate_argnums=donate_argnums)
+
+    def sharded_train_step(state: TrainState, batch: dict, context=None):
+        # jit's in_shardings name all three arguments; None is an empty (replicated) context.
+        return jitted(state, batch, context)
+
+    sharded_train_step._cache_size = jitted._cache_size   # compile counts, for tests
+    return sharded_train_step
 
 
 def _path_key(path) -> tuple[str, ...]:

@@ -1,0 +1,102 @@
+"""The shared run settings: one field per shared flag (``training.flags``), validated at start-up."""
+
+import dataclasses
+
+import jax
+
+from offpolicy_jax.training import rollout
+
+# The units a rollout batch can be split into for minibatches, in rows (see algorithm.minibatches).
+_UNIT_ROWS = {"row": lambda group_size: 1, "group": lambda group_size: group_size,
+              "pair": lambda group_size: 2}
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """The shared run settings (one field per shared flag; see ``training.flags``).
+
+    Counting: an *iteration* samples (or replays) one rollout batch of ``batch_size`` prompts ×
+    ``group_size`` responses and trains on it: ``num_passes`` passes over the batch, each split
+    into ``num_minibatches`` optimizer updates, each accumulated over ``num_microbatches`` slices.
+    ``TrainState.step`` counts the optimizer updates.
+    """
+
+    workdir: str
+    model: str = "tiny-arith"
+    dataset: str = "arith"
+    prompt_field: str = "question"
+    answer_field: str = "answer"
+    iterations: int = 40
+    seed: int = 0
+    mesh: str = "1,-1,1"
+    batch_size: int = 16
+    group_size: int = 8
+    max_new_tokens: int = 48
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    learning_rate: float = 1e-6
+    optimizer: str = "adamw"
+    grad_clip: float = 1.0
+    num_passes: int = 1
+    num_minibatches: int = 1
+    num_microbatches: int = 1
+    eval_every: int = 0
+    eval_size: int = 64
+    eval_samples: int = 8
+    eval_temperature: float = 1.0
+    ckpt_every: int = 10
+    max_nonfinite_steps: int = 5
+    dtype: str = "float32"
+    remat: str = rollout.DEFAULT_REMAT
+    progress: bool = True
+
+    def validate(self, algorithm=None) -> None:
+        """Fails fast, naming the flag, on settings that cannot work together."""
+        checks = [
+            (self.iterations >= 1, f"--iterations must be >= 1, got {self.iterations}"),
+            (self.batch_size >= 1, f"--batch_size must be >= 1, got {self.batch_size}"),
+            (self.group_size >= 1, f"--group_size must be >= 1, got {self.group_size}"),
+            (self.max_new_tokens >= 1, f"--max_new_tokens must be >= 1, got {self.max_new_tokens}"),
+            (self.temperature > 0, f"--temperature must be > 0 for RL rollouts (the behaviour "
+             f"log-probs are log softmax(z/T)), got {self.temperature}"),
+            (self.learning_rate > 0, f"--learning_rate must be > 0, got {self.learning_rate}"),
+            (self.num_passes >= 1, f"--num_passes must be >= 1, got {self.num_passes}"),
+            (self.num_minibatches >= 1,
+             f"--num_minibatches must be >= 1, got {self.num_minibatches}"),
+            (self.num_microbatches >= 1,
+             f"--num_microbatches must be >= 1, got {self.num_microbatches}"),
+            (self.eval_every >= 0, f"--eval_every must be >= 0, got {self.eval_every}"),
+            (self.ckpt_every >= 1, f"--ckpt_every must be >= 1, got {self.ckpt_every}"),
+            (self.eval_samples >= 1, f"--eval_samples must be >= 1, got {self.eval_samples}"),
+            (self.dtype in ("float32", "bfloat16"),
+             f"--dtype must be float32 or bfloat16, got {self.dtype!r}"),
+            (self.remat in ("none", "full") or hasattr(jax.checkpoint_policies, self.remat),
+             f"--remat must be 'none', 'full' or a jax.checkpoint_policies name, got "
+             f"{self.remat!r}"),
+        ]
+        if algorithm is not None:
+            checks += self._algorithm_checks(algorithm)
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    def _algorithm_checks(self, algorithm) -> list:
+        rows = self.batch_size * self.group_size
+        unit = algorithm.minibatch_unit
+        unit_rows = _UNIT_ROWS[unit](self.group_size)
+        units = rows // unit_rows if rows % unit_rows == 0 else 0
+        # Microbatches split a minibatch too, and must not cut a unit either.
+        per_minibatch = units // self.num_minibatches
+        what = (f"--batch_size x --group_size = {rows} responses" if unit == "row"
+                else f"the {units} {unit}s of {unit_rows} rows ({algorithm.name} keeps each "
+                     f"{unit} in one minibatch)")
+        return [
+            (not (algorithm.needs_groups and self.group_size < 2),
+             f"--group_size={self.group_size}: {algorithm.name} normalises advantages within a "
+             f"group of responses to the same prompt, which needs --group_size >= 2"),
+            (units > 0 and units % self.num_minibatches == 0
+             and per_minibatch % self.num_microbatches == 0,
+             f"{what} must divide into {self.num_minibatches} minibatches x "
+             f"--num_microbatches={self.num_microbatches}"),
+        ]

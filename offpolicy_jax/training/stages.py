@@ -1,0 +1,450 @@
+"""The rollout pipeline: prompt selection → generation → reward → replay / mixing stages.
+
+One iteration's rollouts come from :meth:`RolloutPipeline.collect`:
+
+1. each stage says how many of the iteration's ``--batch_size`` prompts to sample fresh
+   (:meth:`Stage.fresh_prompts`: ReMix replays a fraction p of the batch instead; TOPR's offline
+   dataset samples none after its first draw);
+2. the selection stage picks that many prompt records (:class:`PromptStream`: the shuffled,
+   checkpointable prompt stream; MoPPS-style selection plugs in here) and sees their rewards
+   afterwards (:meth:`PromptStream.observe`);
+3. :class:`RolloutSampler` samples ``--group_size`` responses per prompt from the current policy,
+   keeping each token's behaviour log-prob, and scores each response with the reward function
+   (:func:`verifier_reward` by default: any function of the prompt record and the response text);
+4. each stage's :meth:`Stage.process` turns the fresh batch into the training batch (mixing in
+   replayed groups, injecting stored successes, replacing it by an offline dataset).
+
+Composition is configuration: ``Algorithm(stages=(ReplayWindow(...),), selection=...)``. Every
+stage keeps its own checkpointable state (``state_dict`` / ``load_state_dict``) and reports its
+own metrics, which the trainer writes to ``metrics.jsonl`` as ``<stage name>/<metric>``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+
+from offpolicy_jax import distributed, replay, rewards, sampling
+from offpolicy_jax.training import batch as batch_lib
+from offpolicy_jax.training.batch import Rollouts
+
+
+def verifier_reward(records: list[dict], responses: list[str], pool) -> np.ndarray:
+    """1.0 for a response whose final answer the math verifier judges equal to the record's
+    ``gold``, else 0.0; ``pool`` is the verifier's process pool (hard deadline per answer)."""
+    scored = rewards.score_batch(responses, [r["gold"] for r in records], pool=pool)
+    return np.asarray(scored.rewards, np.float32)
+
+
+@dataclasses.dataclass
+class RolloutSampler:
+    """Samples groups of responses from a policy and scores them: the generation and reward steps.
+
+    Attributes:
+      cfg, tokenizer: the policy's model config and tokenizer.
+      config: the run settings (group size, sampling settings, seed).
+      pool: the verifier's process pool (passed to ``reward_fn``).
+      mesh: the device mesh generation runs on (None: one device).
+      pad_id, eos_ids: the tokenizer's padding and end-of-sequence ids.
+      reward_fn: ``(records, responses, pool) -> [n] rewards``.
+      generated: responses sampled so far in this run (the "rollouts" budget); checkpointed.
+    """
+
+    cfg: object
+    tokenizer: object
+    config: object
+    pool: object
+    mesh: object
+    pad_id: int
+    eos_ids: tuple
+    reward_fn: object = verifier_reward
+    generated: int = 0
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def sample(self, params, records: list[dict], seed_index: int, policy_version: int
+               ) -> Rollouts:
+        """``group_size`` responses per record from ``params``, scored by the reward function.
+
+        ``seed_index`` picks the sampling key, ``fold_in(PRNGKey(seed), seed_index)`` (the RL
+        iteration for online batches); ``policy_version`` is stamped on every row."""
+        config = self.config
+        prompt_tokens = [self.encode(r["prompt"]) for r in records]
+        out = sampling.generate(
+            self.cfg, params, prompt_tokens, max_new_tokens=config.max_new_tokens,
+            temperature=config.temperature, top_k=config.top_k, top_p=config.top_p,
+            eos_token_ids=self.eos_ids,
+            seed=jax.random.fold_in(jax.random.PRNGKey(config.seed), seed_index),
+            num_samples=config.group_size, mesh=self.mesh, pad_token_id=self.pad_id)
+        tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
+        group_index = np.asarray(out.prompt_index)
+        self.generated += tokens.shape[0]
+        # Every process holds all rows (generate gathers them); each scores its own share and
+        # the rewards are all-gathered, so all processes continue with identical host data.
+        mine = distributed.process_rows(tokens.shape[0])
+        responses = [self.tokenizer.decode(tokens[i, :lengths[i]].tolist(),
+                                           skip_special_tokens=True)
+                     for i in range(mine.start, mine.stop)]
+        scores = self.reward_fn([records[i] for i in group_index[mine]], responses, self.pool)
+        row_rewards = distributed.gather_rows(np.asarray(scores, np.float32), tokens.shape[0])
+        prompt_array, prompt_lengths = batch_lib.prompts_to_array(
+            [prompt_tokens[i] for i in group_index], self.pad_id)
+        return Rollouts(
+            prompt_tokens=prompt_array, prompt_lengths=prompt_lengths,
+            tokens=tokens.astype(np.int32), lengths=lengths.astype(np.int32),
+            behaviour_logp=np.asarray(out.logprobs, np.float32), rewards=row_rewards,
+            group_index=group_index.astype(np.int32),
+            policy_version=np.full(tokens.shape[0], policy_version, np.int32))
+
+
+class PromptStream:
+    """Prompt selection: the next prompts of a shuffled, endless, checkpointable stream.
+
+    One global stream, the same on every process (not a per-process shard): generation splits
+    the batch over all devices anyway, and identical host data on every process keeps a run's
+    numbers, checkpoints and resume independent of the number of processes.
+    """
+
+    name = "prompts"
+
+    def __init__(self):
+        self.iterator = None
+
+    def bind(self, records: list[dict], config) -> None:
+        """Builds the stream over the training records (called once by the trainer)."""
+        from offpolicy_jax.data import pipeline
+        self.iterator = pipeline.PromptIterator(records, config.batch_size, seed=config.seed,
+                                                shard_index=0, shard_count=1)
+
+    def select(self, num_prompts: int, iteration: int) -> list[dict]:
+        """The first ``num_prompts`` records of the stream's next batch (the rest of that batch
+        is skipped, which keeps the stream's state a single position); none for 0."""
+        del iteration
+        if num_prompts == 0:
+            return []
+        if num_prompts > self.iterator.batch_size:
+            raise ValueError(f"asked for {num_prompts} prompts, the stream yields batches of "
+                             f"{self.iterator.batch_size} (--batch_size)")
+        return next(self.iterator)[:num_prompts]
+
+    def observe(self, records: list[dict], rollouts: Rollouts | None, iteration: int) -> None:
+        """The selected prompts' rollouts (a difficulty-aware selection updates itself here)."""
+        del records, rollouts, iteration
+
+    def metrics(self) -> dict:
+        return {}
+
+    def state_dict(self) -> tuple[dict, dict]:
+        return {"iterator": self.iterator.get_state()}, {}
+
+    def load_state_dict(self, meta: dict, arrays: dict) -> None:
+        del arrays
+        self.iterator.set_state(meta["iterator"])
+
+
+@dataclasses.dataclass
+class StageStep:
+    """What a stage's ``process`` may use: the iteration, the current policy, the fresh prompt
+    records and the fresh batch sampled from them (its ``group_index`` indexes ``records``), the
+    sampler and the selection."""
+
+    iteration: int
+    params: object
+    records: list
+    fresh: Rollouts | None
+    sampler: RolloutSampler
+    selection: PromptStream
+    config: object
+
+
+class Stage:
+    """A step of the rollout pipeline. Every hook is optional; the defaults change nothing."""
+
+    name = "stage"
+
+    def fresh_prompts(self, wanted: int, iteration: int) -> int:
+        """How many of ``wanted`` prompts to sample fresh this iteration."""
+        del iteration
+        return wanted
+
+    def process(self, rollouts: Rollouts | None, step: StageStep) -> Rollouts:
+        """The batch after this stage (``rollouts`` is None when nothing was sampled fresh)."""
+        del step
+        return rollouts
+
+    def metrics(self) -> dict:
+        """Scalars about this iteration's work, logged as ``<name>/<key>``."""
+        return {}
+
+    def state_dict(self) -> tuple[dict, dict]:
+        """``(JSON-able meta, {key: numpy array})``, saved in every checkpoint."""
+        return {}, {}
+
+    def load_state_dict(self, meta: dict, arrays: dict) -> None:
+        del meta, arrays
+
+
+class RolloutPipeline:
+    """Selection, generation with rewards, then the stages in order (see the module docstring)."""
+
+    def __init__(self, selection: PromptStream, sampler: RolloutSampler, stages=()):
+        names = [selection.name] + [s.name for s in stages]
+        if len(set(names)) != len(names):
+            raise ValueError(f"rollout stage names must be distinct (they prefix metrics and "
+                             f"checkpoint keys), got {names}")
+        self.selection = selection
+        self.sampler = sampler
+        self.stages = tuple(stages)
+
+    def collect(self, params, iteration: int) -> Rollouts:
+        """This iteration's training batch; fresh rows sample from version ``iteration − 1``."""
+        wanted = self.sampler.config.batch_size
+        for stage in self.stages:
+            wanted = stage.fresh_prompts(wanted, iteration)
+        records = self.selection.select(wanted, iteration)
+        fresh = (self.sampler.sample(params, records, iteration, policy_version=iteration - 1)
+                 if records else None)
+        self.selection.observe(records, fresh, iteration)
+        step = StageStep(iteration=iteration, params=params, records=records, fresh=fresh,
+                         sampler=self.sampler, selection=self.selection,
+                         config=self.sampler.config)
+        rollouts = fresh
+        for stage in self.stages:
+            rollouts = stage.process(rollouts, step)
+        if rollouts is None:
+            raise ValueError(f"iteration {iteration}: the rollout pipeline produced no rows")
+        return rollouts
+
+    def _parts(self):
+        return (self.selection,) + self.stages
+
+    def metrics(self) -> dict:
+        return {f"{part.name}/{k}": v for part in self._parts() for k, v in part.metrics().items()}
+
+    def state_dict(self) -> tuple[dict, dict]:
+        meta, arrays = {"generated": self.sampler.generated}, {}
+        for part in self._parts():
+            part_meta, part_arrays = part.state_dict()
+            meta[part.name] = part_meta
+            arrays.update({f"{part.name}/{k}": v for k, v in part_arrays.items()})
+        return meta, arrays
+
+    def load_state_dict(self, meta: dict, arrays: dict) -> None:
+        missing = [part.name for part in self._parts() if part.name not in meta]
+        if missing:
+            raise ValueError(f"the checkpoint has no state for rollout stages {missing} (it holds "
+                             f"{sorted(k for k in meta if k != 'generated')})")
+        self.sampler.generated = meta["generated"]
+        for part in self._parts():
+            prefix = f"{part.name}/"
+            part.load_state_dict(meta[part.name], {k[len(prefix):]: v for k, v in arrays.items()
+                                                   if k.startswith(prefix)})
+
+
+# ---------------------------------------------------------------------------------------------
+# Replay and mixing stages.
+
+
+class ReplayWindow(Stage):
+    """ReMix's mix-policy batches: a fraction p of replayed groups, the rest sampled fresh.
+
+    Liang et al., "Squeeze the Soaked Sponge", https://arxiv.org/abs/2507.06892. Iteration k
+    (policy π_k = version k − 1) draws ``round(p · batch_size)`` groups uniformly from the window
+    of the last N policies' samples (``replay.PolicyWindowBuffer``; fewer while it is still
+    filling) and samples the other groups from π_k; the fresh groups then join the window. Only
+    fresh responses count towards the rollout budget. After the reincarnation step T (iterations
+    k > T) the window is discarded and every batch is fresh (p = 0), the paper's switch to
+    on-policy training. Replayed groups come first in the batch; every group stays contiguous.
+
+    Args:
+      off_policy_fraction: p (ReMix: 0.4).
+      window: N past policies (ReMix: 2).
+      reincarnation_step: T, or None for no reincarnation.
+      max_groups: cap on the window's stored groups.
+
+    Departure: the fresh part takes the first ``batch_size − replayed`` prompts of the stream's
+    next batch (the rest is skipped).
+
+    Metrics: ``replayed_groups`` (this iteration), ``window_groups`` (stored after it).
+    """
+
+    name = "replay_window"
+
+    def __init__(self, off_policy_fraction: float = 0.4, window: int = 2,
+                 reincarnation_step: int | None = None, max_groups: int = 4096):
+        if not 0.0 <= off_policy_fraction < 1.0:
+            raise ValueError(f"off-policy fraction p must be in [0, 1), got {off_policy_fraction}")
+        if reincarnation_step is not None and reincarnation_step < 0:
+            raise ValueError(f"reincarnation_step must be >= 0, got {reincarnation_step}")
+        self.off_policy_fraction = off_policy_fraction
+        self.window = window
+        self.reincarnation_step = reincarnation_step
+        self.max_groups = max_groups
+        self.buffer: replay.PolicyWindowBuffer | None = None
+        self.replayed_groups = 0
+
+    def reincarnated(self, iteration: int) -> bool:
+        """True for iterations after T: on-policy batches, no window."""
+        return self.reincarnation_step is not None and iteration > self.reincarnation_step
+
+    def fresh_prompts(self, wanted: int, iteration: int) -> int:
+        if self.reincarnated(iteration) and self.buffer is not None:
+            self.buffer.clear()
+        stored = 0 if self.buffer is None else self.buffer.num_groups
+        self.replayed_groups = 0 if self.reincarnated(iteration) else min(
+            int(round(self.off_policy_fraction * wanted)), stored)
+        return wanted - self.replayed_groups
+
+    def process(self, rollouts: Rollouts | None, step: StageStep) -> Rollouts:
+        config = step.config
+        if self.buffer is None:
+            self.buffer = replay.PolicyWindowBuffer(self.window, config.group_size,
+                                                    self.max_groups)
+        parts = []
+        if self.replayed_groups:
+            rng = np.random.default_rng([config.seed, step.iteration, 7])
+            parts.append(self.buffer.sample_groups(self.replayed_groups, rng))
+        if rollouts is not None:
+            parts.append(rollouts)
+            if not self.reincarnated(step.iteration):
+                self.buffer.add(rollouts, newest_version=step.iteration - 1,
+                                pad_id=step.sampler.pad_id)
+        return batch_lib.concat(parts, step.sampler.pad_id)
+
+    def metrics(self) -> dict:
+        return {"replayed_groups": self.replayed_groups,
+                "window_groups": 0 if self.buffer is None else self.buffer.num_groups}
+
+    def state_dict(self) -> tuple[dict, dict]:
+        if self.buffer is None:
+            return {"group_size": None}, {}
+        meta, arrays = self.buffer.state_dict()
+        return {"group_size": self.buffer.group_size, "buffer": meta}, arrays
+
+    def load_state_dict(self, meta: dict, arrays: dict) -> None:
+        if meta.get("group_size") is None:
+            self.buffer = None
+            return
+        self.buffer = replay.PolicyWindowBuffer(self.window, meta["group_size"], self.max_groups)
+        self.buffer.load_state_dict(meta["buffer"], arrays)
+
+
+class SuccessReplay(Stage):
+    """ARPO's replay: all-failed groups get a stored success of the same prompt.
+
+    Lu et al., https://arxiv.org/abs/2505.16282 (rule from the official code's
+    ``replay_buffer.py`` / ``apply_replay``). Each iteration injects stored successes into the
+    fresh batch's all-failed groups (``replay.inject_successes``, with the buffer *before* this
+    batch), then stores this batch's own fresh successes. Injected responses carry their stored
+    behaviour log-probs and policy version; they are not rollouts of this iteration and do not
+    count towards the budget. Prompts are keyed by the record's ``id`` (else its text).
+
+    Args:
+      capacity: successes per prompt (ARPO: 8).
+      success_threshold: reward above which a response is stored (ARPO: 0.1).
+      max_prompts: cap on the prompts the buffer tracks.
+
+    Metrics: ``injected_groups`` (this iteration), ``stored_successes`` (after it).
+    """
+
+    name = "success_replay"
+
+    def __init__(self, capacity: int = 8, success_threshold: float = 0.1,
+                 max_prompts: int = 4096):
+        self.buffer = replay.SuccessBuffer(capacity, success_threshold, max_prompts)
+        self.injected_groups = 0
+
+    @staticmethod
+    def prompt_key(record: dict) -> str:
+        return str(record["id"]) if "id" in record else str(record["prompt"])
+
+    def process(self, rollouts: Rollouts | None, step: StageStep) -> Rollouts:
+        if rollouts is None or rollouts is not step.fresh:
+            raise ValueError(f"{self.name} looks each group's prompt up in this iteration's fresh "
+                             f"selection, so it must come first among the stages, on a fresh "
+                             f"batch (an earlier stage replaced or mixed the rows)")
+        group_size = step.config.group_size
+        keys = [self.prompt_key(step.records[int(i)])
+                for i in rollouts.group_index[::group_size]]
+        rng = np.random.default_rng([step.config.seed, step.iteration, 11])
+        batch, injected = replay.inject_successes(rollouts, keys, self.buffer, group_size, rng)
+        self.injected_groups = int(injected.sum())
+        for row in np.nonzero(rollouts.rewards > self.buffer.success_threshold)[0]:
+            self.buffer.add(keys[row // group_size], replay.response_of(rollouts, row))
+        return batch
+
+    def metrics(self) -> dict:
+        return {"injected_groups": self.injected_groups, "stored_successes": len(self.buffer)}
+
+    def state_dict(self) -> tuple[dict, dict]:
+        return self.buffer.state_dict()
+
+    def load_state_dict(self, meta: dict, arrays: dict) -> None:
+        self.buffer.load_state_dict(meta, arrays)
+
+
+class OfflineDataset(Stage):
+    """One dataset sampled from the initial policy, then replayed in order (TOPR's offline setting).
+
+    The dataset (``num_prompts`` prompts × group size responses with their behaviour log-probs) is
+    drawn at the first iteration and saved in every checkpoint; each iteration takes the next
+    ``batch_size`` groups, reshuffling the group order every epoch with the run's seed. Nothing
+    is sampled fresh after the first draw.
+
+    Metrics: ``epoch`` (of the group order the iteration's last group came from).
+    """
+
+    name = "offline"
+
+    def __init__(self, num_prompts: int):
+        if num_prompts < 1:
+            raise ValueError(f"offline dataset needs num_prompts >= 1, got {num_prompts}")
+        self.num_prompts = num_prompts
+        self.dataset: Rollouts | None = None
+        self.cursor = 0
+        self.epoch = 0
+
+    def fresh_prompts(self, wanted: int, iteration: int) -> int:
+        del wanted, iteration
+        return 0
+
+    def _build(self, step: StageStep) -> None:
+        parts, drawn = [], 0
+        while drawn < self.num_prompts:
+            records = step.selection.select(min(self.num_prompts - drawn,
+                                                step.config.batch_size), step.iteration)
+            # Seed indices far above any iteration number keep these draws independent of the
+            # online ones (fold_in needs a non-negative index).
+            parts.append(step.sampler.sample(step.params, records,
+                                             seed_index=(1 << 30) + len(parts), policy_version=0))
+            drawn += len(records)
+        self.dataset = batch_lib.concat(parts, step.sampler.pad_id)
+
+    def process(self, rollouts: Rollouts | None, step: StageStep) -> Rollouts:
+        del rollouts
+        if self.dataset is None:
+            self._build(step)
+        group_size, config = step.config.group_size, step.config
+        num_groups = self.dataset.num_groups(group_size)
+        groups = []
+        for _ in range(config.batch_size):
+            epoch, position = divmod(self.cursor, num_groups)
+            order = np.random.default_rng([config.seed, epoch]).permutation(num_groups)
+            groups.append(order[position])
+            self.cursor += 1
+        self.epoch = epoch
+        return self.dataset.take_groups(groups, group_size)
+
+    def metrics(self) -> dict:
+        return {"epoch": self.epoch}
+
+    def state_dict(self) -> tuple[dict, dict]:
+        arrays = {} if self.dataset is None else self.dataset.as_dict()
+        return {"cursor": self.cursor}, arrays
+
+    def load_state_dict(self, meta: dict, arrays: dict) -> None:
+        self.cursor = meta.get("cursor", 0)
+        self.dataset = Rollouts.from_dict(arrays) if arrays else None

@@ -1,0 +1,417 @@
+"""The trainer's parts: setup, one iteration, evaluation, checkpoint, summary.
+
+``loop.run`` puts them together for every RL method; ``experiments/expert_iteration.py`` uses the
+same :class:`Session` (model, prompts, sampler, evaluation, metrics, checkpoints, summary) with its
+own E- and M-steps.
+
+* :class:`Session` — what every training loop of a run shares: the workdir, the model and
+  tokenizer, the training prompts (a selection stage) and the held-out set, the rollout sampler
+  with its reward function, the metrics logger, the checkpointer, the progress bar and the
+  summary.
+* :class:`Learner` — the RL side: the train state and its jitted step, the algorithm's forward
+  functions, the stored policies and the rollout pipeline; one :meth:`Learner.iteration` is
+  collect → prepare → update → metrics.
+
+Everything that decides a run's numbers is a function of (config, seed, iteration), so a run
+killed at any point and restarted with the same ``--workdir`` continues from its last checkpoint
+and ends with the same parameters and the same logged metrics as a run that never stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tqdm
+from absl import logging as absl_logging
+
+from offpolicy_jax import distributed, models, rewards
+from offpolicy_jax.eval import runner
+from offpolicy_jax.training import algorithm as algorithm_lib
+from offpolicy_jax.training import checkpoint as checkpoint_lib
+from offpolicy_jax.training import logger as logger_lib
+from offpolicy_jax.training import optim, policies, rollout, stages
+from offpolicy_jax.training import state as state_lib, step as step_lib
+from offpolicy_jax.training.algorithm import Algorithm, StepInfo
+from offpolicy_jax.training.batch import Rollouts
+from offpolicy_jax.training.config import RunConfig
+
+
+def load_policy(config: RunConfig, mesh=None):
+    """``(cfg, params, tokenizer, model_dir)`` for ``--model`` (a checkpoint dir or an alias).
+
+    With ``mesh``, every parameter is placed straight into its sharded layout (each process
+    copies only its own devices' shards, which is what multi-process runs need)."""
+    from offpolicy_jax import tiny_arith
+    model_dir = tiny_arith.resolve_model(config.model)
+    dtype = jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
+    cfg, params = models.load_hf_checkpoint(model_dir, dtype=dtype, mesh=mesh)
+    tokenizer = models.load_tokenizer(model_dir)
+    return cfg, params, tokenizer, model_dir
+
+
+def eos_ids(tokenizer) -> tuple[int, ...]:
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no eos_token_id; responses could never end")
+    return (int(tokenizer.eos_token_id),)
+
+
+def pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids(tokenizer)[0]
+
+
+def remat_policy(name: str) -> bool | str:
+    """``--remat`` to ``models.apply_hidden``'s ``remat``: 'none', 'full' or a policy name."""
+    return {"none": False, "full": True}.get(name, name)
+
+
+# ---------------------------------------------------------------------------------------------
+# The session: what every loop shares.
+
+
+class Session:
+    """Setup, evaluation, logging, checkpoints and the summary of one run.
+
+    Args:
+      config: the shared run settings.
+      name: the method's name (progress bar, summary).
+      sharded: load the policy onto the ``--mesh`` (RL), or onto one device (``mesh`` None).
+      selection: the prompt-selection stage (default: the shuffled prompt stream).
+      reward_fn: the reward of a response (default: ``stages.verifier_reward``).
+    """
+
+    def __init__(self, config: RunConfig, name: str, *, sharded: bool = True, selection=None,
+                 reward_fn=None):
+        from offpolicy_jax.data import prompts as prompts_lib
+        # orbax reports every save at INFO; the run's own metrics are the signal worth reading.
+        absl_logging.set_verbosity(absl_logging.WARNING)
+        self.config = config
+        self.name = name
+        self.start_time = time.time()
+        self.is_main = jax.process_index() == 0
+        os.makedirs(config.workdir, exist_ok=True)
+        self.mesh = models.make_mesh(config.mesh) if sharded else None
+        # The policy as loaded; a Learner's train state takes over (and donates) these buffers.
+        self.cfg, self.params, self.tokenizer, self.model_dir = load_policy(config, self.mesh)
+        train_records, eval_records = prompts_lib.load_train_and_eval(
+            config.dataset, prompt_field=config.prompt_field, answer_field=config.answer_field,
+            eval_size=config.eval_size, seed=config.seed, tokenizer=self.tokenizer)
+        self.selection = selection or stages.PromptStream()
+        self.selection.bind(train_records, config)
+        self.pool = rewards.VerifierPool()
+        self.sampler = stages.RolloutSampler(
+            cfg=self.cfg, tokenizer=self.tokenizer, config=config, pool=self.pool,
+            mesh=self.mesh, pad_id=pad_id(self.tokenizer), eos_ids=eos_ids(self.tokenizer),
+            reward_fn=reward_fn or stages.verifier_reward)
+        self.eval_prompts = [self.sampler.encode(r["prompt"]) for r in eval_records]
+        self.eval_golds = [r["gold"] for r in eval_records]
+        self.logger = logger_lib.MetricsLogger(config.workdir, is_main=self.is_main)
+        self.checkpointer = checkpoint_lib.Checkpointer(os.path.join(config.workdir,
+                                                                     "checkpoints"))
+        self.bar = None
+
+    def evaluate(self, params) -> dict:
+        """Held-out pass@1 (mean over ``eval_samples`` samples per prompt) and
+        pass@eval_samples, with the same code as ``python -m offpolicy_jax.eval``."""
+        config = self.config
+        result = runner.evaluate_prompts(
+            self.cfg, params, self.tokenizer, self.eval_prompts, self.eval_golds,
+            num_samples=config.eval_samples, ks=tuple(sorted({1, config.eval_samples})),
+            max_new_tokens=config.max_new_tokens, temperature=config.eval_temperature,
+            seed=config.seed + 1, eos_token_ids=self.sampler.eos_ids,
+            pad_token_id=self.sampler.pad_id, pool=self.pool, mesh=self.mesh)
+        return {f"eval/{k}": v for k, v in result.metrics.items()
+                if k.startswith(("pass@", "maj@", "mean_length", "no_answer"))}
+
+    def evaluation_due(self, iteration: int) -> bool:
+        """The last iteration always, and every ``--eval_every`` iterations."""
+        every = self.config.eval_every
+        return iteration == self.config.iterations or bool(every and iteration % every == 0)
+
+    def checkpoint_due(self, iteration: int) -> bool:
+        return iteration % self.config.ckpt_every == 0 or iteration == self.config.iterations
+
+    def start(self, meta: dict, params) -> dict:
+        """A new run's meta: evaluates the starting policy and logs it as iteration 0."""
+        meta.update(iteration=0, rollouts=0, eval_before=self.evaluate(params))
+        self.logger.write(0, meta["eval_before"])
+        return meta
+
+    def resumed(self, meta: dict) -> dict:
+        """Drops metrics logged after the restored checkpoint; returns ``meta``."""
+        self.logger.truncate_after(meta["iteration"])
+        return meta
+
+    def log(self, iteration: int, record: dict, meta: dict) -> None:
+        """Writes one iteration's record and advances the progress bar."""
+        if iteration == self.config.iterations:
+            meta["eval_after"] = {k: v for k, v in record.items() if k.startswith("eval/")}
+        self.logger.write(iteration, record)
+        if self.bar is None:
+            self.bar = tqdm.tqdm(total=self.config.iterations, initial=iteration - 1,
+                                 desc=self.name, dynamic_ncols=True,
+                                 disable=not (self.is_main and self.config.progress))
+        shown = {"reward": "reward_mean", "loss": "train/loss", "len": "response_length"}
+        self.bar.set_postfix({label: f"{record[key]:.3f}" for label, key in shown.items()
+                              if isinstance(record.get(key), float)})
+        self.bar.update(1)
+
+    def finish(self, meta: dict, **extra) -> dict:
+        """Closes everything and prints (and writes) the one-line JSON summary."""
+        if self.bar is not None:
+            self.bar.close()
+        self.pool.close()
+        self.checkpointer.close()
+        self.logger.close()
+        k = self.config.eval_samples
+        summary = {
+            "algorithm": self.name,
+            "iterations": meta["iteration"],
+            "rollouts": meta["rollouts"],
+            "pass@1_before": meta["eval_before"]["eval/pass@1"],
+            "pass@1_after": meta["eval_after"]["eval/pass@1"],
+            f"pass@{k}_before": meta["eval_before"].get(f"eval/pass@{k}"),
+            f"pass@{k}_after": meta["eval_after"].get(f"eval/pass@{k}"),
+            **extra,
+            "workdir": self.config.workdir,
+            "wall_s": time.time() - self.start_time,
+        }
+        if self.is_main:
+            with open(os.path.join(self.config.workdir, "summary.json"), "w") as f:
+                json.dump(summary, f, indent=1)
+        logger_lib.print_summary(summary, is_main=self.is_main)
+        return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# The RL learner: state, jitted functions, stored policies, rollout pipeline.
+
+
+def make_forward_fn(cfg, algorithm: Algorithm, outputs: tuple[str, ...], temperature: float,
+                    num_response: int):
+    """Jitted no-gradient forward outputs (``logp``, ``vocab_mean``, ``values``, ``entropy``) of a
+    packed batch under some parameters (the old policy, a stored policy)."""
+
+    @jax.jit
+    def forward(params, batch):
+        out = rollout.response_log_probs(
+            cfg, params, batch["tokens"], batch["attention_mask"], batch["positions"],
+            num_response=num_response, temperature=temperature,
+            with_vocab_mean="vocab_mean" in outputs, with_entropy="entropy" in outputs,
+            with_hidden="values" in outputs)
+        if "values" in outputs:
+            out["values"] = algorithm.value_head.apply(params, out.pop("hidden"))
+        return {name: out[name] for name in outputs}
+
+    return forward
+
+
+def make_loss_fn(cfg, algorithm: Algorithm, config: RunConfig):
+    """``(params, batch, rng, iteration) -> (loss, metrics)``: the current policy's forward
+    outputs, then the algorithm's loss; adds the mean response entropy to the metrics."""
+    outputs = algorithm.outputs("current")
+    remat = remat_policy(config.remat)
+
+    def loss_fn(params, batch, rng, iteration):
+        current = rollout.response_log_probs(
+            cfg, params, batch["tokens"], batch["attention_mask"], batch["positions"],
+            num_response=config.max_new_tokens, temperature=config.temperature,
+            with_vocab_mean="vocab_mean" in outputs, with_entropy=True,
+            with_hidden="values" in outputs, remat=remat)
+        inputs = dict(batch, logp=current["logp"])
+        if "vocab_mean" in outputs:
+            inputs["vocab_mean"] = current["vocab_mean"]
+        if "entropy" in outputs:
+            inputs["entropy"] = current["entropy"]
+        if "values" in outputs:
+            inputs["values"] = algorithm.value_head.apply(params, current["hidden"])
+        info = StepInfo(iteration=iteration, rng=rng, group_size=config.group_size,
+                        seed=config.seed)
+        loss, metrics = algorithm.loss(inputs, info)
+        mask = batch["mask"]
+        metrics = dict(metrics)
+        metrics["entropy"] = jnp.sum(jax.lax.stop_gradient(current["entropy"]) * mask) / \
+            jnp.maximum(jnp.sum(mask), 1.0)
+        return loss, metrics
+
+    return loss_fn
+
+
+def add_value_head(algorithm: Algorithm, cfg, params, param_specs, mesh, *, seed: int):
+    """The policy's parameters plus the value head's entries, replicated on the mesh."""
+    extra = algorithm.value_head.init(cfg, jax.random.PRNGKey(seed))
+    clash = sorted(set(extra) & set(params))
+    if clash:
+        raise ValueError(f"{algorithm.name}: value head entries {clash} clash with the model's "
+                         f"parameter names")
+    replicated = jax.sharding.PartitionSpec()
+    extra = jax.device_put(extra, jax.sharding.NamedSharding(mesh, replicated))
+    return {**params, **extra}, {**param_specs, **jax.tree.map(lambda _: replicated, extra)}
+
+
+class Learner:
+    """An RL method's training side, built on a :class:`Session`.
+
+    Holds the train state (parameters, optimizer state, RNG, skip counters), the jitted train step
+    and forward functions, the stored policies and the rollout pipeline. Batches are host numpy,
+    identical on every process; each process places only its devices' rows (a multi-process jit
+    refuses numpy inputs) and reads forward outputs back whole.
+    """
+
+    def __init__(self, session: Session, algorithm: Algorithm):
+        config, mesh, cfg = session.config, session.mesh, session.cfg
+        self.session, self.algorithm, self.config = session, algorithm, config
+        params = models.shard_params(session.params, mesh)
+        param_specs = models.partition_specs(session.params)
+        if algorithm.value_head is not None:
+            params, param_specs = add_value_head(algorithm, cfg, params, param_specs, mesh,
+                                                 seed=config.seed)
+        self.policies = policies.PolicyStore(algorithm.policies, params)
+        opt_config = optim.OptimizerConfig(name=config.optimizer,
+                                           learning_rate=config.learning_rate,
+                                           grad_clip=config.grad_clip)
+        optimizer = optim.make_optimizer(opt_config)
+        state = state_lib.create_train_state(params, optimizer, rng=config.seed)
+        state_sharding = step_lib.state_shardings(state, param_specs, mesh)
+        self.state = jax.device_put(state, state_sharding)
+        self.train_step = step_lib.make_train_step(
+            make_loss_fn(cfg, algorithm, config), optimizer,
+            num_microbatches=config.num_microbatches, mesh=mesh, state_sharding=state_sharding,
+            learning_rate_fn=optim.make_schedule(opt_config))
+        self.batch_sharding = jax.sharding.NamedSharding(
+            mesh, jax.sharding.PartitionSpec(step_lib.BATCH_AXES))
+        self.replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        # One jitted forward per set of outputs: the old and the stored policies share it (one
+        # compile each instead of one per policy).
+        by_outputs, self.forward = {}, {}
+        for policy in ("old", *(p.name for p in algorithm.policies)):
+            outputs = algorithm.outputs(policy)
+            if outputs and outputs not in by_outputs:
+                by_outputs[outputs] = make_forward_fn(cfg, algorithm, outputs, config.temperature,
+                                                      config.max_new_tokens)
+            if outputs:
+                self.forward[policy] = by_outputs[outputs]
+        self.pipeline = stages.RolloutPipeline(session.selection, session.sampler,
+                                               algorithm.stages)
+        self.guard = step_lib.NonFiniteGuard(config.max_nonfinite_steps)
+
+    # -- one iteration ---------------------------------------------------------------------------
+
+    def iteration(self, iteration: int) -> dict:
+        """Collect → prepare → update; returns the iteration's metrics record."""
+        t0 = time.time()
+        rollouts = self.pipeline.collect(self.state.params, iteration)
+        t_rollout = time.time()
+        batch = self.prepare(rollouts, iteration)
+        t_prepare = time.time()
+        step_metrics = self.update(batch, iteration)
+        t_update = time.time()
+        self.policies.after_updates(iteration, self.state.params)
+        record = self.metrics(rollouts, step_metrics, iteration)
+        record.update({
+            "rollout_s": t_rollout - t0, "update_s": t_update - t_prepare,
+            "step_s": time.time() - t0,
+            "tokens_per_s": float(np.sum(rollouts.lengths) * self.config.num_passes)
+            / max(t_update - t_prepare, 1e-9),
+        })
+        return record
+
+    def prepare(self, rollouts: Rollouts, iteration: int) -> dict:
+        """The training batch: packed rows, the old and stored policies' forward outputs, and the
+        algorithm's targets, all host numpy ``[N, ...]``."""
+        packed = rollout.pack_sequences(rollouts.prompts(), rollouts.tokens, rollouts.lengths,
+                                        pad_id=self.session.sampler.pad_id)
+        batch = packed.model_inputs()
+        batch.update(behaviour_logp=rollouts.behaviour_logp, rewards=rollouts.rewards,
+                     group_index=rollouts.group_index)
+        # Before any update: the old policy is the current one; stored policies as of now.
+        scored_with = {"old": self.state.params,
+                       **self.policies.for_iteration(iteration, self.state.params)}
+        placed = distributed.host_to_global(
+            {k: batch[k] for k in ("tokens", "attention_mask", "positions")}, self.batch_sharding)
+        for policy, forward in self.forward.items():
+            outputs = distributed.to_host(forward(scored_with[policy], placed))
+            batch.update({algorithm_lib.input_name(policy, k): np.asarray(v)
+                          for k, v in outputs.items()})
+        if self.algorithm.prepare is not None:
+            info = StepInfo(iteration=iteration, group_size=self.config.group_size,
+                            seed=self.config.seed,
+                            rng=jax.random.fold_in(jax.random.PRNGKey(self.config.seed),
+                                                   iteration))
+            targets = self.algorithm.prepare(batch, info)
+            batch.update({k: np.asarray(v) for k, v in targets.items()})
+        return batch
+
+    def update(self, batch: dict, iteration: int) -> list[dict]:
+        """``--num_passes`` passes over the batch, each split into ``--num_minibatches``
+        optimizer updates (rows of one unit stay together); returns each update's metrics."""
+        config = self.config
+        num_rows = batch["tokens"].shape[0]
+        context = distributed.host_to_global(np.int32(iteration), self.replicated)
+        step_metrics = []
+        for epoch in range(config.num_passes):
+            rng = np.random.default_rng([config.seed, iteration, epoch])
+            for rows in algorithm_lib.minibatches(num_rows, config.num_minibatches,
+                                                  self.algorithm.minibatch_unit,
+                                                  config.group_size, rng):
+                if self.algorithm.minibatch_unit != "row" and config.num_microbatches > 1:
+                    # The step's microbatch m takes rows m, m + M, ... (train_step); order the
+                    # rows so that each microbatch is a contiguous run of whole units.
+                    rows = rows.reshape(config.num_microbatches, -1).T.reshape(-1)
+                minibatch = {k: np.asarray(v)[rows] for k, v in batch.items()}
+                self.state, metrics = self.train_step(
+                    self.state, distributed.host_to_global(minibatch, self.batch_sharding),
+                    context)
+                self.guard.check(self.state, metrics)
+                step_metrics.append(metrics)
+        return jax.device_get(step_metrics)
+
+    def metrics(self, rollouts: Rollouts, step_metrics: list[dict], iteration: int) -> dict:
+        record = {f"train/{k}": float(np.mean([m[k] for m in step_metrics]))
+                  for k in step_metrics[-1]}
+        staleness = (iteration - 1) - rollouts.policy_version
+        record.update({
+            "reward_mean": float(np.mean(rollouts.rewards)),
+            "response_length": float(np.mean(rollouts.lengths)),
+            "rollouts": self.session.sampler.generated,
+            "staleness_mean": float(np.mean(staleness)),
+            "staleness_max": int(np.max(staleness)),
+            "skipped_steps": self.skipped_steps,
+            **self.pipeline.metrics(),
+        })
+        return record
+
+    @property
+    def skipped_steps(self) -> int:
+        return int(np.asarray(self.state.skipped_steps))
+
+    # -- checkpoints ------------------------------------------------------------------------------
+
+    def save(self, meta: dict) -> None:
+        """Everything to continue exactly here: train state, rollout pipeline, stored policies."""
+        meta = dict(meta, rollouts=self.session.sampler.generated)
+        meta["pipeline"], pipeline_arrays = self.pipeline.state_dict()
+        meta["policies"], policy_arrays = self.policies.state_dict()
+        arrays = {**{f"rollouts/{k}": v for k, v in pipeline_arrays.items()},
+                  **{f"policies/{k}": v for k, v in policy_arrays.items()}}
+        self.session.checkpointer.save(meta["iteration"], self.state, meta, arrays)
+
+    def restore_or_start(self) -> dict:
+        """The meta of the latest checkpoint (state, pipeline and stored policies restored), or a
+        new run's (after evaluating the starting policy)."""
+        latest = self.session.checkpointer.latest_step()
+        if latest is None:
+            return self.session.start({}, self.state.params)
+        self.state, meta, arrays = self.session.checkpointer.restore(
+            latest, checkpoint_lib.abstract_like(self.state))
+        self.pipeline.load_state_dict(meta["pipeline"], _with_prefix(arrays, "rollouts/"))
+        self.policies.load_state_dict(meta["policies"], _with_prefix(arrays, "policies/"))
+        return self.session.resumed(meta)
+
+
+def _with_prefix(arrays: dict, prefix: str) -> dict:
+    return {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
