@@ -31,13 +31,17 @@ from offpolicy_jax.training.algorithm import Algorithm
 RHO = flags.DEFINE_float("rho", 1.0, "ρ, temperature of the Q parameterisation (paper: 1).")
 BETA_Q = flags.DEFINE_float("beta_q", 1.0, "β_Q, scale of the successor mean-Q term (paper: 1; "
                             "0 collapses entropy and length, 5 degrades).")
+CLIP_EPS = flags.DEFINE_float("clip_eps", None, "ε of the official code's optional one-sided clip "
+                              "of Q to [log(1-ε), log(1+ε)] where the target pushes it further "
+                              "out (use_rover_clip, clip_ratio 0.2; off in the released runs).")
 STD_NORMALIZE = flags.DEFINE_bool("std_normalize", False, "Divide the centred reward by the group "
                                   "std (the released math script) instead of mean-centring only "
                                   "(the paper, Eq. 4).")
 
 
 def make_algorithm() -> Algorithm:
-    rho, beta_q, std_normalize = RHO.value, BETA_Q.value, STD_NORMALIZE.value
+    rho, beta_q, std_normalize, clip_eps = (RHO.value, BETA_Q.value, STD_NORMALIZE.value,
+                                            CLIP_EPS.value)
 
     def centred_rewards(inputs, info) -> dict:
         return {"advantages": np.asarray(losses.rover_rewards(
@@ -47,7 +51,7 @@ def make_algorithm() -> Algorithm:
         del info
         return losses.rover(inputs["logp"], inputs["old_logp"], inputs["vocab_mean"],
                             inputs["old_vocab_mean"], inputs["advantages"], inputs["mask"],
-                            rho=rho, beta_q=beta_q)
+                            rho=rho, beta_q=beta_q, clip_eps=clip_eps)
 
     return Algorithm(name="rover", loss=loss, prepare=centred_rewards,
                      forward={"current": ("vocab_mean",), "old": ("logp", "vocab_mean")})

@@ -411,3 +411,32 @@ def test_rover_end_to_end_from_logits_padding_and_extremes():
         lambda lp: losses.rover(lp, -extreme, extreme, -extreme, rewards, mask), has_aux=True)(
             extreme)
     assert_finite_tree((eloss, metrics, egrad))
+
+
+def test_rover_clip_is_one_sided_on_q_as_the_official_code():
+    # Four one-token rows with old_logp = vocab means = 0, so the target Q̂ = r̃ and Q = ρ·logp.
+    # ε = 0.2: h = log 1.2 = 0.182322, l = log 0.8 = −0.223144.
+    logp = jnp.array([[0.5], [0.5], [-0.5], [0.1]])
+    zeros, mask = jnp.zeros((4, 1)), jnp.ones((4, 1))
+    rewards = jnp.array([0.0, 1.0, 0.0, 0.5])
+
+    def loss(lp, rho=1.0):
+        return losses.rover(lp, zeros, zeros, zeros, rewards, mask, rho=rho, clip_eps=0.2)
+
+    (value, metrics), grad = jax.value_and_grad(loss, has_aux=True)(logp)
+    high = math.log(1.2)
+    # Row 0: Q = 0.5 above the band but the target 0 pulls it back in: not clipped, full gradient.
+    # Row 1: Q = 0.5 above the band and the target 1 pushes further out: Q -> h, gradient 0.
+    # Row 2: Q = −0.5 below the band, target 0 pulls back in: not clipped. Row 3: inside the band.
+    per_token = np.array([0.25, (high - 1.0) ** 2, 0.25, 0.16])
+    np.testing.assert_allclose(value, per_token.mean(), rtol=1e-5)
+    np.testing.assert_allclose(grad[:, 0], [0.25, 0.0, -0.25, -0.2], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose([metrics["clip_high_fraction"], metrics["clip_low_fraction"]],
+                               [0.25, 0.0])
+    # The bound applies to Q = ρ·log-ratio, not to the log-ratio: with ρ = 2 a log-ratio of 0.1
+    # gives Q = 0.2 > h, and the target 1 clips it.
+    one = (logp[3:], zeros[:1], zeros[:1], zeros[:1], jnp.array([1.0]), mask[:1])
+    clipped, _ = losses.rover(*one, rho=2.0, clip_eps=0.2)
+    np.testing.assert_allclose(clipped, (high - 1.0) ** 2, rtol=1e-5)
+    unclipped, _ = losses.rover(*one, rho=2.0)
+    np.testing.assert_allclose(unclipped, (0.2 - 1.0) ** 2, rtol=1e-5)

@@ -51,6 +51,15 @@ def rover(logp, old_logp, vocab_mean, old_vocab_mean, centred_rewards, mask, *, 
     token t, so the successor of token t is column t + 1. Paper defaults ρ = 1, β_Q = 1; no KL, no
     entropy bonus, no clipping. He et al. 2025, https://arxiv.org/abs/2509.24981.
 
+    Optional clip (the official code's ``use_rover_clip``, ``Math/verl/workers/actor/dp_actor.py``
+    of github.com/tinnerhrhe/ROVER; off in every released config). With h = log(1 + ε) and
+    l = log(1 − ε), Q itself (ρ times the log-ratio) is replaced by a constant bound only where the
+    target would push it further out of [l, h]:
+
+        Q̃_t = h   if Q_t > h and Q̂_t > Q_t        (gradient 0)
+        Q̃_t = l   if Q_t < l and Q̂_t < Q_t        (gradient 0)
+        Q̃_t = Q_t otherwise (inside the band, or outside it with the target pulling back in)
+
     Args:
       logp: [B, T] log π_θ of the sampled tokens (differentiated).
       old_logp: [B, T] log π_old (behaviour policy of the current step, no grad).
@@ -61,12 +70,13 @@ def rover(logp, old_logp, vocab_mean, old_vocab_mean, centred_rewards, mask, *, 
       mask: [B, T] response mask.
       rho: ρ, the temperature of the Q parameterisation (code: ``rover_t``).
       beta_q: β_Q, scale of the successor term (code: ``next_q_scale_factor``); 0 drops it.
-      clip_eps: if set, the log-ratio inside Q is clipped to [log(1 − ε), log(1 + ε)] (the code's
-        ``use_rover_clip``, off by default).
+      clip_eps: ε of the one-sided clip of Q above (the code's ``clip_ratio`` 0.2 with
+        ``use_rover_clip``); None (default, as released) disables it.
       agg, max_len: aggregation (code: token-mean).
 
     Returns: ``(loss, metrics)`` with ``rover_loss``, ``q_mean``, ``q_next_mean``, ``target_mean``,
-    ``td_error_abs_mean``, ``ratio_mean/min/max`` (π_θ/π_old).
+    ``td_error_abs_mean``, ``ratio_mean/min/max`` (π_θ/π_old) and, with ``clip_eps``,
+    ``clip_high_fraction`` / ``clip_low_fraction`` (tokens whose Q was replaced by h / l).
     """
     shape = common.check_token_arrays(logp=logp, old_logp=old_logp, vocab_mean=vocab_mean,
                                       old_vocab_mean=old_vocab_mean, mask=mask)
@@ -83,14 +93,21 @@ def rover(logp, old_logp, vocab_mean, old_vocab_mean, centred_rewards, mask, *, 
     centred_rewards = jax.lax.stop_gradient(jnp.asarray(centred_rewards, jnp.float32))
 
     log_ratio = logp - old_logp
-    if clip_eps is not None:
-        log_ratio = jnp.clip(log_ratio, math.log1p(-clip_eps), math.log1p(clip_eps))
     q = rho * log_ratio                                                       # [B, T]
     mean_q = rho * (vocab_mean - old_vocab_mean)                              # Q̄(s_t), [B, T]
     # Successor of token t is position t + 1; beyond the last response token it is terminal (0).
     next_mask = jnp.pad(mask[:, 1:], ((0, 0), (0, 1)))
     next_mean_q = jnp.pad(mean_q[:, 1:], ((0, 0), (0, 1))) * next_mask
     target = jax.lax.stop_gradient(centred_rewards[:, None] + beta_q * next_mean_q)
+    clip_metrics = {}
+    if clip_eps is not None:
+        high, low = math.log1p(clip_eps), math.log1p(-clip_eps)
+        # One-sided, as the official code: only where the target pushes Q further out.
+        clip_high = (target > q) & (q > high)
+        clip_low = (target < q) & (q < low)
+        q = jnp.where(clip_high, high, jnp.where(clip_low, low, q))
+        clip_metrics = {"clip_high_fraction": common.masked_mean(clip_high, mask),
+                        "clip_low_fraction": common.masked_mean(clip_low, mask)}
     td_error = q - target
     loss = common.aggregate(jnp.square(td_error), mask, agg, max_len=max_len)
     metrics = {
@@ -100,5 +117,6 @@ def rover(logp, old_logp, vocab_mean, old_vocab_mean, centred_rewards, mask, *, 
         "target_mean": common.masked_mean(target, mask),
         "td_error_abs_mean": common.masked_mean(jnp.abs(td_error), mask),
     }
+    metrics.update(clip_metrics)
     metrics.update(common.ratio_stats("ratio", logp - old_logp, mask))
     return loss, jax.tree.map(jax.lax.stop_gradient, metrics)
