@@ -120,6 +120,10 @@ def test_corrupted_packaged_copy_is_refused(fresh_verification, monkeypatch, tmp
         rewards.load_benchmark("amc23")
     with pytest.raises(FileNotFoundError, match="packaged file .*aime24_test.jsonl.gz is missing"):
         rewards.load_benchmark("aime24")
+    (tmp_path / "math500_test.jsonl.gz").write_bytes(
+        (PACKAGED / "math500_test.jsonl.gz").read_bytes()[:1000])    # truncated
+    with pytest.raises(benchmarks.ChecksumError, match="math500_test.jsonl.gz is not a valid gzip"):
+        rewards.load_benchmark("math500")
 
 
 def test_verification_happens_once_per_process(fresh_verification, monkeypatch):

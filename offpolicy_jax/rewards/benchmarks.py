@@ -39,6 +39,7 @@ import json
 import os
 import pathlib
 import re
+import zlib
 
 from offpolicy_jax.rewards import math as rmath
 
@@ -94,7 +95,11 @@ def _packaged_text(name: str) -> str:
         raise FileNotFoundError(
             f"benchmark {name!r}: packaged file {resource} is missing from this installation "
             f"(reinstall the package, or pass --data_dir / set ${_DATA_ENV})")
-    data = gzip.decompress(resource.read_bytes())
+    try:
+        data = gzip.decompress(resource.read_bytes())
+    except (OSError, EOFError, zlib.error) as exc:
+        raise ChecksumError(f"benchmark {name!r}: packaged file {resource} is not a valid gzip "
+                            f"file ({exc}); reinstall the package") from exc
     key = str(resource)
     if key not in _VERIFIED:
         expected, got = SHA256[file_name], hashlib.sha256(data).hexdigest()
