@@ -39,6 +39,8 @@ setup(
     description=__doc__,
     python_requires=">=3.11",
     packages=find_packages(include=["offpolicy_jax", "offpolicy_jax.*"]),
+    # The benchmark files and their provenance/licence (read by offpolicy_jax.rewards.benchmarks).
+    package_data={"offpolicy_jax.data": ["benchmarks/*.jsonl.gz", "benchmarks/PROVENANCE.md"]},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,
 )

@@ -8,6 +8,9 @@ import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tests read the benchmark files packaged with offpolicy_jax; a developer's own data folder must
+# not change what they see (the tests of the override set it themselves).
+os.environ.pop("OFFPOLICY_JAX_DATA", None)
 
 import jax  # noqa: E402
 

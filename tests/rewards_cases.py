@@ -1,6 +1,6 @@
 """Table of (gold, prediction, expected, category) cases for the math verifier.
 
-Golds are taken from the benchmark files in ``shared/data`` (MATH-500, GSM8K, AIME 2024, AMC 2023,
+Golds are taken from the benchmark files packaged in ``offpolicy_jax/data/benchmarks`` (MATH-500, GSM8K, AIME 2024, AMC 2023,
 Minerva, OlympiadBench), in the form the loaders return; predictions are written by hand: correct
 answers in other notations and near misses that must be judged unequal.
 """

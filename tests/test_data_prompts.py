@@ -1,7 +1,6 @@
 """Prompt records: arith splits, JSONL loading and its errors, prompt templates, held-out split."""
 
 import json
-import pathlib
 
 import pytest
 import transformers
@@ -111,30 +110,25 @@ def test_plain_template_keeps_the_bos_a_tokenizer_prepends(tmp_path):
     assert ids[0] == tokenizer.bos_token_id and ids.count(tokenizer.bos_token_id) == 1
 
 
-DATA_DIR = str(pathlib.Path(__file__).resolve().parents[2] / "shared" / "data")
-
-
 def test_gsm8k_uses_train_split_for_training_and_test_split_for_eval():
-    train, heldout = prompts.load_train_and_eval("gsm8k", eval_size=32, data_dir=DATA_DIR)
+    train, heldout = prompts.load_train_and_eval("gsm8k", eval_size=32)
     assert len(train) == 7473 and len(heldout) == 32
     assert all(r["id"].startswith("gsm8k_train-") for r in train)
     assert all(r["id"].startswith("gsm8k-") for r in heldout)
     assert train[0]["gold"] == "72"                              # Natalia's clips
     assert train[0]["prompt"].startswith("Question: Natalia sold clips")
     assert train[0]["prompt"].endswith("within \\boxed{}.\nAnswer:")
-    _, whole_test = prompts.load_train_and_eval("gsm8k", eval_size=5000, data_dir=DATA_DIR)
+    _, whole_test = prompts.load_train_and_eval("gsm8k", eval_size=5000)
     assert len(whole_test) == 1319
 
 
 def test_math500_holds_out_a_fixed_subset():
-    train, heldout = prompts.load_train_and_eval("math500", eval_size=100, seed=1,
-                                                 data_dir=DATA_DIR)
+    train, heldout = prompts.load_train_and_eval("math500", eval_size=100, seed=1)
     assert len(train) == 400 and len(heldout) == 100
     assert {r["id"] for r in train}.isdisjoint(r["id"] for r in heldout)
-    assert prompts.load_train_and_eval("math500", eval_size=100, seed=2,
-                                       data_dir=DATA_DIR)[1] == heldout
+    assert prompts.load_train_and_eval("math500", eval_size=100, seed=2)[1] == heldout
 
 
 def test_unknown_dataset_name_is_reported():
     with pytest.raises(ValueError, match="unknown benchmark 'gsm9k'"):
-        prompts.load_train_and_eval("gsm9k", data_dir=DATA_DIR)
+        prompts.load_train_and_eval("gsm9k")

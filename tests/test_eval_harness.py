@@ -22,8 +22,6 @@ from offpolicy_jax.data import prompts as prompts_lib
 from offpolicy_jax.eval import harness, metrics, runner
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
-needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"benchmark data not found at {DATA}")
 
 SAMPLE_FIELDS = {"benchmark", "id", "problem_index", "sample_index", "prompt", "response",
                  "extracted", "gold", "correct", "reason", "length", "truncated"}
@@ -107,16 +105,15 @@ def test_effective_max_new_tokens():
 # Prompts, golds, model directory.
 
 
-@needs_data
 @pytest.mark.parametrize("name", harness.BENCHMARK_NAMES)
 def test_benchmark_records_keep_the_loader_golds(name):
-    records = harness.benchmark_prompt_records(name, limit=3, data_dir=DATA)
+    records = harness.benchmark_prompt_records(name, limit=3)
     assert len(records) == 3
     if name == "arith":
         assert records == prompts_lib.arith_records("heldout", 3)
         assert records[0]["prompt"].startswith("Q: ")
         return
-    items = rewards.load_benchmark(name, DATA)[:3]
+    items = rewards.load_benchmark(name)[:3]
     assert [r["gold"] for r in records] == [i["gold"] for i in items]
     assert [r["id"] for r in records] == [i["id"] for i in items]
     for record, item in zip(records, items):
@@ -124,25 +121,23 @@ def test_benchmark_records_keep_the_loader_golds(name):
         assert prompts_lib.DEFAULT_INSTRUCTION in record["prompt"]
 
 
-@needs_data
 def test_arith_records_extend_the_rl_loop_heldout_set():
     _, loop_heldout = prompts_lib.load_train_and_eval("arith", eval_size=64, num_arith_train=10)
     assert harness.benchmark_prompt_records("arith", limit=100)[:64] == loop_heldout
     assert len(harness.benchmark_prompt_records("arith")) == harness.ARITH_EVAL_SIZE
 
 
-@needs_data
 def test_chat_template_is_used_when_present_and_can_be_turned_off(loaded):
     _, _, tokenizer = loaded
     assert harness.prompt_format("gsm8k", tokenizer, True) == "plain"
     tokenizer = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)   # a private copy
     tokenizer.chat_template = ("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n"
                                "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
-    chat = harness.benchmark_prompt_records("amc23", tokenizer=tokenizer, limit=1, data_dir=DATA,
+    chat = harness.benchmark_prompt_records("amc23", tokenizer=tokenizer, limit=1,
                                             instruction="Box it.")
-    question = rewards.load_benchmark("amc23", DATA)[0]["question"]
+    question = rewards.load_benchmark("amc23")[0]["question"]
     assert chat[0]["prompt"] == f"<|user|>{question}\nBox it.\n<|assistant|>"
-    plain = harness.benchmark_prompt_records("amc23", tokenizer=tokenizer, limit=1, data_dir=DATA,
+    plain = harness.benchmark_prompt_records("amc23", tokenizer=tokenizer, limit=1,
                                              use_chat_template=False, instruction="Box it.")
     assert plain[0]["prompt"] == f"Question: {question}\nBox it.\nAnswer:"
     assert harness.prompt_format("amc23", tokenizer, True) == "chat template"
@@ -359,12 +354,11 @@ def _read_jsonl(path):
         return [json.loads(line) for line in f]
 
 
-@needs_data
 def test_command_end_to_end_writes_table_results_and_samples(tiny_model, tmp_path):
     out = tmp_path / "out"
     result = _run_cli(f"--model={tiny_model}", "--benchmarks=arith,gsm8k", "--limit=3",
                       "--num_samples=4", "--max_new_tokens=24", "--temperature=1.0",
-                      "--batch_size=2", f"--out={out}", "--progress=false", f"--data_dir={DATA}")
+                      "--batch_size=2", f"--out={out}", "--progress=false")
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(os.listdir(out)) == ["results.json", "results.md", "samples.jsonl"]
 
@@ -429,6 +423,12 @@ def test_command_reports_bad_input_in_one_line(tmp_path):
     result = _run_cli(f"--model={tmp_path / 'absent'}", f"--out={tmp_path}")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert f"error: --model='{tmp_path / 'absent'}' is neither the alias" in result.stderr
+    # --out is optional; a --data_dir that does not exist is named, with the benchmark.
+    missing = tmp_path / "no_such_folder"
+    result = _run_cli("--model=tiny-arith", "--benchmarks=math500", f"--data_dir={missing}")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"error: benchmark 'math500': data folder {missing} (from --data_dir) does not exist" \
+        in result.stderr
 
 
 def _documented_commands() -> list[list[str]]:

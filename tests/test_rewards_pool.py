@@ -1,7 +1,6 @@
 """The verifier pool: deadlines, recovery, adversarial inputs, every benchmark gold, and loaders."""
 
 import os
-import pathlib
 import re
 import signal
 import threading
@@ -12,8 +11,6 @@ import pytest
 
 from offpolicy_jax import rewards
 
-DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
-needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"benchmark data not found at {DATA}")
 SIZES = {"gsm8k_train": 7473, "gsm8k": 1319, "math500": 500, "aime24": 30, "amc23": 40,
          "minerva": 272, "olympiadbench": 675}
 
@@ -115,11 +112,10 @@ def test_pool_check_and_close():
         p.check("1", "1")
 
 
-@needs_data
 def test_every_gold_equals_itself_and_its_boxed_form(pool):
     golds = []
     for name in rewards.BENCHMARKS:
-        golds += [item["gold"] for item in rewards.load_benchmark(name, DATA)]
+        golds += [item["gold"] for item in rewards.load_benchmark(name)]
     assert len(golds) == sum(SIZES.values())
     boxed = rewards.score_batch(["Therefore \\boxed{" + g + "}." for g in golds], golds, pool=pool)
     failures = [(g, r) for g, ok, r in zip(golds, boxed.equivalent, boxed.reasons) if not ok]
@@ -129,10 +125,9 @@ def test_every_gold_equals_itself_and_its_boxed_form(pool):
     assert all(v.equivalent for v in same), [g for g, v in zip(golds, same) if not v.equivalent][:10]
 
 
-@needs_data
 @pytest.mark.parametrize("name", rewards.BENCHMARKS)
 def test_loaders(name):
-    items = rewards.load_benchmark(name, DATA)
+    items = rewards.load_benchmark(name)
     assert len(items) == SIZES[name]
     assert all(set(item) == {"id", "question", "gold"} for item in items)
     assert all(isinstance(item["gold"], str) and item["gold"] for item in items)
@@ -141,17 +136,16 @@ def test_loaders(name):
     assert not any(re.search(r"(?<!\\)\$", item["gold"]) for item in items)
 
 
-@needs_data
 def test_loader_normalisations():
-    aime = [i["gold"] for i in rewards.load_benchmark("aime24", DATA)]
+    aime = [i["gold"] for i in rewards.load_benchmark("aime24")]
     assert "25" in aime and not any(g.startswith("0") for g in aime)
-    amc = [i["gold"] for i in rewards.load_benchmark("amc23", DATA)]
+    amc = [i["gold"] for i in rewards.load_benchmark("amc23")]
     assert amc[:3] == ["27", "36", "45"]
-    gsm = [i["gold"] for i in rewards.load_benchmark("gsm8k", DATA)]
+    gsm = [i["gold"] for i in rewards.load_benchmark("gsm8k")]
     assert "2125" in gsm and not any("," in g for g in gsm)
-    minerva = [i["gold"] for i in rewards.load_benchmark("minerva", DATA)]
+    minerva = [i["gold"] for i in rewards.load_benchmark("minerva")]
     assert minerva[1] == "4.5 \\times 10^{33}" and "-1/3" in minerva and "\\arcsin(10/13)" in minerva
-    olympiad = {i["id"]: i["gold"] for i in rewards.load_benchmark("olympiadbench", DATA)}
+    olympiad = {i["id"]: i["gold"] for i in rewards.load_benchmark("olympiadbench")}
     assert olympiad["olympiadbench-2045"] == "(0,4]"
     assert olympiad["olympiadbench-1970"] == "(-\\infty, 0) \\cup\\{1\\}"
 

@@ -7,7 +7,9 @@ r"""Evaluate a checkpoint on math benchmarks: pass@k (unbiased), maj@k, lengths,
 alias ``tiny-arith`` (the embedded model, built and cached on first use). ``--benchmarks`` takes
 ``arith`` (the embedded task's held-out set) and ``gsm8k``, ``gsm8k_train``, ``math500``,
 ``aime24``, ``amc23``, ``minerva``, ``olympiadbench``. The table is printed on stdout and written
-with ``results.json`` and ``samples.jsonl`` into ``--out``; see ``offpolicy_jax.eval.harness``.
+with ``results.json`` and ``samples.jsonl`` into ``--out`` (without ``--out`` they go to a temporary
+folder that is removed at the end); see ``offpolicy_jax.eval.harness``. The benchmark files ship
+with the package; ``--data_dir`` (or ``$OFFPOLICY_JAX_DATA``) reads the user's own copies instead.
 
 Quick run of the embedded default (CPU, about a minute once the model is cached):
 
@@ -16,6 +18,7 @@ Quick run of the embedded default (CPU, about a minute once the model is cached)
 """
 
 import sys
+import tempfile
 
 from absl import app, flags, logging as absl_logging
 
@@ -44,7 +47,8 @@ LIMIT = flags.DEFINE_integer("limit", None, "Only the first K problems of each b
 MESH = flags.DEFINE_string("mesh", _DEFAULTS.mesh, "Device mesh 'data,fsdp,tensor'; -1 takes the "
                            "remaining devices.")
 OUT = flags.DEFINE_string("out", None, "Output directory (results.md, results.json, "
-                          "samples.jsonl).")
+                          "samples.jsonl); default: a temporary folder, removed at the end "
+                          "(the table is printed either way).")
 SEED = flags.DEFINE_integer("seed", _DEFAULTS.seed, "Sampling seed (the same for every "
                             "benchmark).")
 USE_CHAT_TEMPLATE = flags.DEFINE_bool("use_chat_template", _DEFAULTS.use_chat_template,
@@ -55,11 +59,10 @@ INSTRUCTION = flags.DEFINE_string("instruction", prompts_lib.DEFAULT_INSTRUCTION
 BATCH_SIZE = flags.DEFINE_integer("batch_size", _DEFAULTS.batch_size, "Problems per generation "
                                   "chunk (each chunk samples batch_size * num_samples rows).")
 DTYPE = flags.DEFINE_enum("dtype", _DEFAULTS.dtype, ["float32", "bfloat16"], "Parameter dtype.")
-DATA_DIR = flags.DEFINE_string("data_dir", None, "Benchmark data folder (default: "
-                               "$OFFPOLICY_JAX_DATA, else ../shared/data next to the repo).")
+DATA_DIR = flags.DEFINE_string("data_dir", None, "A folder with your own copies of the benchmark "
+                               "files (<file>.jsonl or .jsonl.gz, not checksum-verified); default: "
+                               "$OFFPOLICY_JAX_DATA, else the files packaged with offpolicy_jax.")
 PROGRESS = flags.DEFINE_bool("progress", True, "Progress bars on stderr.")
-
-flags.mark_flag_as_required("out")
 
 
 def config_from_flags() -> harness.HarnessConfig:
@@ -81,7 +84,11 @@ def main(argv):
     absl_logging.set_verbosity(absl_logging.WARNING)
     try:
         config = config_from_flags()
-        summary = harness.run(config, OUT.value, progress=PROGRESS.value)
+        if OUT.value is None:
+            with tempfile.TemporaryDirectory(prefix="offpolicy_jax_eval_") as out_dir:
+                summary = harness.run(config, out_dir, progress=PROGRESS.value)
+        else:
+            summary = harness.run(config, OUT.value, progress=PROGRESS.value)
     except (ValueError, FileNotFoundError) as error:
         # Bad input (a flag, a benchmark name, a data file, a checkpoint directory): one clear
         # line instead of a traceback.

@@ -1,4 +1,18 @@
-"""Gold-answer loaders for the six evaluation sets in ``shared/data`` (see ``PROVENANCE.md`` there).
+"""Gold-answer loaders for the evaluation sets shipped with the package.
+
+The seven files (GSM8K train and test, MATH-500, AIME 2024, AMC 2023, Minerva, OlympiadBench) are
+installed with the package as ``offpolicy_jax/data/benchmarks/*.jsonl.gz`` (sources, commits,
+licences and checksums: ``PROVENANCE.md`` there). Where a benchmark is read from, in order:
+
+1. ``data_dir`` (the ``--data_dir`` flag of ``python -m offpolicy_jax.eval``), else
+   ``$OFFPOLICY_JAX_DATA``: a folder of the user's own copies, ``<file>.jsonl`` or
+   ``<file>.jsonl.gz`` (for instance newer versions, or an export from Hugging Face ``datasets``;
+   see ``PROVENANCE.md``). Not checksum-verified. A missing folder or file is an error, never a
+   silent fall-back to the packaged copy.
+2. the packaged copy, whose sha256 (of the uncompressed file) is checked against
+   :data:`SHA256` the first time it is read in a process.
+
+Nothing is downloaded.
 
 Each loader returns a list of ``{"id", "question", "gold"}`` dicts, with the gold normalised so that
 it is a plain answer string for :func:`offpolicy_jax.rewards.math.check`:
@@ -18,10 +32,14 @@ it is a plain answer string for :func:`offpolicy_jax.rewards.math.check`:
 
 from __future__ import annotations
 
+import gzip
+import hashlib
+import importlib.resources
 import json
 import os
 import pathlib
 import re
+import zlib
 
 from offpolicy_jax.rewards import math as rmath
 
@@ -38,15 +56,76 @@ _FILES = {
 }
 _DATA_ENV = "OFFPOLICY_JAX_DATA"
 
+# sha256 of each packaged file once decompressed, i.e. of the file as published upstream (the same
+# digests as the table in offpolicy_jax/data/benchmarks/PROVENANCE.md).
+SHA256 = {
+    "gsm8k_train.jsonl": "17f347dc51477c50d4efb83959dbb7c56297aba886e5544ee2aaed3024813465",
+    "gsm8k_test.jsonl": "3730d312f6e3440559ace48831e51066acaca737f6eabec99bccb9e4b3c39d14",
+    "math500_test.jsonl": "35dc41080a3680858b27fa7e0533d2d547825316fc5dafe5d316f4ccc5a06132",
+    "aime24_test.jsonl": "af2b8bd2aa911b6333ad0df32f3ca05c7ae8ed10f1731f4372c8ae26990bf7ac",
+    "amc23_test.jsonl": "43707e1ca784602d8479de24ee8ce36609dbebc46dd152b0b12a46611aa898a4",
+    "minerva_math_test.jsonl": "0e656b430d3a0a1dab6aa853f453ba3805e28e2cabe4fc72486a897cc09d8ba2",
+    "olympiadbench_test.jsonl": "bb8c1e38a16ea9eacb77530315a674d883f267fbff79183effc53681b4fcc416",
+}
+
+# Packaged files whose checksum has been verified in this process (keys: their path as text).
+_VERIFIED: set[str] = set()
+
+
+class ChecksumError(ValueError):
+    """A packaged benchmark file does not have the sha256 recorded in :data:`SHA256`."""
+
+
+def packaged_data_dir():
+    """The folder of the packaged ``*.jsonl.gz`` files (an ``importlib.resources`` traversable)."""
+    return importlib.resources.files("offpolicy_jax.data") / "benchmarks"
+
 
 def default_data_dir() -> pathlib.Path | None:
-    """``$OFFPOLICY_JAX_DATA``, else ``<repo>/../shared/data`` if it exists, else None."""
+    """The user's data folder from ``$OFFPOLICY_JAX_DATA``, or None (use the packaged copies)."""
     env = os.environ.get(_DATA_ENV)
-    if env:
-        return pathlib.Path(env)
-    repo = pathlib.Path(__file__).resolve().parents[2]
-    candidate = repo.parent / "shared" / "data"
-    return candidate if candidate.is_dir() else None
+    return pathlib.Path(env) if env else None
+
+
+def _packaged_text(name: str) -> str:
+    """The packaged file of benchmark ``name``, decompressed, its checksum verified once."""
+    file_name = _FILES[name]
+    resource = packaged_data_dir() / f"{file_name}.gz"
+    if not resource.is_file():
+        raise FileNotFoundError(
+            f"benchmark {name!r}: packaged file {resource} is missing from this installation "
+            f"(reinstall the package, or pass --data_dir / set ${_DATA_ENV})")
+    try:
+        data = gzip.decompress(resource.read_bytes())
+    except (OSError, EOFError, zlib.error) as exc:
+        raise ChecksumError(f"benchmark {name!r}: packaged file {resource} is not a valid gzip "
+                            f"file ({exc}); reinstall the package") from exc
+    key = str(resource)
+    if key not in _VERIFIED:
+        expected, got = SHA256[file_name], hashlib.sha256(data).hexdigest()
+        if got != expected:
+            raise ChecksumError(
+                f"benchmark {name!r}: packaged file {resource} fails its checksum: expected "
+                f"sha256 {expected} (uncompressed), got {got}; reinstall the package")
+        _VERIFIED.add(key)
+    return data.decode("utf-8")
+
+
+def _user_text(name: str, base: pathlib.Path, origin: str) -> tuple[str, pathlib.Path]:
+    """The file of benchmark ``name`` in the user's folder ``base`` (``.jsonl``, else
+    ``.jsonl.gz``), with its path. Not checksum-verified: it may be a newer version."""
+    if not base.is_dir():
+        raise FileNotFoundError(
+            f"benchmark {name!r}: data folder {base} (from {origin}) does not exist")
+    path = base / _FILES[name]
+    if path.is_file():
+        return path.read_text(encoding="utf-8"), path
+    gz_path = base / f"{_FILES[name]}.gz"
+    if gz_path.is_file():
+        return gzip.decompress(gz_path.read_bytes()).decode("utf-8"), gz_path
+    raise FileNotFoundError(
+        f"benchmark {name!r}: file not found: {path} (nor {gz_path.name}) in the data folder "
+        f"from {origin}")
 
 
 def _gsm8k_gold(answer: str) -> str:
@@ -78,19 +157,18 @@ def normalize_olympiad_gold(gold: str) -> str:
     return gold
 
 
-def _rows(path: pathlib.Path):
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    yield line_no, json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"{path}:{line_no}: not valid JSON ({exc})") from exc
+def _rows(text: str, path):
+    for line_no, line in enumerate(text.split("\n"), 1):
+        if line.strip():
+            try:
+                yield line_no, json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{line_no}: not valid JSON ({exc})") from exc
 
 
-def _load_rows(name: str, path: pathlib.Path) -> list[dict]:
+def _load_rows(name: str, text: str, path) -> list[dict]:
     out = []
-    for line_no, row in _rows(path):
+    for line_no, row in _rows(text, path):
         try:
             if name in ("gsm8k", "gsm8k_train"):
                 item = dict(id=f"{name}-{line_no - 1}", question=row["question"],
@@ -130,16 +208,20 @@ def load_benchmark(name: str, data_dir: str | os.PathLike | None = None) -> list
 
     Args:
       name: one of :data:`BENCHMARKS` (``gsm8k`` is the test split).
-      data_dir: folder with the ``*.jsonl`` files; default ``$OFFPOLICY_JAX_DATA``, else
-        ``<repo>/../shared/data``.
+      data_dir: a folder with the user's own ``*.jsonl`` (or ``*.jsonl.gz``) files; default
+        ``$OFFPOLICY_JAX_DATA``, else the copies packaged with ``offpolicy_jax``.
+
+    Raises:
+      ValueError: an unknown benchmark name.
+      FileNotFoundError: the user's folder, or the benchmark's file in it, does not exist.
+      ChecksumError: a packaged file does not match :data:`SHA256`.
     """
     if name not in _FILES:
         raise ValueError(f"unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)}")
-    base = pathlib.Path(data_dir) if data_dir is not None else default_data_dir()
-    if base is None:
-        raise FileNotFoundError(
-            f"no data folder for benchmark {name!r}: pass data_dir or set ${_DATA_ENV}")
-    path = base / _FILES[name]
-    if not path.is_file():
-        raise FileNotFoundError(f"benchmark {name!r}: file not found: {path}")
-    return _load_rows(name, path)
+    if data_dir is not None:
+        text, path = _user_text(name, pathlib.Path(data_dir), "--data_dir")
+    elif default_data_dir() is not None:
+        text, path = _user_text(name, default_data_dir(), f"${_DATA_ENV}")
+    else:
+        text, path = _packaged_text(name), packaged_data_dir() / f"{_FILES[name]}.gz"
+    return _load_rows(name, text, path)
