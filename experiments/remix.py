@@ -90,12 +90,14 @@ def make_algorithm(variant: str) -> Algorithm:
 
     def loss(inputs, info):
         mask = inputs["mask"]
+        # Rows from the window were sampled by a policy older than π_k (version iteration − 1).
+        replayed = inputs["policy_version"] < info.iteration - 1
         # π_base ("base"): the initial policy, then π_T after reincarnation; π_{k−1} ("prev").
         total, metrics = losses.remix(
             inputs["logp"], inputs["old_logp"], inputs["behaviour_logp"], inputs["advantages"],
             mask, base_logp=inputs["base_logp"], prev_logp=inputs["prev_logp"],
             step=info.iteration, kl_coef=kl_coef, lambda_delay=delay, lambda_interval=interval,
-            eps_low=clip_eps, eps_high=clip_eps, dual_clip=dual_clip)
+            eps_low=clip_eps, eps_high=clip_eps, dual_clip=dual_clip, replayed=replayed)
         if ppo:
             value_loss, value_metrics = losses.value_loss(inputs["values"], inputs["old_values"],
                                                           inputs["returns"], mask)

@@ -141,6 +141,12 @@ def test_remix_replay_lambda_schedule_and_reincarnation_happen_at_the_configured
     records = metrics_without_timing(workdir)[1:]
     assert [r["train/kl_convex_lambda"] for r in records] == pytest.approx([1.0, 0.9, 0.8])
     assert [r["staleness_max"] for r in records] == [0, 1, 0]
+    # Step 2's batch holds 2 replayed groups of 4: half the rows, counted by policy version (a
+    # fresh row's stored and recomputed log-probs differ by round-off, which must not count).
+    assert [r["stale_fraction"] for r in records] == [0.0, 0.5, 0.0]
+    assert [r["train/off_policy_fraction"] > 0 for r in records] == [False, True, False]
+    assert records[0]["train/off_policy_fraction"] == 0.0
     # Batch 4 prompts x 4 responses: step 2 replays round(0.4 * 4) = 2 groups (8 rows fresh).
     assert [r["rollouts"] for r in records] == [16, 24, 40]
     assert all(np.isfinite(r["train/loss"]) for r in records)
+

@@ -220,7 +220,7 @@ def test_mix_ppg_hand_values(jit):
     old = behaviour + math.log(2.0)
     logp = behaviour + jnp.log(jnp.array([[2.5, 1.5]]))
     loss, metrics = call(losses.mix_ppg, logp, old, behaviour, jnp.array([[1.0, -1.0]]),
-                         jnp.ones((1, 2)), jit=jit)
+                         jnp.ones((1, 2)), jit=jit, replayed=jnp.array([True]))
     np.testing.assert_allclose(loss, -0.2, rtol=1e-5)
     np.testing.assert_allclose(metrics["clip_fraction"], 1.0)
     np.testing.assert_allclose(metrics["behaviour_ratio_mean"], 2.0, rtol=1e-6)
@@ -246,7 +246,20 @@ def test_mix_ppg_on_policy_equals_ppo_clip(dual_clip, agg):
                                rtol=1e-6)
     for key in ppo_metrics:
         np.testing.assert_allclose(mix_metrics[key], ppo_metrics[key], rtol=1e-6, err_msg=key)
-    assert float(mix_metrics["off_policy_fraction"]) == 0.0
+    assert "off_policy_fraction" not in mix_metrics
+
+
+def test_mix_ppg_off_policy_fraction_counts_replayed_rows_not_round_off():
+    # Two fresh rows whose stored log-probs differ from the recomputed ones by sampler/trainer
+    # round-off (c ≠ 1 by ~1e-6), and one replayed row: a third of the rows, half the tokens.
+    old = jnp.log(jnp.array([[0.5, 0.5], [0.5, 0.5], [0.3, 0.4]]))
+    behaviour = old + jnp.array([[1e-6, -2e-6], [3e-7, 0.0], [0.2, -0.1]])
+    mask = jnp.array([[1, 0], [1, 0], [1, 1]])
+    _, metrics = losses.mix_ppg(old, old, behaviour, jnp.ones(3), mask,
+                                replayed=jnp.array([False, False, True]))
+    np.testing.assert_allclose(metrics["off_policy_fraction"], 0.5)
+    _, fresh = losses.mix_ppg(old, old, behaviour, jnp.ones(3), mask, replayed=jnp.zeros(3))
+    assert float(fresh["off_policy_fraction"]) == 0.0
 
 
 def test_mix_ppg_extreme_and_padding():

@@ -18,7 +18,7 @@ from offpolicy_jax.losses import ppo
 
 def mix_ppg(logp, old_logp, behaviour_logp, advantages, mask, *, eps_low: float = 0.2,
             eps_high: float = 0.2, dual_clip: float | None = None, agg: str = "token-mean",
-            max_len: int | None = None) -> tuple[jax.Array, dict]:
+            max_len: int | None = None, replayed=None) -> tuple[jax.Array, dict]:
     """Mix-policy proximal policy gradient: PPO clip centred on the behaviour ratio π_k / π_{k−i}.
 
         r_θ   = π_θ / π_{k−i} = exp(logp_θ − logp_beh)
@@ -42,10 +42,14 @@ def mix_ppg(logp, old_logp, behaviour_logp, advantages, mask, *, eps_low: float 
       eps_low, eps_high: clip half-widths around the centre c (the paper: a single ε = 0.2).
       dual_clip: c_dual > 1 or None (a third-party implementation uses 3).
       agg, max_len: aggregation (the paper does not state it; verl's default token-mean).
+      replayed: optional [B], 1 for rows sampled by an older policy than π_k (replayed from the
+        window: ``policy_version < iteration − 1``). Only for the ``off_policy_fraction`` metric:
+        c itself cannot tell, since a fresh row's stored and recomputed log-probs differ by
+        round-off (sampler vs training forward).
 
     Returns: ``(loss, metrics)`` with the :func:`ppo_clip` metrics (``ratio_*`` is π_θ/π_{k−i},
-    ``approx_kl`` is KL(π_k ‖ π_θ)) plus ``behaviour_ratio_mean/min/max`` (c = π_k/π_{k−i}) and
-    ``off_policy_fraction`` (tokens with c ≠ 1, i.e. replayed).
+    ``approx_kl`` is KL(π_k ‖ π_θ)) plus ``behaviour_ratio_mean/min/max`` (c = π_k/π_{k−i}) and,
+    with ``replayed``, ``off_policy_fraction`` (the share of response tokens in replayed rows).
     """
     ppo._check_clip(eps_low, eps_high, dual_clip)  # noqa: SLF001 (same package)
     shape = common.check_token_arrays(logp=logp, old_logp=old_logp,
@@ -70,7 +74,10 @@ def mix_ppg(logp, old_logp, behaviour_logp, advantages, mask, *, eps_low: float 
         loss, active, ratio, logp - old_logp, advantages, mask)
     metrics.update(common.ratio_stats("ratio", log_ratio, mask))
     metrics.update(common.ratio_stats("behaviour_ratio", behaviour_log_ratio, mask))
-    metrics["off_policy_fraction"] = common.masked_mean(behaviour_log_ratio != 0, mask)
+    if replayed is not None:
+        common.check_sequence_array("replayed", replayed, shape[0])
+        replayed_tokens = jnp.broadcast_to(jnp.asarray(replayed, jnp.float32)[:, None], shape)
+        metrics["off_policy_fraction"] = common.masked_mean(replayed_tokens, mask)
     return loss, jax.tree.map(jax.lax.stop_gradient, metrics)
 
 
@@ -147,7 +154,7 @@ def remix(logp, old_logp, behaviour_logp, advantages, mask, *, base_logp, prev_l
           kl_coef: float, lambda_delay: int = 50, lambda_interval: int = 10, entropy=None,
           entropy_coef: float = 0.0, eps_low: float = 0.2, eps_high: float = 0.2,
           dual_clip: float | None = None, kl_estimator: str = "k3", agg: str = "token-mean",
-          max_len: int | None = None) -> tuple[jax.Array, dict]:
+          max_len: int | None = None, replayed=None) -> tuple[jax.Array, dict]:
     """The full ReMix objective: Mix-PPG − c·H[π_θ] + β · KL-Convex(λ(step)).
 
         L = L^{Mix-PPG} − c·H[π_θ] + β · L_KLC(θ; π_base, λ(t))
@@ -166,14 +173,15 @@ def remix(logp, old_logp, behaviour_logp, advantages, mask, *, base_logp, prev_l
       entropy: optional [B, T] per-token entropy of π_θ (e.g. :func:`token_entropy`,
         differentiated).
       entropy_coef: c.
-      eps_low, eps_high, dual_clip, agg, max_len: as :func:`mix_ppg` (one aggregation for every
-        term); kl_estimator: as :func:`kl_convex`.
+      eps_low, eps_high, dual_clip, agg, max_len, replayed: as :func:`mix_ppg` (one aggregation
+        for every term); kl_estimator: as :func:`kl_convex`.
 
     Returns: ``(loss, metrics)``: the :func:`mix_ppg` and :func:`kl_convex` metrics,
     ``policy_loss`` (the Mix-PPG term alone) and ``entropy`` (if given).
     """
     pg_loss, metrics = mix_ppg(logp, old_logp, behaviour_logp, advantages, mask, eps_low=eps_low,
-                               eps_high=eps_high, dual_clip=dual_clip, agg=agg, max_len=max_len)
+                               eps_high=eps_high, dual_clip=dual_clip, agg=agg, max_len=max_len,
+                               replayed=replayed)
     lam = kl_convex_lambda(step, delay=lambda_delay, interval=lambda_interval)
     kl, kl_metrics = kl_convex(logp, base_logp, prev_logp, mask, lam=lam,
                                estimator=kl_estimator, agg=agg, max_len=max_len)

@@ -25,8 +25,8 @@ An :class:`Algorithm` is plain data plus pure functions, so an experiment file r
 The loss inputs (a dict of ``[B, ...]`` arrays; B rows of the minibatch): ``tokens``,
 ``attention_mask``, ``positions`` ([B, P + R], see ``rollout.pack_sequences``), ``mask`` [B, R]
 (1 on generated tokens up to and including EOS), the rollout rows' ``behaviour_logp``,
-``rewards``, ``group_index`` (``training.batch``), the forward outputs above and ``prepare``'s
-arrays.
+``rewards``, ``group_index``, ``policy_version`` (``training.batch``), the forward outputs above
+and ``prepare``'s arrays.
 """
 
 from __future__ import annotations

@@ -327,7 +327,7 @@ class Learner:
                                         pad_id=self.session.sampler.pad_id)
         batch = packed.model_inputs()
         batch.update(behaviour_logp=rollouts.behaviour_logp, rewards=rollouts.rewards,
-                     group_index=rollouts.group_index)
+                     group_index=rollouts.group_index, policy_version=rollouts.policy_version)
         # Before any update: the old policy is the current one; stored policies as of now.
         scored_with = {"old": self.state.params,
                        **self.policies.for_iteration(iteration, self.state.params)}
@@ -380,6 +380,7 @@ class Learner:
             "rollouts": self.session.sampler.generated,
             "staleness_mean": float(np.mean(staleness)),
             "staleness_max": int(np.max(staleness)),
+            "stale_fraction": float(np.mean(staleness > 0)),
             "skipped_steps": self.skipped_steps,
             **self.pipeline.metrics(),
         })
