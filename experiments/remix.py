@@ -56,21 +56,38 @@ REINCARNATION_STEP = flags.DEFINE_integer("reincarnation_step", 20, "T: after th
                                           "on-policy (paper 50 of 350+ steps; -1: never).")
 KL_COEF = flags.DEFINE_float("kl_coef", 1e-3, "β of the KL-Convex constraint (verl default).")
 KL_LAMBDA_DELAY = flags.DEFINE_integer("kl_lambda_delay", None, "λ(t) stays 1 up to this step "
-                                       "(paper 50; default: T).")
+                                       "(paper 50; default: T, or 50 without reincarnation).")
 KL_LAMBDA_INTERVAL = flags.DEFINE_integer("kl_lambda_interval", None, "λ(t) drops by 0.1 every "
-                                          "this many steps, floor 0.5 (paper 10; default T/5).")
+                                          "this many steps, floor 0.5 (paper 10; default: T/5, "
+                                          "or 10 without reincarnation).")
 CLIP_EPS = flags.DEFINE_float("clip_eps", 0.2, "ε of the Mix-PPG clip around π_k/π_{k−i}.")
 DUAL_CLIP = flags.DEFINE_float("dual_clip", None, "Dual-clip c for A < 0 (a third-party "
                                "implementation uses 3; off by default).")
 VF_COEF = flags.DEFINE_float("vf_coef", 0.1, "PPO variant: weight of the value loss.")
 
+# λ(t) stays 1 for 50 steps, then drops by 0.1 every 10 (the paper's schedule).
+PAPER_LAMBDA_DELAY, PAPER_LAMBDA_INTERVAL = 50, 10
+
 
 def schedule() -> tuple[int | None, int, int]:
-    """``(T or None, λ delay, λ interval)`` from the flags."""
-    step = REINCARNATION_STEP.value
-    reincarnation = None if step < 0 else step
-    delay = KL_LAMBDA_DELAY.value if KL_LAMBDA_DELAY.value is not None else max(step, 0)
-    interval = KL_LAMBDA_INTERVAL.value or max(1, max(step, 0) // 5)
+    """``(T or None, λ delay, λ interval)`` from the flags, checked.
+
+    With T set, λ(t)'s schedule defaults to the paper's ratios to T (delay = T, interval = T/5;
+    paper: T = delay = 50, interval = 10); without reincarnation (``--reincarnation_step=-1``) to
+    the paper's own delay 50 and interval 10, so turning reincarnation off leaves λ(t) alone.
+    """
+    step, delay, interval = (REINCARNATION_STEP.value, KL_LAMBDA_DELAY.value,
+                             KL_LAMBDA_INTERVAL.value)
+    if step < -1:
+        raise ValueError(f"--reincarnation_step must be >= 0, or -1 for never; got {step}")
+    reincarnation = None if step == -1 else step
+    if delay is None:
+        delay = PAPER_LAMBDA_DELAY if reincarnation is None else reincarnation
+    if interval is None:
+        interval = PAPER_LAMBDA_INTERVAL if reincarnation is None else max(1, reincarnation // 5)
+    if delay < 0 or interval < 1:
+        raise ValueError(f"need --kl_lambda_delay >= 0 and --kl_lambda_interval >= 1, got "
+                         f"{delay} and {interval}")
     return reincarnation, delay, interval
 
 

@@ -150,3 +150,19 @@ def test_remix_replay_lambda_schedule_and_reincarnation_happen_at_the_configured
     assert [r["rollouts"] for r in records] == [16, 24, 40]
     assert all(np.isfinite(r["train/loss"]) for r in records)
 
+
+@pytest.mark.parametrize("flags,expected", [
+    (["--reincarnation_step=-1"], "(None, 50, 10)"),           # no reincarnation: the paper's λ
+    (["--reincarnation_step=20"], "(20, 20, 4)"),              # the paper's ratios to T
+    (["--reincarnation_step=-1", "--kl_lambda_delay=5"], "(None, 5, 10)"),
+    (["--kl_lambda_interval=0"], "--kl_lambda_interval >= 1"),
+    (["--reincarnation_step=-2"], "--reincarnation_step must be >= 0, or -1 for never"),
+])
+def test_remix_schedule_flags(flags, expected):
+    """ReMix's (T, λ delay, λ interval): -1 (never reincarnate) keeps the paper's λ(t) schedule
+    instead of deriving it from T, and impossible values are refused naming the flag."""
+    code = ("import sys; sys.path.insert(0, 'experiments'); import remix; from absl import flags; "
+            "flags.FLAGS(sys.argv); print(remix.schedule())")
+    result = subprocess.run([sys.executable, "-c", code, "remix", *flags], capture_output=True,
+                            text=True, env=_env(), cwd=ROOT, timeout=120)
+    assert expected in (result.stdout + result.stderr)
