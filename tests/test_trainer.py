@@ -700,3 +700,23 @@ def test_loop_runs_a_fake_algorithm_and_resumes_exactly(tiny_model, tmp_path):
     # ... and the policy did move in iteration 3, so equal parameters are not a vacuous check.
     assert any(not np.array_equal(a, b)
                for a, b in zip(leaves, jax.tree.leaves(_params_at(straight, 2))))
+
+
+def test_learner_places_the_state_on_a_mesh_whose_tensor_axis_does_not_divide_the_heads(
+        tiny_model, tmp_path):
+    """tensor=4 over 2 key/value heads: the parameters and the optimizer state are replicated
+    along that dimension instead of failing to place (before: jax.device_put raised)."""
+    from offpolicy_jax.training import trainer
+    config = RunConfig(workdir=str(tmp_path), model=tiny_model, mesh="1,2,4", batch_size=4,
+                       group_size=2, eval_size=2, progress=False)
+    session = trainer.Session(config, "fake")
+    try:
+        learner = trainer.Learner(session, Algorithm(name="fake", loss=None))
+        qkv = learner.state.params["layers"]["qkv"]           # [L, D, KV=2, G+2, hd]
+        assert qkv.sharding.spec[2] is None                   # the KV axis: replicated
+        mu = learner.state.opt_state[1][0].mu["layers"]["qkv"]
+        assert mu.sharding.is_equivalent_to(qkv.sharding, qkv.ndim)
+    finally:
+        session.pool.close()
+        session.checkpointer.close()
+        session.logger.close()

@@ -266,7 +266,9 @@ class Learner:
         config, mesh, cfg = session.config, session.mesh, session.cfg
         self.session, self.algorithm, self.config = session, algorithm, config
         params = models.shard_params(session.params, mesh)
-        param_specs = models.partition_specs(session.params)
+        # With the mesh: a dimension its axes do not divide (2 key/value heads on tensor=4) is
+        # replicated, as shard_params placed it.
+        param_specs = models.partition_specs(session.params, mesh)
         if algorithm.value_head is not None:
             params, param_specs = add_value_head(algorithm, cfg, params, param_specs, mesh,
                                                  seed=config.seed)
