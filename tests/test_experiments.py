@@ -129,6 +129,17 @@ def test_invalid_flags_fail_at_start_up(tmp_path, flags, message):
     assert message in result.stderr
 
 
+def test_training_reads_benchmarks_from_data_dir(tiny_model, tmp_path):
+    """--data_dir reaches the training prompts: a missing folder is an error naming it (the
+    packaged copies are never a silent fall-back)."""
+    missing = tmp_path / "no_such_folder"
+    result = run_experiment("grpo", f"--model={tiny_model}", f"--workdir={tmp_path / 'run'}",
+                            "--dataset=math500", f"--data_dir={missing}", check=False,
+                            timeout=300)
+    assert result.returncode != 0
+    assert f"data folder {missing} (from --data_dir) does not exist" in result.stderr
+
+
 def test_remix_replay_lambda_schedule_and_reincarnation_happen_at_the_configured_steps(
         tiny_model, tmp_path):
     """ReMix-GRPO over 3 steps with T = 2, λ delay 1 and interval 1: step 2 replays groups from

@@ -26,6 +26,7 @@ class RunConfig:
     dataset: str = "arith"
     prompt_field: str = "question"
     answer_field: str = "answer"
+    data_dir: str | None = None
     iterations: int = 40
     seed: int = 0
     mesh: str = "1,-1,1"

@@ -22,6 +22,10 @@ PROMPT_FIELD = flags.DEFINE_string("prompt_field", _DEFAULTS.prompt_field,
                                    "JSONL datasets: the field holding the question.")
 ANSWER_FIELD = flags.DEFINE_string("answer_field", _DEFAULTS.answer_field,
                                    "JSONL datasets: the field holding the gold answer.")
+DATA_DIR = flags.DEFINE_string("data_dir", None, "A folder with your own copies of the benchmark "
+                               "files (<name>.jsonl or .jsonl.gz) for --dataset=gsm8k, math500, "
+                               "...; default $OFFPOLICY_JAX_DATA, else the copies packaged with "
+                               "offpolicy_jax.")
 ITERATIONS = flags.DEFINE_integer("iterations", _DEFAULTS.iterations, "RL iterations: each "
                                   "samples (or replays) one rollout batch and trains on it.")
 SEED = flags.DEFINE_integer("seed", _DEFAULTS.seed, "Seed for data order, sampling, init.")
@@ -67,7 +71,8 @@ def run_config(experiment_name: str) -> RunConfig:
     return RunConfig(
         workdir=WORKDIR.value or f"workdirs/{experiment_name}",
         model=MODEL.value, dataset=DATASET.value, prompt_field=PROMPT_FIELD.value,
-        answer_field=ANSWER_FIELD.value, iterations=ITERATIONS.value, seed=SEED.value,
+        answer_field=ANSWER_FIELD.value, data_dir=DATA_DIR.value, iterations=ITERATIONS.value,
+        seed=SEED.value,
         mesh=MESH.value,
         batch_size=BATCH_SIZE.value, group_size=GROUP_SIZE.value,
         max_new_tokens=MAX_NEW_TOKENS.value, temperature=TEMPERATURE.value, top_k=TOP_K.value,

@@ -99,7 +99,8 @@ class Session:
         self.cfg, self.params, self.tokenizer, self.model_dir = load_policy(config, self.mesh)
         train_records, eval_records = prompts_lib.load_train_and_eval(
             config.dataset, prompt_field=config.prompt_field, answer_field=config.answer_field,
-            eval_size=config.eval_size, seed=config.seed, tokenizer=self.tokenizer)
+            eval_size=config.eval_size, seed=config.seed, tokenizer=self.tokenizer,
+            data_dir=config.data_dir)
         self.selection = selection or stages.PromptStream()
         self.selection.bind(train_records, config)
         self.pool = rewards.VerifierPool()
