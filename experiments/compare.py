@@ -2,9 +2,13 @@ r"""Side-by-side comparison of RL methods on the embedded task, at equal rollout
 
 Runs each chosen method's experiment file as a subprocess (its own workdir under ``--workdir``),
 with the same seeds, the same shared settings and the same budget of *fresh* rollouts (responses
-sampled during training): each run gets as many iterations as it takes to spend the budget —
-ReMix, which replays a fraction p of every batch before its reincarnation step, gets more
-iterations than the on-policy methods. Then it reads every run's ``metrics.jsonl`` and writes
+sampled during training), which every experiment file enforces itself (``--rollout_budget``: a run
+ends at the first iteration whose rollouts reach it, so ReMix, which replays a fraction of every
+batch before its reincarnation step, runs more iterations than the on-policy methods, and expert
+iteration, which samples 8 batches per EM iteration, fewer). Every run is evaluated at the same
+rollout counts (``--eval_every_rollouts``). Nothing here depends on the method: what differs is
+the command-line configuration in ``METHODS``. Then it reads every run's ``metrics.jsonl`` and
+writes
 
 * ``results.json`` — every run's evaluation curve and summary;
 * ``results.md`` — a table (pass@1 before/after, best, rollouts needed to reach the GRPO run's
@@ -33,32 +37,28 @@ from offpolicy_jax.training import flags as shared_flags
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
-# name -> (experiment file, extra flags). Every method runs with its file's own defaults.
+# name -> (experiment file, its flags). Every method runs with its file's own defaults otherwise.
 METHODS = {
     "grpo": ("grpo", ["--variant=grpo"]),
     "dr_grpo": ("grpo", ["--variant=dr_grpo"]),
     "dapo": ("grpo", ["--variant=dapo"]),
     "topr": ("topr", []),
-    "remix": ("remix", ["--variant=grpo"]),
+    # T at half the run (the paper: T = 50 of 75-350 steps), counted in the iterations an
+    # on-policy method takes to spend the budget.
+    "remix": ("remix", ["--variant=grpo", "--reincarnation_fraction=0.5"]),
     "rover": ("rover", []),
     "arpo": ("arpo", []),
     "rloo": ("rloo", []),
     "ppo": ("ppo", []),
-    "expert_iteration": ("expert_iteration", []),
+    "expert_iteration": ("expert_iteration", ["--batches_per_iteration=8"]),
 }
 DEFAULT_METHODS = ["grpo", "topr", "remix", "rover", "arpo", "rloo"]
 
 METHOD_NAMES = flags.DEFINE_list("methods", DEFAULT_METHODS, f"Methods to run, from "
                                  f"{sorted(METHODS)}.")
 SEEDS = flags.DEFINE_list("seeds", ["0"], "Seeds; every method runs once per seed.")
-ROLLOUT_BUDGET = flags.DEFINE_integer("rollout_budget", 25_600, "Fresh training rollouts per "
-                                      "run (default: 200 iterations of 16 prompts x 8 "
-                                      "responses, the budget of the main TOPR run).")
 EVAL_POINTS = flags.DEFINE_integer("eval_points", 8, "Held-out evaluations along each run "
-                                   "(besides the start); sets each run's --eval_every.")
-REMIX_REINCARNATION_FRACTION = flags.DEFINE_float(
-    "remix_reincarnation_fraction", 0.5, "ReMix's reincarnation step T as a fraction of its "
-    "iterations (paper: T = 50 of 75-350 steps).")
+                                   "(besides the start), at equal rollout counts.")
 OUT = flags.DEFINE_string("out", None, "Where results.md/json and comparison.png go "
                           "(default: the --workdir root).")
 PARALLEL = flags.DEFINE_integer("parallel", 2, "Runs at the same time.")
@@ -68,50 +68,25 @@ EXTRA_FLAGS = flags.DEFINE_list("extra_flags", [], "Flags passed to every run, e
                                 "--extra_flags=--max_new_tokens=32.")
 
 
-def remix_steps(budget: int, batch_size: int, group_size: int, fraction: float,
-                off_policy_fraction: float = 0.4) -> tuple[int, int]:
-    """``(steps, T)`` such that ReMix spends ``budget`` fresh rollouts with T = fraction · steps.
-
-    Before T each iteration samples ``batch_size − round(p · batch_size)`` fresh groups (the first
-    iteration samples all of them: the window is empty); after T every group is fresh.
-    """
-    per_step = batch_size * group_size
-    replayed = int(round(off_policy_fraction * batch_size)) * group_size
-    steps = math.ceil(budget / per_step)
-    while True:
-        reincarnation = max(1, int(round(fraction * steps)))
-        spent = per_step + (reincarnation - 1) * (per_step - replayed) \
-            + (steps - reincarnation) * per_step
-        if spent >= budget:
-            return steps, reincarnation
-        steps += 1
-
-
 def plan(method: str, seed: str) -> dict:
-    """The command line of one run (steps chosen to spend the rollout budget)."""
+    """The command line of one run: the budget, the evaluation points and an iteration cap that
+    the budget always reaches first (4x the on-policy iterations)."""
     experiment, extra = METHODS[method]
-    budget = ROLLOUT_BUDGET.value
+    budget = shared_flags.ROLLOUT_BUDGET.value
+    if budget < 1:
+        raise ValueError(f"--rollout_budget must be >= 1 for a comparison, got {budget}")
     batch, group = shared_flags.BATCH_SIZE.value, shared_flags.GROUP_SIZE.value
-    if method == "remix":
-        steps, reincarnation = remix_steps(budget, batch, group,
-                                           REMIX_REINCARNATION_FRACTION.value)
-        extra = extra + [f"--reincarnation_step={reincarnation}"]
-    elif method == "expert_iteration":
-        # One EM iteration samples batches_per_iteration batches.
-        steps = max(1, math.ceil(budget / (batch * group * 8)))
-        extra = extra + ["--batches_per_iteration=8"]
-    else:
-        steps = math.ceil(budget / (batch * group))
-    eval_every = max(1, steps // max(EVAL_POINTS.value, 1))
+    on_policy_iterations = math.ceil(budget / (batch * group))
     workdir = os.path.join(root_workdir(), f"{method}_seed{seed}")
     command = [sys.executable, str(ROOT / "experiments" / f"{experiment}.py"), *extra,
                f"--model={shared_flags.MODEL.value}", f"--workdir={workdir}", f"--seed={seed}",
-               f"--iterations={steps}", f"--batch_size={batch}", f"--group_size={group}",
-               f"--eval_every={eval_every}", f"--eval_size={shared_flags.EVAL_SIZE.value}",
+               f"--rollout_budget={budget}", f"--iterations={4 * on_policy_iterations}",
+               f"--eval_every_rollouts={max(1, budget // max(EVAL_POINTS.value, 1))}",
+               f"--batch_size={batch}", f"--group_size={group}",
+               f"--eval_size={shared_flags.EVAL_SIZE.value}",
                f"--eval_samples={shared_flags.EVAL_SAMPLES.value}", "--progress=false",
                *EXTRA_FLAGS.value]
-    return {"method": method, "seed": seed, "steps": steps, "workdir": workdir,
-            "command": command}
+    return {"method": method, "seed": seed, "workdir": workdir, "command": command}
 
 
 def root_workdir() -> str:
@@ -142,8 +117,9 @@ def finished(run: dict) -> dict:
     return dict(run, returncode=0, wall_s=summary["wall_s"])
 
 
+
 def read_curve(workdir: str) -> list[dict]:
-    """``[{"step", "rollouts", "pass@1"}]`` of every evaluated step in ``metrics.jsonl``."""
+    """``[{"iteration", "rollouts", "pass@1"}]`` of every evaluation in ``metrics.jsonl``."""
     path = os.path.join(workdir, "metrics.jsonl")
     if not os.path.exists(path):
         return []
@@ -152,7 +128,8 @@ def read_curve(workdir: str) -> list[dict]:
         for line in f:
             record = json.loads(line)
             if "eval/pass@1" in record:
-                curve.append({"step": record["iteration"], "rollouts": record.get("rollouts", 0),
+                curve.append({"iteration": record["iteration"],
+                              "rollouts": record.get("rollouts", 0),
                               "pass@1": record["eval/pass@1"]})
     return curve
 
@@ -186,7 +163,8 @@ def summarise(runs: list[dict]) -> dict:
                        "pass@1": sum(r["curve"][i]["pass@1"] for r in ok) / len(ok)}
                       for i in range(length)]
         table[method] = {
-            "seeds": len(ok), "steps": ok[0]["steps"],
+            # The last evaluation is the run's last iteration (always evaluated).
+            "seeds": len(ok), "iterations": ok[0]["curve"][-1]["iteration"],
             "rollouts": mean_curve[-1]["rollouts"],
             "pass@1_before": mean_curve[0]["pass@1"],
             "pass@1_after": mean_curve[-1]["pass@1"],
@@ -207,7 +185,8 @@ def write_markdown(results: dict, path: str, command: str) -> None:
             rows.append(f"| {method} | failed | | | | | | |")
             continue
         reach = r["rollouts_to_grpo_final"]
-        rows.append(f"| {method} | {r['steps']} | {r['rollouts']} | {r['pass@1_before']:.3f} | "
+        rows.append(f"| {method} | {r['iterations']} | {r['rollouts']} | "
+                    f"{r['pass@1_before']:.3f} | "
                     f"{r['pass@1_after']:.3f} | {r['pass@1_best']:.3f} | "
                     f"{'—' if reach is None else reach} | {r['wall_s']:.0f} |")
     text = (f"Command: `{command}`\n\n" + "\n".join(rows) + "\n\n"
@@ -268,8 +247,12 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    # The shared flags that matter here (--batch_size, --group_size, --eval_size, --model,
-    # --workdir = root of the runs) are passed to every run; the rest are not used.
+    # The shared flags that matter here (--rollout_budget, --batch_size, --group_size,
+    # --eval_size, --eval_samples, --model, --workdir = root of the runs) are passed to every run;
+    # the rest are not used.
+    # Fresh training rollouts per run: 200 iterations of 16 prompts x 8 responses, the budget of
+    # the main TOPR run.
+    flags.FLAGS.set_default("rollout_budget", 25_600)
     flags.FLAGS.set_default("eval_samples", 4)   # 4 samples per held-out prompt keep evals cheap
     flags.FLAGS.set_default("eval_size", 128)    # 512 held-out samples: pass@1 s.e. ~2 points
     app.run(main)

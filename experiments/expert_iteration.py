@@ -112,8 +112,8 @@ def run(config) -> dict:
     base_params = jax.device_get(session.params)
     params, meta = restore_or_start(session, base_params)
 
-    while meta["iteration"] < config.iterations:
-        iteration = meta["iteration"] + 1
+    while not session.finished(meta):
+        iteration, rollouts_before = meta["iteration"] + 1, meta["rollouts"]
         t0 = time.time()
         kept, record = e_step(session, params, iteration)
         t_sample = time.time()
@@ -123,12 +123,12 @@ def run(config) -> dict:
         record.update(sft_metrics, rollouts=session.sampler.generated,
                       skipped_steps=meta["skipped_steps"], rollout_s=t_sample - t0,
                       update_s=time.time() - t_sample)
-        if session.evaluation_due(iteration):
+        meta.update(iteration=iteration, rollouts=session.sampler.generated)
+        if session.evaluation_due(meta, rollouts_before):
             record.update(session.evaluate(params))
         record["step_s"] = time.time() - t0
-        meta.update(iteration=iteration, rollouts=session.sampler.generated)
-        session.log(iteration, record, meta)
-        if session.checkpoint_due(iteration):
+        session.log(record, meta)
+        if session.checkpoint_due(meta):
             meta["selection"], _ = session.selection.state_dict()
             session.checkpointer.save(iteration, {"params": params}, meta)
 

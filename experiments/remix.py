@@ -54,6 +54,10 @@ WINDOW = flags.DEFINE_integer("window", 2, "N: past policies whose samples are r
 REINCARNATION_STEP = flags.DEFINE_integer("reincarnation_step", 20, "T: after this iteration the "
                                           "KL anchor becomes the current policy and training is "
                                           "on-policy (paper 50 of 350+ steps; -1: never).")
+REINCARNATION_FRACTION = flags.DEFINE_float(
+    "reincarnation_fraction", None, "T as a fraction of the run, instead of --reincarnation_step: "
+    "of --iterations, or with --rollout_budget of the iterations an on-policy method takes to "
+    "spend it (budget / (batch_size x group_size)); compare.py uses 0.5.")
 KL_COEF = flags.DEFINE_float("kl_coef", 1e-3, "β of the KL-Convex constraint (verl default).")
 KL_LAMBDA_DELAY = flags.DEFINE_integer("kl_lambda_delay", None, "λ(t) stays 1 up to this step "
                                        "(paper 50; default: T, or 50 without reincarnation).")
@@ -69,8 +73,9 @@ VF_COEF = flags.DEFINE_float("vf_coef", 0.1, "PPO variant: weight of the value l
 PAPER_LAMBDA_DELAY, PAPER_LAMBDA_INTERVAL = 50, 10
 
 
-def schedule() -> tuple[int | None, int, int]:
-    """``(T or None, λ delay, λ interval)`` from the flags, checked.
+def schedule(config=None) -> tuple[int | None, int, int]:
+    """``(T or None, λ delay, λ interval)`` from the flags (and, for ``--reincarnation_fraction``,
+    the run's length in ``config``), checked.
 
     With T set, λ(t)'s schedule defaults to the paper's ratios to T (delay = T, interval = T/5;
     paper: T = delay = 50, interval = 10); without reincarnation (``--reincarnation_step=-1``) to
@@ -78,6 +83,8 @@ def schedule() -> tuple[int | None, int, int]:
     """
     step, delay, interval = (REINCARNATION_STEP.value, KL_LAMBDA_DELAY.value,
                              KL_LAMBDA_INTERVAL.value)
+    if REINCARNATION_FRACTION.value is not None:
+        step = reincarnation_from_fraction(REINCARNATION_FRACTION.value, config)
     if step < -1:
         raise ValueError(f"--reincarnation_step must be >= 0, or -1 for never; got {step}")
     reincarnation = None if step == -1 else step
@@ -91,9 +98,18 @@ def schedule() -> tuple[int | None, int, int]:
     return reincarnation, delay, interval
 
 
-def make_algorithm(variant: str) -> Algorithm:
+def reincarnation_from_fraction(fraction: float, config) -> int:
+    """T = fraction × the run's length in on-policy iterations (at least 1)."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"--reincarnation_fraction must be in (0, 1], got {fraction}")
+    length = (config.rollout_budget // (config.batch_size * config.group_size)
+              if config.rollout_budget else config.iterations)
+    return max(1, round(fraction * length))
+
+
+def make_algorithm(variant: str, config=None) -> Algorithm:
     """ReMix: the window stage, the two KL anchors and the loss, all from one T."""
-    reincarnation, delay, interval = schedule()
+    reincarnation, delay, interval = schedule(config)
     kl_coef, clip_eps, dual_clip, vf_coef = (KL_COEF.value, CLIP_EPS.value, DUAL_CLIP.value,
                                              VF_COEF.value)
     ppo = variant == "ppo"
@@ -138,7 +154,7 @@ def make_algorithm(variant: str) -> Algorithm:
 def main(argv):
     del argv
     config = shared_flags.run_config(f"remix_{VARIANT.value}")
-    loop.run(config, make_algorithm(VARIANT.value))
+    loop.run(config, make_algorithm(VARIANT.value, config))
 
 
 if __name__ == "__main__":

@@ -24,12 +24,24 @@ def _load_compare():
 compare = _load_compare()
 
 
-def test_remix_steps_spend_the_budget_with_fewer_fresh_rollouts_before_t():
-    # 16 prompts x 8: on-policy steps spend 128; before T ReMix replays round(0.4*16)=6 groups.
-    steps, t = compare.remix_steps(1280, 16, 8, 0.5)
-    spent = 128 + (t - 1) * 80 + (steps - t) * 128
-    assert spent >= 1280 and spent - 128 < 1280          # the smallest number of steps
-    assert t == round(0.5 * steps) and steps > 10
+def test_every_method_gets_the_same_budget_and_evaluation_points():
+    """The plan is generic: one command shape for every method; only METHODS' flags differ."""
+    from absl import flags
+    from absl.testing import flagsaver
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+    with flagsaver.flagsaver(rollout_budget=1280, batch_size=16, group_size=8, eval_points=4):
+        plans = {method: compare.plan(method, "0") for method in compare.METHODS}
+    for method, run in plans.items():
+        experiment, extra = compare.METHODS[method]
+        assert run["command"][1].endswith(f"experiments/{experiment}.py")
+        assert run["command"][2:2 + len(extra)] == extra
+        shared = run["command"][2 + len(extra):]
+        # 1280 rollouts = 10 on-policy iterations of 16 x 8; the cap is never the binding limit.
+        for flag in ("--rollout_budget=1280", "--iterations=40", "--eval_every_rollouts=320",
+                     "--batch_size=16", "--group_size=8", "--progress=false"):
+            assert flag in shared, (method, flag)
+    assert "--reincarnation_fraction=0.5" in plans["remix"]["command"]
 
 
 def _write_metrics(path, points):
@@ -45,9 +57,9 @@ def _write_metrics(path, points):
 def test_summary_table_and_plot(tmp_path):
     _write_metrics(tmp_path / "grpo", [(0, 0.2), (100, 0.3), (200, 0.4)])
     _write_metrics(tmp_path / "remix", [(0, 0.2), (60, 0.42), (200, 0.45)])
-    runs = [{"method": m, "seed": "0", "steps": 2, "workdir": str(tmp_path / m),
+    runs = [{"method": m, "seed": "0", "workdir": str(tmp_path / m),
              "returncode": 0, "wall_s": 10.0} for m in ("grpo", "remix")]
-    runs.append({"method": "rover", "seed": "0", "steps": 2, "workdir": str(tmp_path / "none"),
+    runs.append({"method": "rover", "seed": "0", "workdir": str(tmp_path / "none"),
                  "returncode": 1, "wall_s": 1.0})
     results = compare.summarise(runs)
     assert results["grpo_final_pass@1"] == pytest.approx(0.4)

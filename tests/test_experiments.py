@@ -129,6 +129,21 @@ def test_invalid_flags_fail_at_start_up(tmp_path, flags, message):
     assert message in result.stderr
 
 
+def test_rollout_budget_ends_the_run_and_evaluates_at_equal_rollout_counts(tiny_model, tmp_path):
+    """16 fresh rollouts per iteration and a budget of 40: the run ends at iteration 3 (48 >= 40,
+    long before --iterations=10), evaluating where the rollouts cross multiples of 20 (iterations
+    2 and 3) besides the start."""
+    workdir = tmp_path / "run"
+    result = run_experiment("topr", f"--model={tiny_model}", f"--workdir={workdir}",
+                            *SMOKE_FLAGS, "--iterations=10", "--rollout_budget=40",
+                            "--eval_every_rollouts=20")
+    assert summary_of(result)["iterations"] == 3
+    records = metrics_without_timing(workdir)
+    assert [r["rollouts"] for r in records[1:]] == [16, 32, 48]
+    assert [r["iteration"] for r in records if "eval/pass@1" in r] == [0, 2, 3]
+    assert (workdir / "checkpoints" / "3").is_dir()               # the last iteration is saved
+
+
 def test_training_reads_benchmarks_from_data_dir(tiny_model, tmp_path):
     """--data_dir reaches the training prompts: a missing folder is an error naming it (the
     packaged copies are never a silent fall-back)."""

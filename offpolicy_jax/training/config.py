@@ -18,7 +18,9 @@ class RunConfig:
     Counting: an *iteration* samples (or replays) one rollout batch of ``batch_size`` prompts ×
     ``group_size`` responses and trains on it: ``num_passes`` passes over the batch, each split
     into ``num_minibatches`` optimizer updates, each accumulated over ``num_microbatches`` slices.
-    ``TrainState.step`` counts the optimizer updates.
+    ``TrainState.step`` counts the optimizer updates. *Rollouts* count the freshly sampled
+    responses (replayed ones are not counted); a run ends after ``iterations`` iterations or, with
+    ``rollout_budget``, at the first iteration whose rollouts reach it.
     """
 
     workdir: str
@@ -42,7 +44,9 @@ class RunConfig:
     num_passes: int = 1
     num_minibatches: int = 1
     num_microbatches: int = 1
+    rollout_budget: int = 0
     eval_every: int = 0
+    eval_every_rollouts: int = 0
     eval_size: int = 64
     eval_samples: int = 8
     eval_temperature: float = 1.0
@@ -67,7 +71,11 @@ class RunConfig:
              f"--num_minibatches must be >= 1, got {self.num_minibatches}"),
             (self.num_microbatches >= 1,
              f"--num_microbatches must be >= 1, got {self.num_microbatches}"),
+            (self.rollout_budget >= 0,
+             f"--rollout_budget must be >= 0 (0: none), got {self.rollout_budget}"),
             (self.eval_every >= 0, f"--eval_every must be >= 0, got {self.eval_every}"),
+            (self.eval_every_rollouts >= 0,
+             f"--eval_every_rollouts must be >= 0, got {self.eval_every_rollouts}"),
             (self.ckpt_every >= 1, f"--ckpt_every must be >= 1, got {self.ckpt_every}"),
             (self.eval_samples >= 1, f"--eval_samples must be >= 1, got {self.eval_samples}"),
             (self.dtype in ("float32", "bfloat16"),

@@ -49,9 +49,18 @@ NUM_MINIBATCHES = flags.DEFINE_integer("num_minibatches", _DEFAULTS.num_minibatc
                                        "many minibatches).")
 NUM_MICROBATCHES = flags.DEFINE_integer("num_microbatches", _DEFAULTS.num_microbatches,
                                         "Gradient-accumulation slices per optimizer update.")
+ROLLOUT_BUDGET = flags.DEFINE_integer("rollout_budget", _DEFAULTS.rollout_budget, "End the run "
+                                     "at the first iteration whose fresh rollouts (sampled "
+                                     "responses; replayed ones do not count) reach this many "
+                                     "(0: none; --iterations stays the upper bound). Runs of "
+                                     "different methods then spend equal budgets.")
 EVAL_EVERY = flags.DEFINE_integer("eval_every", _DEFAULTS.eval_every, "Held-out evaluation every "
                                   "N iterations (0 disables periodic evaluation; the start and "
                                   "the end are always evaluated).")
+EVAL_EVERY_ROLLOUTS = flags.DEFINE_integer("eval_every_rollouts", _DEFAULTS.eval_every_rollouts,
+                                          "Held-out evaluation at the iteration whose rollouts "
+                                          "cross each multiple of this (0: off): evaluation "
+                                          "points at equal budgets across methods.")
 EVAL_SIZE = flags.DEFINE_integer("eval_size", _DEFAULTS.eval_size, "Held-out prompts.")
 EVAL_SAMPLES = flags.DEFINE_integer("eval_samples", _DEFAULTS.eval_samples,
                                     "Samples per held-out prompt (pass@1 is their mean).")
@@ -72,13 +81,13 @@ def run_config(experiment_name: str) -> RunConfig:
         workdir=WORKDIR.value or f"workdirs/{experiment_name}",
         model=MODEL.value, dataset=DATASET.value, prompt_field=PROMPT_FIELD.value,
         answer_field=ANSWER_FIELD.value, data_dir=DATA_DIR.value, iterations=ITERATIONS.value,
-        seed=SEED.value,
-        mesh=MESH.value,
-        batch_size=BATCH_SIZE.value, group_size=GROUP_SIZE.value,
-        max_new_tokens=MAX_NEW_TOKENS.value, temperature=TEMPERATURE.value, top_k=TOP_K.value,
-        top_p=TOP_P.value, learning_rate=LEARNING_RATE.value, optimizer=OPTIMIZER.value,
-        grad_clip=GRAD_CLIP.value, num_passes=NUM_PASSES.value,
-        num_minibatches=NUM_MINIBATCHES.value, num_microbatches=NUM_MICROBATCHES.value,
-        eval_every=EVAL_EVERY.value, eval_size=EVAL_SIZE.value, eval_samples=EVAL_SAMPLES.value,
+        seed=SEED.value, mesh=MESH.value, batch_size=BATCH_SIZE.value,
+        group_size=GROUP_SIZE.value, max_new_tokens=MAX_NEW_TOKENS.value,
+        temperature=TEMPERATURE.value, top_k=TOP_K.value, top_p=TOP_P.value,
+        learning_rate=LEARNING_RATE.value, optimizer=OPTIMIZER.value, grad_clip=GRAD_CLIP.value,
+        num_passes=NUM_PASSES.value, num_minibatches=NUM_MINIBATCHES.value,
+        num_microbatches=NUM_MICROBATCHES.value, rollout_budget=ROLLOUT_BUDGET.value,
+        eval_every=EVAL_EVERY.value, eval_every_rollouts=EVAL_EVERY_ROLLOUTS.value,
+        eval_size=EVAL_SIZE.value, eval_samples=EVAL_SAMPLES.value,
         eval_temperature=EVAL_TEMPERATURE.value, ckpt_every=CKPT_EVERY.value, dtype=DTYPE.value,
         remat=REMAT.value, progress=PROGRESS.value)

@@ -31,14 +31,14 @@ def run(config: RunConfig, algorithm: Algorithm) -> dict:
     learner = trainer.Learner(session, algorithm)
     meta = learner.restore_or_start()
 
-    while meta["iteration"] < config.iterations:
-        iteration = meta["iteration"] + 1
-        record = learner.iteration(iteration)
-        if session.evaluation_due(iteration):
+    while not session.finished(meta):
+        rollouts_before = meta["rollouts"]
+        record = learner.iteration(meta["iteration"] + 1)
+        meta.update(iteration=meta["iteration"] + 1, rollouts=record["rollouts"])
+        if session.evaluation_due(meta, rollouts_before):
             record.update(session.evaluate(learner.state.params))
-        meta.update(iteration=iteration, rollouts=record["rollouts"])
-        session.log(iteration, record, meta)
-        if session.checkpoint_due(iteration):
+        session.log(record, meta)
+        if session.checkpoint_due(meta):
             learner.save(meta)
 
     return session.finish(meta, skipped_steps=learner.skipped_steps)

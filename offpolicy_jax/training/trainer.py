@@ -128,13 +128,23 @@ class Session:
         return {f"eval/{k}": v for k, v in result.metrics.items()
                 if k.startswith(("pass@", "maj@", "mean_length", "no_answer"))}
 
-    def evaluation_due(self, iteration: int) -> bool:
-        """The last iteration always, and every ``--eval_every`` iterations."""
-        every = self.config.eval_every
-        return iteration == self.config.iterations or bool(every and iteration % every == 0)
+    def finished(self, meta: dict) -> bool:
+        """After ``--iterations`` iterations, or once the fresh rollouts reach
+        ``--rollout_budget`` (when set): the run's last iteration is the first that does."""
+        budget = self.config.rollout_budget
+        return meta["iteration"] >= self.config.iterations or bool(
+            budget and meta["rollouts"] >= budget)
 
-    def checkpoint_due(self, iteration: int) -> bool:
-        return iteration % self.config.ckpt_every == 0 or iteration == self.config.iterations
+    def evaluation_due(self, meta: dict, rollouts_before: int) -> bool:
+        """The last iteration always, every ``--eval_every`` iterations, and at the iteration
+        whose fresh rollouts cross a multiple of ``--eval_every_rollouts``."""
+        every, every_rollouts = self.config.eval_every, self.config.eval_every_rollouts
+        return self.finished(meta) or bool(every and meta["iteration"] % every == 0) or bool(
+            every_rollouts and meta["rollouts"] // every_rollouts
+            > rollouts_before // every_rollouts)
+
+    def checkpoint_due(self, meta: dict) -> bool:
+        return meta["iteration"] % self.config.ckpt_every == 0 or self.finished(meta)
 
     def start(self, meta: dict, params) -> dict:
         """A new run's meta: evaluates the starting policy and logs it as iteration 0."""
@@ -147,9 +157,10 @@ class Session:
         self.logger.truncate_after(meta["iteration"])
         return meta
 
-    def log(self, iteration: int, record: dict, meta: dict) -> None:
-        """Writes one iteration's record and advances the progress bar."""
-        if iteration == self.config.iterations:
+    def log(self, record: dict, meta: dict) -> None:
+        """Writes the record of iteration ``meta["iteration"]`` and advances the progress bar."""
+        iteration = meta["iteration"]
+        if self.finished(meta):
             meta["eval_after"] = {k: v for k, v in record.items() if k.startswith("eval/")}
         self.logger.write(iteration, record)
         if self.bar is None:
