@@ -339,13 +339,13 @@ def test_remix_composition_equals_its_parts():
 # ROVER and the one-pass helper
 # ---------------------------------------------------------------------------------------------
 
-def test_token_logprobs_and_vocab_mean_equals_naive_log_softmax():
+def test_token_log_probs_and_vocab_mean_equals_naive_log_softmax():
     rng = np.random.default_rng(7)
     logits = jnp.asarray(rng.normal(scale=3.0, size=(2, 3, 11)), jnp.float32)
     tokens = jnp.asarray(rng.integers(0, 11, size=(2, 3)))
     for temperature in (1.0, 0.6):
         logp, vocab_mean = jax.jit(functools.partial(
-            losses.token_logprobs_and_vocab_mean, temperature=temperature))(logits, tokens)
+            losses.token_log_probs_and_vocab_mean, temperature=temperature))(logits, tokens)
         full = jax.nn.log_softmax(logits / temperature, axis=-1)
         np.testing.assert_allclose(logp, jnp.take_along_axis(full, tokens[..., None], -1)[..., 0],
                                    rtol=1e-5)
@@ -353,12 +353,12 @@ def test_token_logprobs_and_vocab_mean_equals_naive_log_softmax():
         np.testing.assert_allclose(losses.token_log_probs(logits, tokens, temperature=temperature),
                                    logp, rtol=1e-6)
     # bf16 logits are upcast; one logsumexp (one max-reduction) over the vocabulary in the graph.
-    logp16, _ = losses.token_logprobs_and_vocab_mean(logits.astype(jnp.bfloat16), tokens)
+    logp16, _ = losses.token_log_probs_and_vocab_mean(logits.astype(jnp.bfloat16), tokens)
     assert logp16.dtype == jnp.float32
-    jaxpr = str(jax.make_jaxpr(losses.token_logprobs_and_vocab_mean)(logits, tokens))
+    jaxpr = str(jax.make_jaxpr(losses.token_log_probs_and_vocab_mean)(logits, tokens))
     assert jaxpr.count("reduce_max") == 1, jaxpr
     with pytest.raises(ValueError, match="tokens must be"):
-        losses.token_logprobs_and_vocab_mean(logits, tokens[:, :2])
+        losses.token_log_probs_and_vocab_mean(logits, tokens[:, :2])
 
 
 @JIT
@@ -405,10 +405,10 @@ def test_rover_end_to_end_from_logits_padding_and_extremes():
     tokens = jnp.asarray(rng.integers(0, 7, size=(3, 4)))
     mask = jnp.array([[1, 1, 1, 0], [1, 1, 1, 1], [1, 0, 0, 0]])
     rewards = losses.rover_rewards(jnp.array([1.0, 0.0, 1.0]), 3)
-    old_logp, old_mean = losses.token_logprobs_and_vocab_mean(old_logits, tokens)
+    old_logp, old_mean = losses.token_log_probs_and_vocab_mean(old_logits, tokens)
 
     def loss_from_logits(z, t, o, om, r, m):
-        logp, vocab_mean = losses.token_logprobs_and_vocab_mean(z, t)
+        logp, vocab_mean = losses.token_log_probs_and_vocab_mean(z, t)
         return losses.rover(logp, o, vocab_mean, om, r, m)[0]
 
     loss, grad = jax.value_and_grad(loss_from_logits)(logits, tokens, old_logp, old_mean,

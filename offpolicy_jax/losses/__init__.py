@@ -36,7 +36,7 @@ from offpolicy_jax.losses.logits import (
     entropy,
     token_entropy,
     token_log_probs,
-    token_logprobs_and_vocab_mean,
+    token_log_probs_and_vocab_mean,
 )
 from offpolicy_jax.losses.policy_gradient import RATIO_LEVELS, reinforce, topr
 from offpolicy_jax.losses.ppo import (
@@ -78,5 +78,5 @@ __all__ = [
     "kl_convex_lambda", "kl_estimate", "kl_k1", "kl_k2", "kl_k3", "masked_mean", "masked_whiten",
     "mix_ppg", "nll", "ppo_clip", "reinforce", "remix", "rloo_advantages", "rover",
     "rover_rewards", "sequence_sum", "spin", "token_entropy", "token_log_probs",
-    "token_logprobs_and_vocab_mean", "topr", "value_loss",
+    "token_log_probs_and_vocab_mean", "topr", "value_loss",
 ]

@@ -41,7 +41,7 @@ def token_log_probs(logits, tokens, *, temperature: float = 1.0) -> jax.Array:
     return target - jax.nn.logsumexp(z, axis=-1)
 
 
-def token_logprobs_and_vocab_mean(logits, tokens, *, temperature: float = 1.0
+def token_log_probs_and_vocab_mean(logits, tokens, *, temperature: float = 1.0
                                   ) -> tuple[jax.Array, jax.Array]:
     """Sampled-token log-probs and the vocabulary-mean log-prob, sharing one ``logsumexp``.
 

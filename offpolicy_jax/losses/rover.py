@@ -63,7 +63,7 @@ def rover(logp, old_logp, vocab_mean, old_vocab_mean, centred_rewards, mask, *, 
     Args:
       logp: [B, T] log π_θ of the sampled tokens (differentiated).
       old_logp: [B, T] log π_old (behaviour policy of the current step, no grad).
-      vocab_mean: [B, T] M_θ(s_t) from :func:`token_logprobs_and_vocab_mean` with the current
+      vocab_mean: [B, T] M_θ(s_t) from :func:`token_log_probs_and_vocab_mean` with the current
         parameters (used only inside the stop-gradient target).
       old_vocab_mean: [B, T] M_old(s_t), from the same no-grad pass that produced ``old_logp``.
       centred_rewards: [B] r̃ (see :func:`rover_rewards`).

@@ -126,7 +126,7 @@ def response_log_probs(cfg, params, tokens, attention_mask, positions, *, num_re
     temperature = temperature or 1.0
     out = {}
     if with_vocab_mean:
-        out["logp"], out["vocab_mean"] = losses.token_logprobs_and_vocab_mean(
+        out["logp"], out["vocab_mean"] = losses.token_log_probs_and_vocab_mean(
             logits, targets, temperature=temperature)
     else:
         out["logp"] = losses.token_log_probs(logits, targets, temperature=temperature)
