@@ -71,16 +71,21 @@ def keep_correct(rollouts, records: list[dict], tokenizer, max_per_prompt: int
 
 def e_step(session: trainer.Session, params, iteration: int) -> tuple[list, dict]:
     """K samples per problem from the current policy; the verified-correct ones, and metrics."""
-    kept, reward_sum, sampled = [], 0.0, 0
+    kept, rewards = [], []
     for part in range(BATCHES_PER_ITERATION.value):
         records = session.selection.select(session.config.batch_size, iteration)
         rollouts = session.sampler.sample(
             params, records, seed_index=iteration * BATCHES_PER_ITERATION.value + part,
             policy_version=iteration - 1)
+        session.selection.observe(records, rollouts, iteration)
         kept += keep_correct(rollouts, records, session.tokenizer, MAX_PER_PROMPT.value)
-        reward_sum += float(rollouts.rewards.sum())
-        sampled += rollouts.num_rows
-    return kept, {"train/kept": len(kept), "reward_mean": reward_sum / max(sampled, 1)}
+        rewards.append(rollouts.rewards)
+    reward_mean = sum(float(r.sum()) for r in rewards) / max(sum(r.size for r in rewards), 1)
+    return kept, {"train/kept": len(kept), "reward_mean": reward_mean,
+                  "zero_gradient_group_fraction": trainer.zero_gradient_group_fraction(
+                      np.concatenate(rewards), session.config.group_size),
+                  **{f"{session.selection.name}/{k}": v
+                     for k, v in session.selection.metrics().items()}}
 
 
 def m_step(session: trainer.Session, base_params, kept, *, iteration: int):

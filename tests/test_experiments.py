@@ -63,7 +63,7 @@ EXPERIMENTS = [
     ("topr", ["--mode=offline", "--offline_prompts=8"]),
     ("grpo", ["--variant=grpo", "--kl_coef=0.04"]),
     ("grpo", ["--variant=dr_grpo"]),
-    ("grpo", ["--variant=dapo"]),
+    ("grpo", ["--variant=dapo", "--prompt_selection=mopps", "--mopps_candidates=2"]),
     ("rover", []),
     ("arpo", []),
     ("rloo", ["--kl_coef=0.03"]),
@@ -86,6 +86,9 @@ def test_experiment_runs_end_to_end(tiny_model, tmp_path, name, extra):
     records = metrics_without_timing(workdir)
     assert [r["iteration"] for r in records] == [0, 1, 2]
     assert np.isfinite(records[-1]["train/loss"])
+    assert 0.0 <= records[-1]["zero_gradient_group_fraction"] <= 1.0
+    if "--prompt_selection=mopps" in extra:            # the selection stage's metrics are logged
+        assert {"mopps/predicted", "mopps/realised"} <= set(records[-1])
     assert (workdir / "tensorboard").is_dir()
 
 

@@ -20,7 +20,8 @@ An :class:`Algorithm` is plain data plus pure functions, so an experiment file r
   preference pairs).
 * ``stages``, ``reward_fn`` and ``selection`` configure the rollout pipeline
   (``training.stages``): replay or mixing stages in order, the reward of a response (default: the
-  math verifier), and how prompts are chosen (default: the shuffled prompt stream).
+  math verifier), and how prompts are chosen (default: ``--prompt_selection``, the shuffled
+  prompt stream unless it names MoPPS, ``training.selection``).
 
 The loss inputs (a dict of ``[B, ...]`` arrays; B rows of the minibatch): ``tokens``,
 ``attention_mask``, ``positions`` ([B, P + R], see ``rollout.pack_sequences``), ``mask`` [B, R]
@@ -95,7 +96,7 @@ class Algorithm:
       stages: replay / mixing stages of the rollout pipeline, applied in order.
       reward_fn: ``(records, responses, pool) -> rewards [n]`` (see ``stages.verifier_reward``);
         None: the math verifier.
-      selection: the prompt-selection stage; None: the shuffled prompt stream.
+      selection: the prompt-selection stage; None: the one ``--prompt_selection`` names.
     """
 
     name: str

@@ -29,6 +29,10 @@ class RunConfig:
     prompt_field: str = "question"
     answer_field: str = "answer"
     data_dir: str | None = None
+    prompt_selection: str = "stream"
+    mopps_candidates: int = 16
+    mopps_target: float = 0.5
+    mopps_decay: float = 1.0
     iterations: int = 40
     seed: int = 0
     mesh: str = "1,-1,1"
@@ -61,6 +65,13 @@ class RunConfig:
         checks = [
             (self.iterations >= 1, f"--iterations must be >= 1, got {self.iterations}"),
             (self.batch_size >= 1, f"--batch_size must be >= 1, got {self.batch_size}"),
+            (self.prompt_selection in ("stream", "mopps"),
+             f"--prompt_selection must be 'stream' or 'mopps', got {self.prompt_selection!r}"),
+            (self.mopps_candidates >= 1,
+             f"--mopps_candidates must be >= 1, got {self.mopps_candidates}"),
+            (0.0 <= self.mopps_target <= 1.0 and 0.0 <= self.mopps_decay <= 1.0,
+             f"--mopps_target and --mopps_decay must be in [0, 1], got {self.mopps_target} and "
+             f"{self.mopps_decay}"),
             (self.group_size >= 1, f"--group_size must be >= 1, got {self.group_size}"),
             (self.max_new_tokens >= 1, f"--max_new_tokens must be >= 1, got {self.max_new_tokens}"),
             (self.temperature > 0, f"--temperature must be > 0 for RL rollouts (the behaviour "

@@ -26,6 +26,17 @@ DATA_DIR = flags.DEFINE_string("data_dir", None, "A folder with your own copies 
                                "files (<name>.jsonl or .jsonl.gz) for --dataset=gsm8k, math500, "
                                "...; default $OFFPOLICY_JAX_DATA, else the copies packaged with "
                                "offpolicy_jax.")
+PROMPT_SELECTION = flags.DEFINE_enum("prompt_selection", _DEFAULTS.prompt_selection,
+                                     ["stream", "mopps"], "How each iteration's prompts are "
+                                     "chosen: the shuffled stream, or MoPPS (Thompson-sampled "
+                                     "success rate near --mopps_target; arXiv 2507.04632).")
+MOPPS_CANDIDATES = flags.DEFINE_integer("mopps_candidates", _DEFAULTS.mopps_candidates,
+                                        "MoPPS: candidate pool = this x --batch_size prompts "
+                                        "(paper: 16 for math, 8 countdown/geometry).")
+MOPPS_TARGET = flags.DEFINE_float("mopps_target", _DEFAULTS.mopps_target,
+                                  "MoPPS: target success rate γ* (paper 0.5).")
+MOPPS_DECAY = flags.DEFINE_float("mopps_decay", _DEFAULTS.mopps_decay, "MoPPS: posterior decay "
+                                 "λ (paper: 1.0 for math, 0.5 countdown/geometry).")
 ITERATIONS = flags.DEFINE_integer("iterations", _DEFAULTS.iterations, "RL iterations: each "
                                   "samples (or replays) one rollout batch and trains on it.")
 SEED = flags.DEFINE_integer("seed", _DEFAULTS.seed, "Seed for data order, sampling, init.")
@@ -80,7 +91,10 @@ def run_config(experiment_name: str) -> RunConfig:
     return RunConfig(
         workdir=WORKDIR.value or f"workdirs/{experiment_name}",
         model=MODEL.value, dataset=DATASET.value, prompt_field=PROMPT_FIELD.value,
-        answer_field=ANSWER_FIELD.value, data_dir=DATA_DIR.value, iterations=ITERATIONS.value,
+        answer_field=ANSWER_FIELD.value, data_dir=DATA_DIR.value,
+        prompt_selection=PROMPT_SELECTION.value, mopps_candidates=MOPPS_CANDIDATES.value,
+        mopps_target=MOPPS_TARGET.value, mopps_decay=MOPPS_DECAY.value,
+        iterations=ITERATIONS.value,
         seed=SEED.value, mesh=MESH.value, batch_size=BATCH_SIZE.value,
         group_size=GROUP_SIZE.value, max_new_tokens=MAX_NEW_TOKENS.value,
         temperature=TEMPERATURE.value, top_k=TOP_K.value, top_p=TOP_P.value,

@@ -35,6 +35,7 @@ from offpolicy_jax.training import algorithm as algorithm_lib
 from offpolicy_jax.training import checkpoint as checkpoint_lib
 from offpolicy_jax.training import logger as logger_lib
 from offpolicy_jax.training import optim, policies, rollout, stages
+from offpolicy_jax.training import selection as selection_lib
 from offpolicy_jax.training import state as state_lib, step as step_lib
 from offpolicy_jax.training.algorithm import Algorithm, StepInfo
 from offpolicy_jax.training.batch import Rollouts
@@ -80,7 +81,7 @@ class Session:
       config: the shared run settings.
       name: the method's name (progress bar, summary).
       sharded: load the policy onto the ``--mesh`` (RL), or onto one device (``mesh`` None).
-      selection: the prompt-selection stage (default: the shuffled prompt stream).
+      selection: the prompt-selection stage (default: ``--prompt_selection``'s).
       reward_fn: the reward of a response (default: ``stages.verifier_reward``).
     """
 
@@ -101,7 +102,7 @@ class Session:
             config.dataset, prompt_field=config.prompt_field, answer_field=config.answer_field,
             eval_size=config.eval_size, seed=config.seed, tokenizer=self.tokenizer,
             data_dir=config.data_dir)
-        self.selection = selection or stages.PromptStream()
+        self.selection = selection or selection_lib.make_selection(config)
         self.selection.bind(train_records, config)
         self.pool = rewards.VerifierPool()
         self.sampler = stages.RolloutSampler(
@@ -395,6 +396,8 @@ class Learner:
             "staleness_mean": float(np.mean(staleness)),
             "staleness_max": int(np.max(staleness)),
             "stale_fraction": float(np.mean(staleness > 0)),
+            "zero_gradient_group_fraction": zero_gradient_group_fraction(
+                rollouts.rewards, self.config.group_size),
             "skipped_steps": self.skipped_steps,
             **self.pipeline.metrics(),
         })
@@ -426,6 +429,13 @@ class Learner:
         self.pipeline.load_state_dict(meta["pipeline"], _with_prefix(arrays, "rollouts/"))
         self.policies.load_state_dict(meta["policies"], _with_prefix(arrays, "policies/"))
         return self.session.resumed(meta)
+
+
+def zero_gradient_group_fraction(rewards: np.ndarray, group_size: int) -> float:
+    """The share of groups whose rewards are all equal: a group-relative advantage is 0 on all
+    of their responses (what prompt selection and dynamic sampling try to avoid)."""
+    grouped = np.asarray(rewards).reshape(-1, group_size)
+    return float(np.mean(grouped.max(axis=1) == grouped.min(axis=1)))
 
 
 def _with_prefix(arrays: dict, prefix: str) -> dict:
