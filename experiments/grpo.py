@@ -16,9 +16,11 @@ Command (embedded default, 2 CPU cores, a few minutes):
 Expected: held-out pass@1 of the tiny-arith model rises (see the final JSON line).
 Departures: β defaults to 0 here (the tiny default has no separate SFT reference worth anchoring
 to; pass --kl_coef=0.04 for the paper's value); DAPO's dynamic sampling re-draws prompts until the
-batch is full of informative groups — here uninformative groups are masked out of the loss
-instead, which keeps the rollout budget fixed (their advantage is 0 anyway; masking removes them
-from the token-mean denominator, which is the part of dynamic sampling that changes the gradient).
+batch is full of informative groups — by default here uninformative groups are masked out of the
+loss instead, which keeps the rollout budget fixed (their advantage is 0 anyway; masking removes
+them from the token-mean denominator, which is the part of dynamic sampling that changes the
+gradient). ``--dynamic_sampling`` does it as the paper does (``training.stages.DynamicSampling``,
+for any variant), paying for the extra rollouts.
 """
 
 import numpy as np
@@ -26,7 +28,7 @@ from absl import app, flags
 
 from offpolicy_jax import losses, tiny_arith
 from offpolicy_jax.training import flags as shared_flags
-from offpolicy_jax.training import loop, policies
+from offpolicy_jax.training import loop, policies, stages
 from offpolicy_jax.training.algorithm import Algorithm
 
 VARIANT = flags.DEFINE_enum("variant", "grpo", ["grpo", "dr_grpo", "dapo"], "Which objective.")
@@ -34,6 +36,12 @@ CLIP_EPS_LOW = flags.DEFINE_float("clip_eps_low", None, "ε_low (default: 0.2 fo
 CLIP_EPS_HIGH = flags.DEFINE_float("clip_eps_high", None, "ε_high (default: 0.2; DAPO 0.28).")
 KL_COEF = flags.DEFINE_float("kl_coef", 0.0, "β of the k3 KL to the initial policy "
                              "(GRPO paper 0.04; DAPO and Dr.GRPO use 0).")
+DYNAMIC_SAMPLING = flags.DEFINE_bool("dynamic_sampling", False, "DAPO's dynamic sampling as the "
+                                     "paper does it: drop groups whose rewards are all equal and "
+                                     "sample more prompts until the batch is full (every sampled "
+                                     "response counts in the rollout budget).")
+MAX_SAMPLING_ROUNDS = flags.DEFINE_integer("max_sampling_rounds", 4, "Dynamic sampling: "
+                                           "generation rounds per iteration at most (verl: 10).")
 
 # Per variant: the loss, whether the advantage divides by the group std, the clip range.
 VARIANTS = {
@@ -71,8 +79,10 @@ def make_algorithm(variant: str) -> Algorithm:
     if kl_coef:
         forward["ref"] = ("logp",)
         stored = (policies.reference("ref"),)   # GRPO's π_ref: the initial policy
+    refill = (stages.DynamicSampling(max_rounds=MAX_SAMPLING_ROUNDS.value),) \
+        if DYNAMIC_SAMPLING.value else ()
     return Algorithm(name=variant, loss=loss, prepare=group_advantages, forward=forward,
-                     policies=stored)
+                     policies=stored, stages=refill)
 
 
 def main(argv):

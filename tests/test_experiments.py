@@ -61,7 +61,8 @@ def metrics_without_timing(workdir) -> list[dict]:
 EXPERIMENTS = [
     ("topr", []),
     ("topr", ["--mode=offline", "--offline_prompts=8"]),
-    ("grpo", ["--variant=grpo", "--kl_coef=0.04"]),
+    ("grpo", ["--variant=grpo", "--kl_coef=0.04", "--dynamic_sampling",
+              "--max_sampling_rounds=2"]),
     ("grpo", ["--variant=dr_grpo"]),
     ("grpo", ["--variant=dapo", "--prompt_selection=mopps", "--mopps_candidates=2"]),
     ("rover", []),
@@ -89,6 +90,9 @@ def test_experiment_runs_end_to_end(tiny_model, tmp_path, name, extra):
     assert 0.0 <= records[-1]["zero_gradient_group_fraction"] <= 1.0
     if "--prompt_selection=mopps" in extra:            # the selection stage's metrics are logged
         assert {"mopps/predicted", "mopps/realised"} <= set(records[-1])
+    if "--dynamic_sampling" in extra:                  # extra rounds count in the budget
+        assert all(r["rollouts"] >= 16 * r["iteration"] for r in records[1:])
+        assert 1 <= records[-1]["dynamic_sampling/rounds"] <= 2
     assert (workdir / "tensorboard").is_dir()
 
 

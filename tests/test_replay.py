@@ -303,3 +303,31 @@ def test_offline_dataset_state_round_trip(tmp_path):
     np.testing.assert_array_equal(source.collect(None, 2).tokens,
                                   restored.collect(None, 2).tokens)
     assert restored.selection.position == source.selection.position == 2   # nothing re-drawn
+
+
+# --- DAPO's dynamic sampling ------------------------------------------------------------------
+
+
+def test_dynamic_sampling_refills_with_informative_groups_and_counts_the_rollouts():
+    # Even prompt ids get rewards (1, 0) (informative), odd ids (0, 0) (uninformative).
+    dynamic = stages.DynamicSampling(max_rounds=10)
+    source = pipeline(4, 2, dynamic, reward_fn=lambda p, w, s: float(p % 2 == 0 and w == 0))
+    batch = source.collect(None, 1)
+    ids = batch.tokens[::2, 0]
+    assert (ids % 2 == 0).all() and batch.num_rows == 8            # only informative groups
+    # Each round of 4 prompts gives 2 informative groups: 2 rounds, 8 extra responses.
+    assert source.metrics() == {"dynamic_sampling/rounds": 2, "dynamic_sampling/extra_rollouts": 8,
+                                "dynamic_sampling/filled": 0}
+    assert source.sampler.generated == 16
+    assert _groups_are_contiguous(batch, 2)
+
+
+def test_dynamic_sampling_fills_with_uninformative_groups_when_the_rounds_run_out():
+    dynamic = stages.DynamicSampling(max_rounds=2)
+    source = pipeline(4, 2, dynamic, reward_fn=lambda p, w, s: float(p == 0 and w == 0))
+    batch = source.collect(None, 1)
+    assert batch.num_rows == 8 and batch.tokens[0, 0] == 0          # the one informative group
+    assert source.metrics()["dynamic_sampling/filled"] == 3
+    assert source.metrics()["dynamic_sampling/rounds"] == 2
+    with pytest.raises(ValueError, match="must come first among the stages"):
+        pipeline(4, 2, stages.OfflineDataset(4), stages.DynamicSampling()).collect(None, 1)

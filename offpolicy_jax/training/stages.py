@@ -448,3 +448,67 @@ class OfflineDataset(Stage):
     def load_state_dict(self, meta: dict, arrays: dict) -> None:
         self.cursor = meta.get("cursor", 0)
         self.dataset = Rollouts.from_dict(arrays) if arrays else None
+
+
+class DynamicSampling(Stage):
+    """DAPO's dynamic sampling: drop groups whose rewards are all equal, sample more until the
+    batch is full.
+
+    Yu et al., "DAPO", https://arxiv.org/abs/2503.14476 (§3.2; verl's ``max_num_gen_batches``). A
+    group whose responses all got the same reward has zero group-relative advantage and gives no
+    gradient. This stage keeps the fresh batch's informative groups and, while fewer than
+    ``batch_size`` are kept, samples another ``batch_size`` prompts from the selection (which
+    observes their rewards, as after the first round), up to ``max_rounds`` generation rounds in
+    all. Every sampled response counts towards the rollout budget: that cost is what prompt
+    selection such as MoPPS tries to save. If the rounds run out first, the batch is completed
+    with the last uninformative groups (their advantage is 0; DAPO's loss also masks them), so
+    its shape never changes. It must come first among the stages (it looks rows up in the fresh
+    selection).
+
+    Args:
+      max_rounds: generation rounds per iteration, the first included (verl: 10).
+
+    Metrics: ``rounds`` (generation rounds this iteration), ``extra_rollouts`` (responses sampled
+    after the first round), ``filled`` (uninformative groups left in the batch).
+    """
+
+    name = "dynamic_sampling"
+
+    def __init__(self, max_rounds: int = 4):
+        if max_rounds < 1:
+            raise ValueError(f"max_rounds must be >= 1, got {max_rounds}")
+        self.max_rounds = max_rounds
+        self._metrics = {}
+
+    def process(self, rollouts: Rollouts | None, step: StageStep) -> Rollouts:
+        if rollouts is None or rollouts is not step.fresh:
+            raise ValueError(f"{self.name} must come first among the stages, on a fresh batch")
+        group_size, wanted = step.config.group_size, rollouts.num_groups(step.config.group_size)
+        kept, spare, rounds, extra = [], [], 1, 0
+        batch = rollouts
+        while True:
+            informative = _informative(batch.rewards, group_size)
+            kept.append(batch.take_groups(np.nonzero(informative)[0], group_size))
+            spare = batch.take_groups(np.nonzero(~informative)[0], group_size)
+            if sum(k.num_rows for k in kept) >= wanted * group_size or rounds == self.max_rounds:
+                break
+            records = step.selection.select(wanted, step.iteration)
+            # Seed indices far above any iteration keep every round's draws independent.
+            batch = step.sampler.sample(step.params, records, (rounds << 24) + step.iteration,
+                                        policy_version=step.iteration - 1)
+            step.selection.observe(records, batch, step.iteration)
+            rounds, extra = rounds + 1, extra + batch.num_rows
+        full = batch_lib.concat(kept + [spare], step.sampler.pad_id)
+        result = full.take(np.arange(wanted * group_size))
+        filled = int(np.sum(~_informative(result.rewards, group_size)))
+        self._metrics = {"rounds": rounds, "extra_rollouts": extra, "filled": filled}
+        return result
+
+    def metrics(self) -> dict:
+        return dict(self._metrics)
+
+
+def _informative(rewards: np.ndarray, group_size: int) -> np.ndarray:
+    """[num_groups] bool: the group's rewards are not all equal."""
+    grouped = np.asarray(rewards).reshape(-1, group_size)
+    return grouped.max(axis=1) > grouped.min(axis=1)
