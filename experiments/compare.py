@@ -19,7 +19,8 @@ Command (embedded default, 2 CPU cores; measured 24 minutes on an idle machine):
 
     python experiments/compare.py --out=docs/comparison
 
-Methods: grpo, topr, remix, rover, arpo, rloo (default), ppo, dapo, dr_grpo, expert_iteration.
+Methods: grpo, topr, remix, rover, arpo, rloo (default), ppo, dapo, dr_grpo, expert_iteration,
+grpo_dynamic (DAPO's dynamic sampling), grpo_mopps and topr_mopps (MoPPS prompt selection).
 """
 
 import json
@@ -43,6 +44,11 @@ METHODS = {
     "dr_grpo": ("grpo", ["--variant=dr_grpo"]),
     "dapo": ("grpo", ["--variant=dapo"]),
     "topr": ("topr", []),
+    # Prompt selection and dynamic sampling (issue 15's claim check; use a recurring pool, e.g.
+    # --extra_flags=--train_size=1024, or MoPPS's posteriors never see a prompt twice).
+    "grpo_dynamic": ("grpo", ["--variant=grpo", "--dynamic_sampling"]),
+    "grpo_mopps": ("grpo", ["--variant=grpo", "--prompt_selection=mopps"]),
+    "topr_mopps": ("topr", ["--prompt_selection=mopps"]),
     # T at half the run (the paper: T = 50 of 75-350 steps), counted in the iterations an
     # on-policy method takes to spend the budget.
     "remix": ("remix", ["--variant=grpo", "--reincarnation_fraction=0.5"]),
@@ -134,6 +140,25 @@ def read_curve(workdir: str) -> list[dict]:
     return curve
 
 
+# Training diagnostics averaged over each run's iterations (where the method logs them).
+TRAINING_METRICS = ("zero_gradient_group_fraction", "mopps/correlation",
+                    "success_replay/injected_groups", "dynamic_sampling/extra_rollouts")
+
+
+def training_means(workdir: str) -> dict:
+    """The mean over iterations of each of ``TRAINING_METRICS`` the run logged."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    values = {key: [] for key in TRAINING_METRICS}
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                record = json.loads(line)
+                for key in TRAINING_METRICS:
+                    if isinstance(record.get(key), (int, float)):
+                        values[key].append(record[key])
+    return {key: sum(v) / len(v) for key, v in values.items() if v}
+
+
 def rollouts_to_reach(curve: list[dict], target: float) -> int | None:
     """Fresh rollouts at the first evaluation *after training started* with pass@1 ≥ ``target``
     (None if never)."""
@@ -172,6 +197,7 @@ def summarise(runs: list[dict]) -> dict:
             "rollouts_to_grpo_final": (None if grpo_final is None
                                        else rollouts_to_reach(mean_curve, grpo_final)),
             "wall_s": sum(r["wall_s"] for r in ok) / len(ok),
+            "training": training_means(ok[0]["workdir"]),
             "curve": mean_curve,
         }
     return {"grpo_final_pass@1": grpo_final, "methods": table}
@@ -189,9 +215,19 @@ def write_markdown(results: dict, path: str, command: str) -> None:
                     f"{r['pass@1_before']:.3f} | "
                     f"{r['pass@1_after']:.3f} | {r['pass@1_best']:.3f} | "
                     f"{'—' if reach is None else reach} | {r['wall_s']:.0f} |")
+    logged = [k for k in TRAINING_METRICS
+              if any(k in r.get("training", {}) for r in results["methods"].values())]
+    if logged:
+        rows += ["", "| method | " + " | ".join(logged) + " |",
+                 "|---|" + "---|" * len(logged)]
+        for method, r in results["methods"].items():
+            means = r.get("training", {})
+            rows.append(f"| {method} | " + " | ".join(
+                f"{means[k]:.3f}" if k in means else "—" for k in logged) + " |")
     text = (f"Command: `{command}`\n\n" + "\n".join(rows) + "\n\n"
             "pass@1: mean over the held-out samples per prompt; rollouts: fresh training "
-            "responses sampled (replayed ones not counted).\n")
+            "responses sampled (replayed ones not counted); the second table averages training "
+            "diagnostics over each run's iterations (first seed).\n")
     with open(path, "w") as f:
         f.write(text)
 

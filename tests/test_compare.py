@@ -51,6 +51,7 @@ def _write_metrics(path, points):
             record = {"iteration": step, "eval/pass@1": pass1}
             if step:
                 record["rollouts"] = rollouts
+                record["zero_gradient_group_fraction"] = 0.25 * step
             f.write(json.dumps(record) + "\n")
 
 
@@ -74,5 +75,8 @@ def test_summary_table_and_plot(tmp_path):
     table = (tmp_path / "results.md").read_text()
     assert "| remix | 2 | 200 | 0.200 | 0.450 | 0.450 | 60 |" in table
     assert "| rover | failed |" in table
+    # Training diagnostics averaged over the iterations: (0.25 + 0.5) / 2.
+    assert remix["training"] == {"zero_gradient_group_fraction": pytest.approx(0.375)}
+    assert "| remix | 0.375 |" in table
     compare.plot(results, str(tmp_path / "comparison.png"))
     assert (tmp_path / "comparison.png").read_bytes()[:4] == b"\x89PNG"
