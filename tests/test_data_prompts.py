@@ -17,7 +17,9 @@ def write_jsonl(path, lines):
 def test_arith_train_and_eval_records():
     train, heldout = prompts.load_train_and_eval("arith", eval_size=16, seed=5,
                                                  num_arith_train=200)
-    assert len(train) == 200 and len(heldout) == 16
+    # 200 draws, repeats removed (the generator repeats problems): every prompt appears once.
+    assert 100 < len(train) <= 200 and len(heldout) == 16
+    assert len({r["prompt"] for r in train}) == len(train)
     assert set(train[0]) == {"id", "prompt", "gold"}
     problem = arith.parse_expression(train[0]["prompt"][len("Q: "):-len("\nA: ")])
     assert train[0]["prompt"] == problem.prompt and train[0]["gold"] == problem.gold
@@ -26,7 +28,20 @@ def test_arith_train_and_eval_records():
                                                              num_arith_train=200)
     assert heldout_other == heldout and train_other != train
     assert not {r["prompt"] for r in train} & {r["prompt"] for r in heldout}
-    assert len({r["id"] for r in train}) == 200
+    assert len({r["id"] for r in train}) == len(train)
+
+
+def test_training_pool_keeps_distinct_prompts_and_takes_the_first_n():
+    records = [{"id": str(i), "prompt": f"q{i % 3}", "gold": "1"} for i in range(7)]
+    assert [r["id"] for r in prompts.distinct_prompts(records)] == ["0", "1", "2"]
+    assert [r["id"] for r in prompts.training_pool(records, 2, source="d")] == ["0", "1"]
+    assert len(prompts.training_pool(records, 0, source="d")) == 3
+    with pytest.raises(ValueError, match="--train_size=4: d has 3 distinct training prompts"):
+        prompts.training_pool(records, 4, source="d")
+    train, _ = prompts.load_train_and_eval("arith", eval_size=16, num_arith_train=200,
+                                           train_size=32)
+    whole, _ = prompts.load_train_and_eval("arith", eval_size=16, num_arith_train=200)
+    assert train == whole[:32]
 
 
 def test_jsonl_dataset_with_field_flags(tmp_path):

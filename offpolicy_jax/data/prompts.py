@@ -190,12 +190,34 @@ def split_heldout(records: list[dict], eval_size: int, *, source: str = "dataset
     return train, heldout
 
 
+def distinct_prompts(records: list[dict]) -> list[dict]:
+    """The records with a prompt not seen before, in order: identical problems (arith's generator
+    repeats about half of its draws) appear once in a training pool."""
+    seen, distinct = set(), []
+    for record in records:
+        if record["prompt"] not in seen:
+            seen.add(record["prompt"])
+            distinct.append(record)
+    return distinct
+
+
+def training_pool(records: list[dict], train_size: int, *, source: str) -> list[dict]:
+    """The distinct training records, the first ``train_size`` of them when it is > 0: a finite
+    pool the prompt stream revisits epoch after epoch, so prompts recur within a run (ARPO's
+    replay, MoPPS's posteriors)."""
+    distinct = distinct_prompts(records)
+    if train_size < 0 or train_size > len(distinct):
+        raise ValueError(f"--train_size={train_size}: {source} has {len(distinct)} distinct "
+                         f"training prompts (0 takes them all)")
+    return distinct[:train_size] if train_size else distinct
+
+
 def load_train_and_eval(dataset: str, *, prompt_field: str = "question",
                         answer_field: str = "answer", eval_size: int = 64, seed: int = 0,
                         tokenizer=None, use_chat_template: bool = True,
                         instruction: str = DEFAULT_INSTRUCTION, data_dir: str | None = None,
                         arith_config: arith.ArithConfig = arith.ArithConfig(),
-                        num_arith_train: int = ARITH_NUM_TRAIN
+                        num_arith_train: int = ARITH_NUM_TRAIN, train_size: int = 0
                         ) -> tuple[list[dict], list[dict]]:
     """Training and held-out prompt records for ``--dataset``.
 
@@ -209,11 +231,22 @@ def load_train_and_eval(dataset: str, *, prompt_field: str = "question",
         not used for ``arith``.
       data_dir: benchmark data directory (default: ``rewards.load_benchmark``'s).
       arith_config: the arith task's difficulty knobs.
-      num_arith_train: arith training prompts to generate.
+      num_arith_train: arith training prompts to generate (before removing repeats).
+      train_size: the training pool's size (0: every distinct training prompt); see
+        :func:`training_pool`.
 
     Returns:
-      ``(train_records, eval_records)``, each a list of ``{"id", "prompt", "gold"}``.
+      ``(train_records, eval_records)``, each a list of ``{"id", "prompt", "gold"}``; the
+      training records have distinct prompts.
     """
+    train, heldout = _train_and_eval(dataset, prompt_field, answer_field, eval_size, seed,
+                                     tokenizer, use_chat_template, instruction, data_dir,
+                                     arith_config, num_arith_train)
+    return training_pool(train, train_size, source=f"--dataset={dataset}"), heldout
+
+
+def _train_and_eval(dataset, prompt_field, answer_field, eval_size, seed, tokenizer,
+                    use_chat_template, instruction, data_dir, arith_config, num_arith_train):
     if eval_size < 1:
         raise ValueError(f"--eval_size must be >= 1, got {eval_size}")
     format_kwargs = {"tokenizer": tokenizer, "use_chat_template": use_chat_template,

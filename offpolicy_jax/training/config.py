@@ -29,6 +29,7 @@ class RunConfig:
     prompt_field: str = "question"
     answer_field: str = "answer"
     data_dir: str | None = None
+    train_size: int = 0
     prompt_selection: str = "stream"
     mopps_candidates: int = 16
     mopps_target: float = 0.5
@@ -65,6 +66,8 @@ class RunConfig:
         checks = [
             (self.iterations >= 1, f"--iterations must be >= 1, got {self.iterations}"),
             (self.batch_size >= 1, f"--batch_size must be >= 1, got {self.batch_size}"),
+            (self.train_size >= 0, f"--train_size must be >= 0 (0: every prompt), got "
+             f"{self.train_size}"),
             (self.prompt_selection in ("stream", "mopps"),
              f"--prompt_selection must be 'stream' or 'mopps', got {self.prompt_selection!r}"),
             (self.mopps_candidates >= 1,

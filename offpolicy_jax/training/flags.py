@@ -26,6 +26,9 @@ DATA_DIR = flags.DEFINE_string("data_dir", None, "A folder with your own copies 
                                "files (<name>.jsonl or .jsonl.gz) for --dataset=gsm8k, math500, "
                                "...; default $OFFPOLICY_JAX_DATA, else the copies packaged with "
                                "offpolicy_jax.")
+TRAIN_SIZE = flags.DEFINE_integer("train_size", _DEFAULTS.train_size, "Training pool: the first "
+                                  "N distinct training prompts, revisited epoch after epoch so "
+                                  "prompts recur (0: every distinct prompt; arith has 10,333).")
 PROMPT_SELECTION = flags.DEFINE_enum("prompt_selection", _DEFAULTS.prompt_selection,
                                      ["stream", "mopps"], "How each iteration's prompts are "
                                      "chosen: the shuffled stream, or MoPPS (Thompson-sampled "
@@ -91,7 +94,7 @@ def run_config(experiment_name: str) -> RunConfig:
     return RunConfig(
         workdir=WORKDIR.value or f"workdirs/{experiment_name}",
         model=MODEL.value, dataset=DATASET.value, prompt_field=PROMPT_FIELD.value,
-        answer_field=ANSWER_FIELD.value, data_dir=DATA_DIR.value,
+        answer_field=ANSWER_FIELD.value, data_dir=DATA_DIR.value, train_size=TRAIN_SIZE.value,
         prompt_selection=PROMPT_SELECTION.value, mopps_candidates=MOPPS_CANDIDATES.value,
         mopps_target=MOPPS_TARGET.value, mopps_decay=MOPPS_DECAY.value,
         iterations=ITERATIONS.value,
