@@ -11,7 +11,8 @@
   batch composition per iteration with ``SuccessReplay``, every part's metrics under
   ``<stage name>/<key>``, and state_dict → load_state_dict (in memory and through a real orbax
   ``Checkpointer``) continuing identically, with ``ReplayWindow`` and with ``OfflineDataset``.
-* ``loop.run`` on a tiny random model with a fake algorithm: ``prepare`` sees the whole batch,
+* ``loop.run`` on a tiny random model with a fake algorithm and MoPPS prompt selection: ``prepare``
+  sees the whole batch,
   minibatches hold whole groups, a ``behind`` stored policy equals the old policy at iteration 1
   and lags after, the replay stage's metrics reach ``metrics.jsonl``, and a run restarted from
   its last checkpoint ends with the metrics and parameters of a run that never stopped.
@@ -35,6 +36,7 @@ from offpolicy_jax.training import algorithm as algorithm_lib
 from offpolicy_jax.training import batch as batch_lib
 from offpolicy_jax.training import checkpoint as checkpoint_lib
 from offpolicy_jax.training import loop, policies, stages
+from offpolicy_jax.training import selection as selection_lib
 from offpolicy_jax.training.algorithm import Algorithm
 from offpolicy_jax.training.batch import Rollouts
 from offpolicy_jax.training.config import RunConfig
@@ -615,7 +617,7 @@ def _fake_algorithm(seen: list) -> Algorithm:
     return Algorithm(name="fake", loss=loss, prepare=prepare,
                      forward={"old": ("logp",), "prev": ("logp",)},
                      policies=(policies.behind("prev", 1),), minibatch_unit="group",
-                     reward_fn=_reward,
+                     reward_fn=_reward, selection=selection_lib.MoPPS(candidates=2),
                      stages=(stages.ReplayWindow(off_policy_fraction=0.5, window=1),))
 
 
@@ -678,6 +680,9 @@ def test_loop_runs_a_fake_algorithm_and_resumes_exactly(tiny_model, tmp_path):
     assert [r["rollouts"] for r in train] == [16, 24, 32]
     assert [r["staleness_max"] for r in train] == [0, 1, 1]
     assert [r["staleness_mean"] for r in train] == [0.0, 0.5, 0.5]
+    # MoPPS chose the fresh prompts (8, then 4 of a pool of 16 each time) and updated their
+    # posteriors; its state (posteriors, candidate stream) is part of the resume below.
+    assert [round(r["mopps/seen_fraction"] * 10333) for r in train] == [8, 12, 16]
 
     # A run killed after logging iteration 3 but before its checkpoint was written: the workdir
     # holds checkpoint 2 (of the last two kept, 2 and 3) and a metrics line for iteration 3.
