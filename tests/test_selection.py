@@ -62,6 +62,24 @@ def test_selection_prefers_prompts_predicted_near_the_target():
     assert 30 < sum(picked) < 70                               # 100 draws, p = 0.5
 
 
+def test_threshold_variant_picks_samples_inside_the_range_else_the_closest():
+    mopps = _mopps(n=32, batch_size=4, candidates=8, target_range=(0.3, 0.7))
+    mopps.alpha[1::2], mopps.beta[1::2] = 95.0, 5.0       # odd: near 0.95, outside the range
+    mopps.alpha[0::2], mopps.beta[0::2] = 50.0, 50.0      # even: near 0.5, inside
+    picked = [int(r["id"][1:]) for it in range(1, 6) for r in mopps.select(4, it)]
+    assert all(i % 2 == 0 for i in picked)
+    # Nothing inside: the samples closest to the range (0.25 beats 0.05).
+    easy = _mopps(n=8, batch_size=2, candidates=4, target_range=(0.3, 0.7))
+    easy.alpha[:], easy.beta[:] = 5.0, 95.0                # ~0.05
+    easy.alpha[3], easy.beta[3] = 250.0, 750.0             # ~0.25
+    assert "p3" in [r["id"] for r in easy.select(2, 1)]
+    built = selection_lib.make_selection(RunConfig(workdir="", prompt_selection="mopps",
+                                                   mopps_range="0.3,0.7"))
+    assert built.target_range == (0.3, 0.7)
+    with pytest.raises(ValueError, match="--mopps_range must be 'low,high'"):
+        RunConfig(workdir="", mopps_range="0.7,0.3").validate()
+
+
 def test_observe_updates_only_the_selected_prompts_and_reports_metrics():
     mopps = _mopps(n=8, batch_size=2, candidates=2)
     records = mopps.select(2, iteration=1)

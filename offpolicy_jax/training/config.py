@@ -11,6 +11,14 @@ _UNIT_ROWS = {"row": lambda group_size: 1, "group": lambda group_size: group_siz
               "pair": lambda group_size: 2}
 
 
+def _is_range(text: str) -> bool:
+    try:
+        low, high = (float(x) for x in text.split(","))
+    except ValueError:
+        return False
+    return 0.0 <= low <= high <= 1.0
+
+
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
     """The shared run settings (one field per shared flag; see ``training.flags``).
@@ -34,6 +42,7 @@ class RunConfig:
     mopps_candidates: int = 16
     mopps_target: float = 0.5
     mopps_decay: float = 1.0
+    mopps_range: str | None = None
     iterations: int = 40
     seed: int = 0
     mesh: str = "1,-1,1"
@@ -75,6 +84,9 @@ class RunConfig:
             (0.0 <= self.mopps_target <= 1.0 and 0.0 <= self.mopps_decay <= 1.0,
              f"--mopps_target and --mopps_decay must be in [0, 1], got {self.mopps_target} and "
              f"{self.mopps_decay}"),
+            (self.mopps_range is None or _is_range(self.mopps_range),
+             f"--mopps_range must be 'low,high' with 0 <= low <= high <= 1, got "
+             f"{self.mopps_range!r}"),
             (self.group_size >= 1, f"--group_size must be >= 1, got {self.group_size}"),
             (self.max_new_tokens >= 1, f"--max_new_tokens must be >= 1, got {self.max_new_tokens}"),
             (self.temperature > 0, f"--temperature must be > 0 for RL rollouts (the behaviour "

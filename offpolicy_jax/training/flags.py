@@ -40,6 +40,9 @@ MOPPS_TARGET = flags.DEFINE_float("mopps_target", _DEFAULTS.mopps_target,
                                   "MoPPS: target success rate γ* (paper 0.5).")
 MOPPS_DECAY = flags.DEFINE_float("mopps_decay", _DEFAULTS.mopps_decay, "MoPPS: posterior decay "
                                  "λ (paper: 1.0 for math, 0.5 countdown/geometry).")
+MOPPS_RANGE = flags.DEFINE_string("mopps_range", None, "MoPPS: 'low,high' selects Thompson "
+                                  "samples inside this range (the paper's threshold variant, "
+                                  "e.g. 0.3,0.7) instead of the closest to --mopps_target.")
 ITERATIONS = flags.DEFINE_integer("iterations", _DEFAULTS.iterations, "RL iterations: each "
                                   "samples (or replays) one rollout batch and trains on it.")
 SEED = flags.DEFINE_integer("seed", _DEFAULTS.seed, "Seed for data order, sampling, init.")
@@ -97,6 +100,7 @@ def run_config(experiment_name: str) -> RunConfig:
         answer_field=ANSWER_FIELD.value, data_dir=DATA_DIR.value, train_size=TRAIN_SIZE.value,
         prompt_selection=PROMPT_SELECTION.value, mopps_candidates=MOPPS_CANDIDATES.value,
         mopps_target=MOPPS_TARGET.value, mopps_decay=MOPPS_DECAY.value,
+        mopps_range=MOPPS_RANGE.value,
         iterations=ITERATIONS.value,
         seed=SEED.value, mesh=MESH.value, batch_size=BATCH_SIZE.value,
         group_size=GROUP_SIZE.value, max_new_tokens=MAX_NEW_TOKENS.value,

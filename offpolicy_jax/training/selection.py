@@ -65,6 +65,8 @@ class MoPPS(PromptStream):
       decay: λ of :func:`update_posterior` (math: 1.0).
       success_at: a response counts as a success when its reward is at least this (the official
         code: accuracy ≥ 1).
+      target_range: (low, high) for the paper's threshold variant instead of top-k around the
+        target (official 0.3, 0.7); None: top-k.
 
     Metrics (of the selected prompts, logged as ``mopps/<key>``): ``predicted`` (mean Thompson
     sample γ̂), ``realised`` (mean success rate s of their rollouts), ``correlation`` (Pearson of
@@ -76,12 +78,16 @@ class MoPPS(PromptStream):
     name = "mopps"
 
     def __init__(self, candidates: int = 16, target: float = 0.5, decay: float = 1.0,
-                 success_at: float = 1.0):
+                 success_at: float = 1.0, target_range: tuple[float, float] | None = None):
         super().__init__()
         if candidates < 1 or not 0.0 <= target <= 1.0 or not 0.0 <= decay <= 1.0:
             raise ValueError(f"MoPPS needs candidates >= 1, target and decay in [0, 1]; got "
                              f"{candidates}, {target}, {decay}")
+        if target_range is not None and not 0.0 <= target_range[0] <= target_range[1] <= 1.0:
+            raise ValueError(f"MoPPS target range must satisfy 0 <= low <= high <= 1, got "
+                             f"{target_range}")
         self.candidates, self.target, self.decay = candidates, target, decay
+        self.target_range = target_range
         self.success_at = success_at
         self.seed = 0
         self.index: dict[str, int] = {}
@@ -116,10 +122,23 @@ class MoPPS(PromptStream):
         positions = np.array([self.index[str(r["id"])] for r in pool])
         rng = np.random.default_rng([self.seed, iteration, 19])
         sampled = rng.beta(self.alpha[positions], self.beta[positions])
-        chosen = np.argsort((sampled - self.target) ** 2, kind="stable")[:num_prompts]
+        chosen = self._choose(sampled, num_prompts, rng)
         self._selected = positions[chosen].tolist()
         self._sampled = sampled[chosen]
         return [pool[i] for i in chosen]
+
+    def _choose(self, sampled: np.ndarray, num_prompts: int, rng) -> np.ndarray:
+        """Indices of the chosen candidates. Top-k (default): the ``num_prompts`` samples closest
+        to γ*. Threshold range [low, high] (the paper's variant; official 0.3, 0.7): a random
+        ``num_prompts`` of the samples inside it when there are enough, else the closest to it."""
+        if self.target_range is None:
+            return np.argsort((sampled - self.target) ** 2, kind="stable")[:num_prompts]
+        low, high = self.target_range
+        inside = np.nonzero((sampled >= low) & (sampled <= high))[0]
+        if inside.size >= num_prompts:
+            return rng.permutation(inside)[:num_prompts]
+        outside = np.maximum(low - sampled, 0.0) + np.maximum(sampled - high, 0.0)
+        return np.argsort(outside, kind="stable")[:num_prompts]
 
     def observe(self, records: list[dict], rollouts, iteration: int) -> None:
         """Updates the selected prompts' posteriors from their groups' rewards."""
@@ -169,7 +188,9 @@ def make_selection(config) -> PromptStream:
     if config.prompt_selection == "stream":
         return PromptStream()
     if config.prompt_selection == "mopps":
+        target_range = None if config.mopps_range is None else tuple(
+            float(x) for x in config.mopps_range.split(","))
         return MoPPS(candidates=config.mopps_candidates, target=config.mopps_target,
-                     decay=config.mopps_decay)
+                     decay=config.mopps_decay, target_range=target_range)
     raise ValueError(f"--prompt_selection must be one of {SELECTIONS}, got "
                      f"{config.prompt_selection!r}")
