@@ -80,6 +80,19 @@ def test_threshold_variant_picks_samples_inside_the_range_else_the_closest():
         RunConfig(workdir="", mopps_range="0.7,0.3").validate()
 
 
+def test_a_second_draw_in_one_iteration_gets_independent_samples(monkeypatch):
+    # Dynamic sampling refills from the selection within one iteration: the second pool's
+    # Thompson samples must come from another generator than the first's; the first draw of an
+    # iteration keeps the (seed, iteration) generator, so a resumed run draws the same.
+    seeds, real = [], np.random.default_rng
+    monkeypatch.setattr(selection_lib.np.random, "default_rng",
+                        lambda seed: seeds.append(list(seed)) or real(seed))
+    mopps = _mopps(n=16, batch_size=2, candidates=8)
+    for iteration in (1, 1, 2):
+        mopps.select(2, iteration)
+    assert seeds == [[3, 1, 19], [3, 1, 19, 1], [3, 2, 19]]
+
+
 def test_observe_updates_only_the_selected_prompts_and_reports_metrics():
     mopps = _mopps(n=8, batch_size=2, candidates=2)
     records = mopps.select(2, iteration=1)

@@ -92,7 +92,7 @@ class MoPPS(PromptStream):
         self.seed = 0
         self.index: dict[str, int] = {}
         self.alpha = self.beta = None
-        self._selected: list[int] = []
+        self._iteration, self._draw = 0, 0
         self._sampled = np.zeros(0)
         self._metrics: dict = {}
 
@@ -120,10 +120,13 @@ class MoPPS(PromptStream):
         if num_prompts > len(pool):
             raise ValueError(f"MoPPS: asked for {num_prompts} prompts from a pool of {len(pool)}")
         positions = np.array([self.index[str(r["id"])] for r in pool])
-        rng = np.random.default_rng([self.seed, iteration, 19])
+        # Several draws in one iteration (dynamic sampling's refills) get independent samples.
+        self._draw = self._draw + 1 if iteration == self._iteration else 0
+        self._iteration = iteration
+        salt = [19] if self._draw == 0 else [19, self._draw]
+        rng = np.random.default_rng([self.seed, iteration, *salt])
         sampled = rng.beta(self.alpha[positions], self.beta[positions])
         chosen = self._choose(sampled, num_prompts, rng)
-        self._selected = positions[chosen].tolist()
         self._sampled = sampled[chosen]
         return [pool[i] for i in chosen]
 
