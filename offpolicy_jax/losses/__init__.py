@@ -32,6 +32,13 @@ from offpolicy_jax.losses.common import (
     masked_whiten,
     sequence_sum,
 )
+from offpolicy_jax.losses.corrections import (
+    CORRECTIONS,
+    correction_bounds,
+    rollout_correction,
+    scale_gradient,
+)
+from offpolicy_jax.losses.importance import GSPO_LEVELS, cispo, decoupled_ppo, gspo
 from offpolicy_jax.losses.logits import (
     entropy,
     token_entropy,
@@ -63,6 +70,9 @@ POLICY_LOSSES = {
     "grpo": grpo,
     "dr_grpo": dr_grpo,
     "dapo": dapo,
+    "gspo": gspo,
+    "cispo": cispo,
+    "decoupled_ppo": decoupled_ppo,
     "mix_ppg": mix_ppg,
     "remix": remix,
     "rover": rover,
@@ -72,11 +82,12 @@ POLICY_LOSSES = {
 }
 
 __all__ = [
-    "AGGREGATIONS", "KL_ESTIMATORS", "LOG_RATIO_BOUND", "POLICY_LOSSES", "RATIO_LEVELS",
-    "aggregate", "clipped_policy_loss", "dapo", "dapo_overlong_penalty", "dpo", "dr_grpo",
+    "AGGREGATIONS", "CORRECTIONS", "GSPO_LEVELS", "KL_ESTIMATORS", "LOG_RATIO_BOUND",
+    "POLICY_LOSSES", "RATIO_LEVELS", "aggregate", "cispo", "clipped_policy_loss",
+    "correction_bounds", "dapo", "dapo_overlong_penalty", "decoupled_ppo", "dpo", "dr_grpo",
     "entropy", "gae", "grpo", "grpo_advantages", "informative_groups", "kl_convex",
-    "kl_convex_lambda", "kl_estimate", "kl_k1", "kl_k2", "kl_k3", "masked_mean", "masked_whiten",
-    "mix_ppg", "nll", "ppo_clip", "reinforce", "remix", "rloo_advantages", "rover",
-    "rover_rewards", "sequence_sum", "spin", "token_entropy", "token_log_probs",
-    "token_log_probs_and_vocab_mean", "topr", "value_loss",
+    "kl_convex_lambda", "kl_estimate", "kl_k1", "kl_k2", "kl_k3", "masked_mean",
+    "masked_whiten", "mix_ppg", "nll", "ppo_clip", "reinforce", "remix", "rloo_advantages",
+    "rollout_correction", "rover", "rover_rewards", "scale_gradient", "sequence_sum", "spin",
+    "token_entropy", "token_log_probs", "token_log_probs_and_vocab_mean", "topr", "value_loss",
 ]
