@@ -19,8 +19,15 @@ Command (embedded default, 2 CPU cores; measured 24 minutes on an idle machine):
 
     python experiments/compare.py --out=docs/comparison
 
-Methods: grpo, topr, remix, rover, arpo, rloo (default), ppo, dapo, dr_grpo, expert_iteration,
-grpo_dynamic (DAPO's dynamic sampling), grpo_mopps and topr_mopps (MoPPS prompt selection).
+Methods: grpo, topr, remix, rover, arpo, rloo (default), ppo, dapo, dr_grpo, gspo, cispo,
+decoupled_ppo, expert_iteration, grpo_dynamic (DAPO's dynamic sampling), grpo_mopps and
+topr_mopps (MoPPS prompt selection).
+
+Bounded staleness: ``--rollout_lags=0,2,4,8`` runs every method at each ``--rollout_lag`` (rows
+``<method>_lag<k>``) and adds a method × lag table of final pass@1 and ``staleness.png``:
+
+    python experiments/compare.py --methods=grpo,ppo,decoupled_ppo,gspo,cispo,topr,remix,rover \
+        --rollout_lags=0,2,4,8 --seeds=0,1 --out=docs/staleness
 """
 
 import json
@@ -56,6 +63,9 @@ METHODS = {
     "arpo": ("arpo", []),
     "rloo": ("rloo", []),
     "ppo": ("ppo", []),
+    "gspo": ("grpo", ["--variant=gspo"]),
+    "cispo": ("grpo", ["--variant=cispo"]),
+    "decoupled_ppo": ("grpo", ["--variant=decoupled_ppo"]),
     "expert_iteration": ("expert_iteration", ["--batches_per_iteration=8"]),
 }
 DEFAULT_METHODS = ["grpo", "topr", "remix", "rover", "arpo", "rloo"]
@@ -70,14 +80,21 @@ OUT = flags.DEFINE_string("out", None, "Where results.md/json and comparison.png
 PARALLEL = flags.DEFINE_integer("parallel", 2, "Runs at the same time.")
 REPORT_ONLY = flags.DEFINE_bool("report_only", False, "Do not run anything: rebuild the report "
                                 "from the finished runs already in the workdirs.")
+ROLLOUT_LAGS = flags.DEFINE_list("rollout_lags", None, "Run every method at each of these "
+                                  "--rollout_lag values (rows <method>_lag<k>); default: the "
+                                  "methods' own (on-policy) sampling.")
 EXTRA_FLAGS = flags.DEFINE_list("extra_flags", [], "Flags passed to every run, e.g. "
                                 "--extra_flags=--max_new_tokens=32.")
 
 
-def plan(method: str, seed: str) -> dict:
+def plan(method: str, seed: str, lag: str | None = None) -> dict:
     """The command line of one run: the budget, the evaluation points and an iteration cap that
-    the budget always reaches first (4x the on-policy iterations)."""
+    the budget always reaches first (4x the on-policy iterations); with ``lag``, sampling
+    ``lag`` iterations behind the trainer."""
     experiment, extra = METHODS[method]
+    if lag is not None:
+        extra = [*extra, f"--rollout_lag={lag}"]
+        method = f"{method}_lag{lag}"
     budget = shared_flags.ROLLOUT_BUDGET.value
     if budget < 1:
         raise ValueError(f"--rollout_budget must be >= 1 for a comparison, got {budget}")
@@ -142,7 +159,9 @@ def read_curve(workdir: str) -> list[dict]:
 
 # Training diagnostics averaged over each run's iterations (where the method logs them).
 TRAINING_METRICS = ("zero_gradient_group_fraction", "mopps/correlation",
-                    "success_replay/injected_groups", "dynamic_sampling/extra_rollouts")
+                    "success_replay/injected_groups", "dynamic_sampling/extra_rollouts",
+                    "staleness_mean", "train/clip_fraction", "train/ratio_max",
+                    "correction/mismatch_kl", "train/behaviour_masked_fraction")
 
 
 def training_means(workdir: str) -> dict:
@@ -232,6 +251,43 @@ def write_markdown(results: dict, path: str, command: str) -> None:
         f.write(text)
 
 
+def lag_table(results: dict) -> dict:
+    """``{method: {lag: final pass@1}}`` of the ``<method>_lag<k>`` rows."""
+    table = {}
+    for name, r in results["methods"].items():
+        method, _, lag = name.rpartition("_lag")
+        if method and lag.isdigit() and not r.get("failed"):
+            table.setdefault(method, {})[int(lag)] = r["pass@1_after"]
+    return table
+
+
+def write_lag_markdown(table: dict, lags: list[int]) -> str:
+    rows = ["| method | " + " | ".join(f"lag {k}" for k in lags) + " |",
+            "|---|" + "---|" * len(lags)]
+    for method, by_lag in table.items():
+        rows.append(f"| {method} | " + " | ".join(
+            f"{by_lag[k]:.3f}" if k in by_lag else "—" for k in lags) + " |")
+    return "\n".join(rows)
+
+
+def plot_lags(table: dict, lags: list[int], path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    figure, axis = plt.subplots(figsize=(6.4, 4.0), dpi=100)
+    for method, by_lag in table.items():
+        shown = [k for k in lags if k in by_lag]
+        axis.plot(shown, [by_lag[k] for k in shown], marker="o", label=method)
+    axis.set_xlabel("rollout lag k (iterations the sampler is behind)")
+    axis.set_ylabel("final held-out pass@1")
+    axis.set_title("tiny-arith: final pass@1 vs staleness")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+
+
 def plot(results: dict, path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -257,7 +313,12 @@ def main(argv):
     unknown = sorted(set(METHOD_NAMES.value) - set(METHODS))
     if unknown:
         raise ValueError(f"--methods: unknown {unknown}; choose from {sorted(METHODS)}")
-    runs = [plan(method, seed) for seed in SEEDS.value for method in METHOD_NAMES.value]
+    lags = ROLLOUT_LAGS.value or [None]
+    bad_lags = [lag for lag in lags if lag is not None and not lag.isdigit()]
+    if bad_lags:
+        raise ValueError(f"--rollout_lags: {bad_lags} are not integers >= 0")
+    runs = [plan(method, seed, lag) for seed in SEEDS.value for method in METHOD_NAMES.value
+            for lag in lags]
     if REPORT_ONLY.value:
         runs = [finished(run) for run in runs]
     else:
@@ -276,6 +337,12 @@ def main(argv):
         json.dump(results, f, indent=1)
     write_markdown(results, os.path.join(out, "results.md"), command)
     plot(results, os.path.join(out, "comparison.png"))
+    if ROLLOUT_LAGS.value:
+        by_lag, lag_values = lag_table(results), [int(k) for k in ROLLOUT_LAGS.value]
+        with open(os.path.join(out, "results.md"), "a") as f:
+            f.write("\nFinal held-out pass@1 by rollout lag (seeds averaged):\n\n"
+                    + write_lag_markdown(by_lag, lag_values) + "\n")
+        plot_lags(by_lag, lag_values, os.path.join(out, "staleness.png"))
     print(open(os.path.join(out, "results.md")).read())
     failed = [r["method"] for r in runs if r["returncode"] != 0]
     if failed:

@@ -80,3 +80,27 @@ def test_summary_table_and_plot(tmp_path):
     assert "| remix | 0.375 |" in table
     compare.plot(results, str(tmp_path / "comparison.png"))
     assert (tmp_path / "comparison.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_lagged_runs_form_a_method_by_lag_table_and_plot(tmp_path):
+    from absl import flags
+    from absl.testing import flagsaver
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+    with flagsaver.flagsaver(rollout_budget=1280, batch_size=16, group_size=8):
+        run = compare.plan("gspo", "1", "4")
+    assert run["method"] == "gspo_lag4" and run["workdir"].endswith("gspo_lag4_seed1")
+    assert {"--variant=gspo", "--rollout_lag=4"} <= set(run["command"])
+
+    runs = []
+    for name, final in (("grpo_lag0", 0.4), ("grpo_lag4", 0.3), ("topr_lag0", 0.35)):
+        _write_metrics(tmp_path / name, [(0, 0.2), (100, final)])
+        runs.append({"method": name, "seed": "0", "workdir": str(tmp_path / name),
+                     "returncode": 0, "wall_s": 1.0})
+    table = compare.lag_table(compare.summarise(runs))
+    assert table == {"grpo": {0: pytest.approx(0.4), 4: pytest.approx(0.3)},
+                     "topr": {0: pytest.approx(0.35)}}
+    text = compare.write_lag_markdown(table, [0, 4])
+    assert "| grpo | 0.400 | 0.300 |" in text and "| topr | 0.350 | — |" in text
+    compare.plot_lags(table, [0, 4], str(tmp_path / "staleness.png"))
+    assert (tmp_path / "staleness.png").read_bytes()[:4] == b"\x89PNG"

@@ -65,6 +65,8 @@ EXPERIMENTS = [
               "--max_sampling_rounds=2"]),
     ("grpo", ["--variant=dr_grpo"]),
     ("grpo", ["--variant=dapo", "--prompt_selection=mopps", "--mopps_candidates=2"]),
+    ("grpo", ["--variant=gspo", "--rollout_lag=1", "--rollout_correction=tis"]),
+    ("grpo", ["--variant=cispo"]),
     ("rover", []),
     ("arpo", []),
     ("rloo", ["--kl_coef=0.03"]),
@@ -93,6 +95,9 @@ def test_experiment_runs_end_to_end(tiny_model, tmp_path, name, extra):
     if "--dynamic_sampling" in extra:                  # extra rounds count in the budget
         assert all(r["rollouts"] >= 16 * r["iteration"] for r in records[1:])
         assert 1 <= records[-1]["dynamic_sampling/rounds"] <= 2
+    if "--rollout_lag=1" in extra:                     # iteration 2 samples from version 0
+        assert [r["staleness_max"] for r in records[1:]] == [0, 1]
+        assert "correction/weight_mean" in records[-1]
     assert (workdir / "tensorboard").is_dir()
 
 

@@ -4,6 +4,7 @@ import dataclasses
 
 import jax
 
+from offpolicy_jax.losses import corrections
 from offpolicy_jax.training import rollout
 
 # The units a rollout batch can be split into for minibatches, in rows (see algorithm.minibatches).
@@ -19,6 +20,15 @@ def _is_range(text: str) -> bool:
     return 0.0 <= low <= high <= 1.0
 
 
+def _correction_check(mode: str, low, high) -> list:
+    try:
+        corrections.correction_bounds(mode, low, high)
+    except ValueError as e:
+        return [(False, f"--rollout_correction={mode} --correction_low={low} "
+                        f"--correction_high={high}: {e}")]
+    return []
+
+
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
     """The shared run settings (one field per shared flag; see ``training.flags``).
@@ -28,7 +38,10 @@ class RunConfig:
     into ``num_minibatches`` optimizer updates, each accumulated over ``num_microbatches`` slices.
     ``TrainState.step`` counts the optimizer updates. *Rollouts* count the freshly sampled
     responses (replayed ones are not counted); a run ends after ``iterations`` iterations or, with
-    ``rollout_budget``, at the first iteration whose rollouts reach it.
+    ``rollout_budget``, at the first iteration whose rollouts reach it. With ``rollout_lag`` = k,
+    iteration i samples from the policy at the start of iteration i − k (what a k-step
+    asynchronous pipeline feeds its trainer); ``rollout_correction`` weights every objective's
+    per-token gradient by the sampler/trainer gap (``losses.corrections``).
     """
 
     workdir: str
@@ -59,6 +72,10 @@ class RunConfig:
     num_minibatches: int = 1
     num_microbatches: int = 1
     rollout_budget: int = 0
+    rollout_lag: int = 0
+    rollout_correction: str = "none"
+    correction_low: float | None = None
+    correction_high: float | None = None
     eval_every: int = 0
     eval_every_rollouts: int = 0
     eval_size: int = 64
@@ -99,6 +116,11 @@ class RunConfig:
              f"--num_microbatches must be >= 1, got {self.num_microbatches}"),
             (self.rollout_budget >= 0,
              f"--rollout_budget must be >= 0 (0: none), got {self.rollout_budget}"),
+            (self.rollout_lag >= 0,
+             f"--rollout_lag must be >= 0 (0: sample from the current policy), got "
+             f"{self.rollout_lag}"),
+            *_correction_check(self.rollout_correction, self.correction_low,
+                               self.correction_high),
             (self.eval_every >= 0, f"--eval_every must be >= 0, got {self.eval_every}"),
             (self.eval_every_rollouts >= 0,
              f"--eval_every_rollouts must be >= 0, got {self.eval_every_rollouts}"),

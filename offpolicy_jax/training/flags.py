@@ -71,6 +71,23 @@ ROLLOUT_BUDGET = flags.DEFINE_integer("rollout_budget", _DEFAULTS.rollout_budget
                                      "responses; replayed ones do not count) reach this many "
                                      "(0: none; --iterations stays the upper bound). Runs of "
                                      "different methods then spend equal budgets.")
+ROLLOUT_LAG = flags.DEFINE_integer("rollout_lag", _DEFAULTS.rollout_lag, "Bounded staleness: "
+                                  "iteration i samples its fresh rollouts from the policy at the "
+                                  "start of iteration i - k (the initial policy before), as a "
+                                  "k-step asynchronous pipeline would (0: on-policy sampling).")
+ROLLOUT_CORRECTION = flags.DEFINE_enum("rollout_correction", _DEFAULTS.rollout_correction,
+                                       ["none", "tis", "seq_tis", "mis", "seq_mis", "geo_mask",
+                                        "icepop"], "Weight every objective's per-token gradient "
+                                       "by the trainer/sampler gap exp(old_logp - "
+                                       "behaviour_logp): truncated (tis), masked (mis) IS per "
+                                       "token or sequence, the geometric sequence mask, or "
+                                       "IcePop's two-sided token mask (losses.corrections).")
+CORRECTION_LOW = flags.DEFINE_float("correction_low", None, "Rollout correction: lower bound "
+                                    "of the kept weight (default per mode: mis 0, seq_mis 0.5, "
+                                    "geo_mask 0.999, icepop 0.5).")
+CORRECTION_HIGH = flags.DEFINE_float("correction_high", None, "Rollout correction: truncation "
+                                     "or upper bound (default per mode: tis/seq_tis/mis/seq_mis "
+                                     "2, geo_mask 1.001, icepop 5).")
 EVAL_EVERY = flags.DEFINE_integer("eval_every", _DEFAULTS.eval_every, "Held-out evaluation every "
                                   "N iterations (0 disables periodic evaluation; the start and "
                                   "the end are always evaluated).")
@@ -108,6 +125,8 @@ def run_config(experiment_name: str) -> RunConfig:
         learning_rate=LEARNING_RATE.value, optimizer=OPTIMIZER.value, grad_clip=GRAD_CLIP.value,
         num_passes=NUM_PASSES.value, num_minibatches=NUM_MINIBATCHES.value,
         num_microbatches=NUM_MICROBATCHES.value, rollout_budget=ROLLOUT_BUDGET.value,
+        rollout_lag=ROLLOUT_LAG.value, rollout_correction=ROLLOUT_CORRECTION.value,
+        correction_low=CORRECTION_LOW.value, correction_high=CORRECTION_HIGH.value,
         eval_every=EVAL_EVERY.value, eval_every_rollouts=EVAL_EVERY_ROLLOUTS.value,
         eval_size=EVAL_SIZE.value, eval_samples=EVAL_SAMPLES.value,
         eval_temperature=EVAL_TEMPERATURE.value, ckpt_every=CKPT_EVERY.value, dtype=DTYPE.value,

@@ -147,12 +147,14 @@ class PromptStream:
 
 @dataclasses.dataclass
 class StageStep:
-    """What a stage's ``process`` may use: the iteration, the current policy, the fresh prompt
-    records and the fresh batch sampled from them (its ``group_index`` indexes ``records``), the
-    sampler and the selection."""
+    """What a stage's ``process`` may use: the iteration, the sampling policy and its version
+    (the current policy, or an older one with ``--rollout_lag``), the fresh prompt records and the
+    fresh batch sampled from them (its ``group_index`` indexes ``records``), the sampler and the
+    selection."""
 
     iteration: int
     params: object
+    policy_version: int
     records: list
     fresh: Rollouts | None
     sampler: RolloutSampler
@@ -199,18 +201,21 @@ class RolloutPipeline:
         self.sampler = sampler
         self.stages = tuple(stages)
 
-    def collect(self, params, iteration: int) -> Rollouts:
-        """This iteration's training batch; fresh rows sample from version ``iteration − 1``."""
+    def collect(self, params, iteration: int, policy_version: int | None = None) -> Rollouts:
+        """This iteration's training batch; fresh rows sample from ``params``, the policy of
+        version ``policy_version`` (default ``iteration − 1``, the current policy; older with
+        ``--rollout_lag``)."""
+        version = iteration - 1 if policy_version is None else policy_version
         wanted = self.sampler.config.batch_size
         for stage in self.stages:
             wanted = stage.fresh_prompts(wanted, iteration)
         records = self.selection.select(wanted, iteration)
-        fresh = (self.sampler.sample(params, records, iteration, policy_version=iteration - 1)
+        fresh = (self.sampler.sample(params, records, iteration, policy_version=version)
                  if records else None)
         self.selection.observe(records, fresh, iteration)
-        step = StageStep(iteration=iteration, params=params, records=records, fresh=fresh,
-                         sampler=self.sampler, selection=self.selection,
-                         config=self.sampler.config)
+        step = StageStep(iteration=iteration, params=params, policy_version=version,
+                         records=records, fresh=fresh, sampler=self.sampler,
+                         selection=self.selection, config=self.sampler.config)
         rollouts = fresh
         for stage in self.stages:
             rollouts = stage.process(rollouts, step)
@@ -310,7 +315,7 @@ class ReplayWindow(Stage):
         if rollouts is not None:
             parts.append(rollouts)
             if not self.reincarnated(step.iteration):
-                self.buffer.add(rollouts, newest_version=step.iteration - 1,
+                self.buffer.add(rollouts, newest_version=step.policy_version,
                                 pad_id=step.sampler.pad_id)
         return batch_lib.concat(parts, step.sampler.pad_id)
 
@@ -495,7 +500,7 @@ class DynamicSampling(Stage):
             records = step.selection.select(wanted, step.iteration)
             # Seed indices far above any iteration keep every round's draws independent.
             batch = step.sampler.sample(step.params, records, (rounds << 24) + step.iteration,
-                                        policy_version=step.iteration - 1)
+                                        policy_version=step.policy_version)
             step.selection.observe(records, batch, step.iteration)
             rounds, extra = rounds + 1, extra + batch.num_rows
         full = batch_lib.concat(kept + [spare], step.sampler.pad_id)

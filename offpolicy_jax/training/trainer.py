@@ -29,7 +29,7 @@ import numpy as np
 import tqdm
 from absl import logging as absl_logging
 
-from offpolicy_jax import distributed, models, rewards
+from offpolicy_jax import distributed, losses, models, rewards
 from offpolicy_jax.eval import runner
 from offpolicy_jax.training import algorithm as algorithm_lib
 from offpolicy_jax.training import checkpoint as checkpoint_lib
@@ -235,6 +235,10 @@ def make_loss_fn(cfg, algorithm: Algorithm, config: RunConfig):
             num_response=config.max_new_tokens, temperature=config.temperature,
             with_vocab_mean="vocab_mean" in outputs, with_entropy=True,
             with_hidden="values" in outputs, remat=remat)
+        if "correction_weights" in batch:
+            # --rollout_correction: every per-token term's gradient weighted by w_t, the loss
+            # value unchanged (losses.corrections).
+            current = correct_gradients(current, batch["correction_weights"])
         inputs = dict(batch, logp=current["logp"])
         if "vocab_mean" in outputs:
             inputs["vocab_mean"] = current["vocab_mean"]
@@ -252,6 +256,14 @@ def make_loss_fn(cfg, algorithm: Algorithm, config: RunConfig):
         return loss, metrics
 
     return loss_fn
+
+
+def correct_gradients(current: dict, weights) -> dict:
+    """The current policy's per-token outputs with their gradients scaled by the rollout
+    correction's weights; the critic's hidden states are left alone."""
+    return {name: (losses.scale_gradient(value, weights)
+                   if name in ("logp", "vocab_mean", "entropy") else value)
+            for name, value in current.items()}
 
 
 def add_value_head(algorithm: Algorithm, cfg, params, param_specs, mesh, *, seed: int):
@@ -305,6 +317,9 @@ class Learner:
         by_outputs, self.forward = {}, {}
         for policy in ("old", *(p.name for p in algorithm.policies)):
             outputs = algorithm.outputs(policy)
+            if policy == "old" and config.rollout_correction != "none" and "logp" not in outputs:
+                # The correction compares the trainer's policy with the sampler's.
+                outputs = ("logp", *outputs)
             if outputs and outputs not in by_outputs:
                 by_outputs[outputs] = make_forward_fn(cfg, algorithm, outputs, config.temperature,
                                                       config.max_new_tokens)
@@ -312,6 +327,11 @@ class Learner:
                 self.forward[policy] = by_outputs[outputs]
         self.pipeline = stages.RolloutPipeline(session.selection, session.sampler,
                                                algorithm.stages)
+        # --rollout_lag=k: the sampler's policy is a stored copy k iterations behind.
+        self.sampling_policy = policies.PolicyStore(
+            (policies.behind("sampler", config.rollout_lag),) if config.rollout_lag else (),
+            params)
+        self.correction_metrics = {}
         self.guard = step_lib.NonFiniteGuard(config.max_nonfinite_steps)
 
     # -- one iteration ---------------------------------------------------------------------------
@@ -319,7 +339,8 @@ class Learner:
     def iteration(self, iteration: int) -> dict:
         """Collect → prepare → update; returns the iteration's metrics record."""
         t0 = time.time()
-        rollouts = self.pipeline.collect(self.state.params, iteration)
+        params, version = self.sampling_params(iteration)
+        rollouts = self.pipeline.collect(params, iteration, policy_version=version)
         t_rollout = time.time()
         batch = self.prepare(rollouts, iteration)
         t_prepare = time.time()
@@ -334,6 +355,15 @@ class Learner:
             / max(t_update - t_prepare, 1e-9),
         })
         return record
+
+    def sampling_params(self, iteration: int):
+        """``(params, policy version)`` iteration ``iteration`` samples from: the current policy,
+        or with ``--rollout_lag=k`` the policy at the start of iteration ``iteration − k`` (the
+        initial policy, version 0, while that is before iteration 1)."""
+        if not self.sampling_policy:
+            return self.state.params, iteration - 1
+        stale = self.sampling_policy.for_iteration(iteration, self.state.params)["sampler"]
+        return stale, max(iteration - 1 - self.config.rollout_lag, 0)
 
     def prepare(self, rollouts: Rollouts, iteration: int) -> dict:
         """The training batch: packed rows, the old and stored policies' forward outputs, and the
@@ -352,6 +382,14 @@ class Learner:
             outputs = distributed.to_host(forward(scored_with[policy], placed))
             batch.update({algorithm_lib.input_name(policy, k): np.asarray(v)
                           for k, v in outputs.items()})
+        if self.config.rollout_correction != "none":
+            weights, diagnostics = losses.rollout_correction(
+                batch["old_logp"], batch["behaviour_logp"], batch["mask"],
+                self.config.rollout_correction, low=self.config.correction_low,
+                high=self.config.correction_high)
+            batch["correction_weights"] = np.asarray(weights)
+            self.correction_metrics = {f"correction/{k}": float(v)
+                                       for k, v in diagnostics.items()}
         if self.algorithm.prepare is not None:
             info = StepInfo(iteration=iteration, group_size=self.config.group_size,
                             seed=self.config.seed,
@@ -399,6 +437,7 @@ class Learner:
             "zero_gradient_group_fraction": zero_gradient_group_fraction(
                 rollouts.rewards, self.config.group_size),
             "skipped_steps": self.skipped_steps,
+            **self.correction_metrics,
             **self.pipeline.metrics(),
         })
         return record
@@ -414,8 +453,10 @@ class Learner:
         meta = dict(meta, rollouts=self.session.sampler.generated)
         meta["pipeline"], pipeline_arrays = self.pipeline.state_dict()
         meta["policies"], policy_arrays = self.policies.state_dict()
+        meta["sampling_policy"], sampling_arrays = self.sampling_policy.state_dict()
         arrays = {**{f"rollouts/{k}": v for k, v in pipeline_arrays.items()},
-                  **{f"policies/{k}": v for k, v in policy_arrays.items()}}
+                  **{f"policies/{k}": v for k, v in policy_arrays.items()},
+                  **{f"sampling_policy/{k}": v for k, v in sampling_arrays.items()}}
         self.session.checkpointer.save(meta["iteration"], self.state, meta, arrays)
 
     def restore_or_start(self) -> dict:
@@ -428,6 +469,14 @@ class Learner:
             latest, checkpoint_lib.abstract_like(self.state))
         self.pipeline.load_state_dict(meta["pipeline"], _with_prefix(arrays, "rollouts/"))
         self.policies.load_state_dict(meta["policies"], _with_prefix(arrays, "policies/"))
+        # Checkpoints from before --rollout_lag existed have no sampling policy (and no lag).
+        saved_lag = len(meta.get("sampling_policy", {}).get("sampler", ()))
+        if saved_lag != self.config.rollout_lag:
+            raise ValueError(f"{self.session.checkpointer.directory}: the run was started with "
+                             f"--rollout_lag={saved_lag}; resume it with the same value, not "
+                             f"{self.config.rollout_lag}")
+        self.sampling_policy.load_state_dict(meta.get("sampling_policy", {}),
+                                             _with_prefix(arrays, "sampling_policy/"))
         return self.session.resumed(meta)
 
 
