@@ -181,12 +181,15 @@ _FORMATTING_RE = re.compile(
 def canonical_text(answer: str) -> str:
     """Rule 1: the answer with formatting removed, used for the identical-text shortcut.
 
-    Removes spacing commands, ``\\left``/``\\right``, ``$``, whitespace, a trailing period, and
+    Removes spacing commands, ``\\left``/``\\right``, ``$``, whitespace (except between two digits,
+    where it is kept as a mark), a trailing period, and
     spells ``\\dfrac``/``\\tfrac`` as ``\\frac`` and ``^{\\circ}`` as ``^\\circ``. Case is kept
     (``X`` and ``x`` are different symbols).
     """
     s = answer.strip()
     s = re.sub(r"\\[dt]frac", r"\\frac", s)
+    # Digits separated only by spaces are not one number ("4 8" is not "48"): keep a mark there.
+    s = re.sub(r"(?<=\d)\s+(?=\d)", "\u2423", s)
     s = _FORMATTING_RE.sub("", s)
     s = s.replace("^{\\circ}", "^\\circ")
     s = re.sub(r"\\text\{\}", "", s)
@@ -246,7 +249,9 @@ class PreparedAnswer:
 _DEGREE_RE = re.compile(r"\^\s*\{?\s*\\circ\s*\}?|°|\\degree|\\circ")
 _TRIG_RE = re.compile(r"(?<![a-z])(?:sin|cos|tan|cot|sec|csc)(?![a-z])")
 _PERCENT_RE = re.compile(r"\\%|%|\\text\{\s*percent\s*\}|\bpercent\b")
-_THOUSANDS_LATEX_RE = re.compile(r"(\d)(?:,\\!|\{,\}|\\,)(?=\d{3}(?!\d))")
+# A LaTeX separator may be followed by spaces (``11,\\! 111,\\! 100`` in MATH-500's golds), which
+# the parser would otherwise read as an implicit product of the digit groups.
+_THOUSANDS_LATEX_RE = re.compile(r"(\d)(?:,\\!|\{,\}|\\,)\s*(?=\d{3}(?!\d))")
 _COUNTED_NOUN_RE = re.compile(r"^([-+]?\d[\d,]*(?:\.\d+)?)\s+([A-Za-z]{2,})(?: [A-Za-z]+)*$")
 _PLAIN_THOUSANDS_RE = re.compile(r"^[-+]?\d{1,3}(?:,\d{3})+(?:\.\d+)?$")
 
@@ -255,7 +260,7 @@ def prepare(answer: str) -> PreparedAnswer:
     """Normalizes an answer string for parsing (the number-format rules).
 
     - ``\\boxed{x}`` and ``$..$`` / ``\\(..\\)`` wrappers are removed;
-    - thousands separators: ``10,\\!080``, ``10{,}080``, ``10\\,080`` and a whole answer of the form
+    - thousands separators: ``10,\\!080``, ``10,\\! 080``, ``10{,}080``, ``10\\,080`` and a whole answer of the form
       ``1,234,567`` lose their separators (``1,2`` stays a list);
     - a degree sign (``^\\circ``, ``°``, ``\\text{ degrees}``) and a percent sign (``\\%``, ``%``)
       are removed and remembered (see :func:`alternatives`); but in an answer with a trigonometric
