@@ -135,7 +135,8 @@ ROWS = [
                                                      ("-1", F, "integer", "sign")], None),
     ("math500", "test/algebra/733.json", None, [("6", T, "integer", "same"), ("3!", T, "symbolic", "factorial"), ("8", F, "integer", "wrong")], None),
     ("math500", "test/intermediate_algebra/1197.json", None, [
-        ("0.05\\overline{357142}", T, "repeating", "3/56 = 0.05357142857142..."),
+        ("0.053\\overline{571428}", T, "repeating", "3/56 = 0.053571428571428..."),
+        ("0.05\\overline{357142}", F, "repeating", "period starts one digit late: 0.05357142357..."),
         ("3/56", T, "fraction", "slash"),
         ("0.0536", F, "decimal", "a rounded decimal is not the exact fraction"),
         ("0.0\\overline{5357142}", F, "repeating", "wrong period")], None),
