@@ -47,6 +47,7 @@ Equivalence rules, applied in this order (each is documented on the function tha
 from __future__ import annotations
 
 import dataclasses
+import fractions
 import itertools
 import math as _math
 import re
@@ -256,6 +257,45 @@ _COUNTED_NOUN_RE = re.compile(r"^([-+]?\d[\d,]*(?:\.\d+)?)\s+([A-Za-z]{2,})(?: [
 _PLAIN_THOUSANDS_RE = re.compile(r"^[-+]?\d{1,3}(?:,\d{3})+(?:\.\d+)?$")
 
 
+# Repeating decimals: 0.1\overline{6} (the bar over the period) and 0.1\dot{6} / 0.\dot{1}4285\dot{7}
+# (dots over the first and last digit of the period). The whole number part and the digits before
+# the period may be empty (.\overline{3}); the period has at most MAX_PERIOD_DIGITS digits.
+MAX_PERIOD_DIGITS = 100
+_OVERLINE_RE = re.compile(r"(?<![\d.])(\d*)\.(\d*)\\overline\s*\{\s*(\d{1,%d})\s*\}" % MAX_PERIOD_DIGITS)
+_DOTTED_RE = re.compile(
+    r"(?<![\d.])(\d*)\.(\d*)\\dot\s*(?:\{\s*(\d)\s*\}|(\d))"
+    r"(?:(\d{0,%d})\\dot\s*(?:\{\s*(\d)\s*\}|(\d)))?" % MAX_PERIOD_DIGITS)
+
+
+def repeating_fraction(whole: str, fixed: str, period: str) -> fractions.Fraction:
+    """The exact value of ``whole.fixed(period)(period)...``: ``("0", "1", "6")`` is 1/6."""
+    shift = 10 ** len(fixed)
+    value = fractions.Fraction(int(whole or "0")) + fractions.Fraction(int(fixed or "0"), shift)
+    return value + fractions.Fraction(int(period), (10 ** len(period) - 1) * shift)
+
+
+def _as_braced_fraction(value: fractions.Fraction) -> str:
+    # braces keep it one atom: "2 0.\overline{3}" must not become the mixed number 2 1/3
+    return f"{{\\frac{{{value.numerator}}}{{{value.denominator}}}}}"
+
+
+def expand_repeating_decimals(s: str) -> str:
+    """Rewrites repeating decimals (``\\overline``, ``\\dot``) as exact fractions of their digits.
+
+    ``0.\\overline{9}`` is 1 and ``0.1\\overline{6}`` is 1/6 (the digits are never evaluated as code:
+    the fraction is computed from the digit strings here).
+    """
+    s = _OVERLINE_RE.sub(lambda m: _as_braced_fraction(repeating_fraction(*m.groups())), s)
+
+    def dotted(m: re.Match) -> str:
+        whole, fixed, first_a, first_b, middle, last_a, last_b = m.groups()
+        last = last_a or last_b
+        period = (first_a or first_b) + ((middle or "") + last if last else "")
+        return _as_braced_fraction(repeating_fraction(whole, fixed, period))
+
+    return _DOTTED_RE.sub(dotted, s)
+
+
 def prepare(answer: str) -> PreparedAnswer:
     """Normalizes an answer string for parsing (the number-format rules).
 
@@ -267,6 +307,8 @@ def prepare(answer: str) -> PreparedAnswer:
       function, degree signs are kept as ``^{\\circ}`` and the parser reads ``x^{\\circ}`` as
       ``x\\pi/180`` where it stands, so ``\\sin 60^\\circ`` is ``\\sqrt3/2`` (not ``\\sin 60`` or
       ``\\pi\\sin(60)/180``);
+    - repeating decimals ``0.1\\overline{6}`` / ``0.1\\dot{6}`` become the exact fraction (1/6), see
+      :func:`expand_repeating_decimals`;
     - ``\\$`` and a trailing period are removed, and so are plain words after a plain number
       (``18 cookies`` -> ``18``).
     """
@@ -277,6 +319,7 @@ def prepare(answer: str) -> PreparedAnswer:
     s = s.replace("\\$", "").replace("$", "")
     s = re.sub(r"^\\\(|\\\)$|^\\\[|\\\]$", "", s.strip())
     s = _THOUSANDS_LATEX_RE.sub(r"\1", s)
+    s = expand_repeating_decimals(s)
     if _TRIG_RE.search(s) and _DEGREE_RE.search(s):
         degrees = False  # read inline by the parser: sin(x degrees)
         s = _DEGREE_RE.sub(lambda _: "^{\\circ}", s)
