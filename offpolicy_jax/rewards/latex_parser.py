@@ -155,6 +155,7 @@ _FUNCTIONS = {
     "sinh": sympy.sinh, "cosh": sympy.cosh, "tanh": sympy.tanh, "ln": sympy.log,
     "log": sympy.log, "exp": sympy.exp, "abs": sympy.Abs, "sqrt": sympy.sqrt,
 }
+FUNCTION_NAMES = tuple(_FUNCTIONS)  # public: math.prepare recognises these after "np." / "math."
 _INVERSES = {
     "sin": sympy.asin, "cos": sympy.acos, "tan": sympy.atan, "cot": sympy.acot,
 }
@@ -252,6 +253,10 @@ def tokenize(text: str) -> list[Token]:
             run = text[i:j]
             i = j
             if run in _FUNCTIONS or run in _WORD_CONSTANTS:
+                tokens.append(Token("cmd", run))
+            elif run in _GREEK and len(run) > 4:
+                # Greek names typed without a backslash (Python-style "theta_w"); shorter ones
+                # ("eta", "mu") stay products of letters, as before
                 tokens.append(Token("cmd", run))
             elif run.lower() in _SEPARATOR_WORDS:
                 tokens.append(Token("sep", run.lower()))

@@ -296,6 +296,19 @@ def expand_repeating_decimals(s: str) -> str:
     return _DOTTED_RE.sub(dotted, s)
 
 
+# Python / NumPy spellings (Minerva's golds, and code-minded model answers): "np.arcsin(10/13)",
+# "math.sqrt(2)", "np.pi". The module prefix is dropped before a name the parser knows; "**" is
+# already a power in the tokenizer. The text is still only tokenized, never run.
+_PY_NAMES = sorted(set(lp.FUNCTION_NAMES) | {"pi", "e", "inf"}, key=len, reverse=True)
+_PY_MODULE_RE = re.compile(
+    r"(?<![A-Za-z0-9_.])(?:np|numpy|math|cmath|sympy|sp)\.(%s)(?![A-Za-z0-9_])" % "|".join(_PY_NAMES))
+
+
+def strip_module_prefixes(s: str) -> str:
+    """``np.arcsin(x)`` -> ``arcsin(x)``, ``math.pi`` -> ``pi`` (only before names the parser knows)."""
+    return _PY_MODULE_RE.sub(r"\1", s)
+
+
 def prepare(answer: str) -> PreparedAnswer:
     """Normalizes an answer string for parsing (the number-format rules).
 
@@ -309,6 +322,8 @@ def prepare(answer: str) -> PreparedAnswer:
       ``\\pi\\sin(60)/180``);
     - repeating decimals ``0.1\\overline{6}`` / ``0.1\\dot{6}`` become the exact fraction (1/6), see
       :func:`expand_repeating_decimals`;
+    - Python module prefixes before known names are dropped (``np.arcsin`` -> ``arcsin``,
+      ``math.pi`` -> ``pi``), see :func:`strip_module_prefixes`;
     - ``\\$`` and a trailing period are removed, and so are plain words after a plain number
       (``18 cookies`` -> ``18``).
     """
@@ -320,6 +335,7 @@ def prepare(answer: str) -> PreparedAnswer:
     s = re.sub(r"^\\\(|\\\)$|^\\\[|\\\]$", "", s.strip())
     s = _THOUSANDS_LATEX_RE.sub(r"\1", s)
     s = expand_repeating_decimals(s)
+    s = strip_module_prefixes(s)
     if _TRIG_RE.search(s) and _DEGREE_RE.search(s):
         degrees = False  # read inline by the parser: sin(x degrees)
         s = _DEGREE_RE.sub(lambda _: "^{\\circ}", s)
