@@ -33,7 +33,11 @@ Equivalence rules, applied in this order (each is documented on the function tha
      expressions with variables are compared at 6 deterministic sample points (3 in (0.3, 2.3),
      3 in (2.5, 19.5));
    - ``x = 5`` and ``f(x) = 2x`` equal ``5`` / ``2x`` (labels are dropped); two equations are equal
-     when ``lhs - rhs`` agree up to a non-zero constant factor;
+     when ``lhs - rhs`` agree up to a non-zero constant factor; a labelled tuple
+     ``(a, b) = (1, 2)`` is the tuple ``(1, 2)``; an assignment with different labels
+     ``b = 2, a = 1`` is the tuple of its values in label order ``(1, 2)`` and equals another
+     assignment only label by label (``f(n)=n, g(n)=1`` is not ``f(n)=1, g(n)=n``); repeated labels
+     ``x = 1, x = 2`` are a list of solutions;
    - inequalities become intervals (``x \\le 3`` = ``(-\\infty, 3]``, ``3 \\ge x``; ``x<1`` or
      ``x>2`` = ``(-\\infty,1)\\cup(2,\\infty)``); endpoints must agree and so must open/closed ends;
    - ``\\{..\\}`` sets and bare lists ``1, 2`` are unordered (same multiset, no extra or missing
@@ -393,11 +397,60 @@ def _is_label(expr) -> bool:
         isinstance(a, sympy.Symbol) for a in expr.args)
 
 
+def _is_label_tuple(expr) -> bool:
+    """A parenthesised tuple of labels: the ``(a, b)`` of ``(a, b) = (1, 2)``."""
+    return (isinstance(expr, lp.Bracketed) and (expr.left, expr.right) == ("(", ")")
+            and all(_is_label(v) for v in expr.values))
+
+
+def _labelled_value(value):
+    """The right-hand side of ``label = value`` (or ``(a, b) = (1, 2)``), else None."""
+    if not (isinstance(value, lp.Relation) and len(value.ops) == 1 and value.ops[0] in ("=", "in")):
+        return None
+    lhs, rhs = value.operands
+    if _is_label(lhs):
+        return rhs
+    if _is_label_tuple(lhs) and isinstance(rhs, lp.Bracketed) and len(rhs.values) == len(lhs.values):
+        return rhs
+    return None
+
+
+def _natural_key(name: str) -> tuple:
+    """Sort key that puts ``x_2`` before ``x_10``."""
+    return tuple((0, int(part)) if part.isdigit() else (1, part)
+                 for part in re.split(r"(\d+)", name) if part)
+
+
+def assignment_tuple(values: tuple) -> lp.Bracketed | None:
+    """``x = 1, y = 2`` (two or more *different* labels) as the tuple of values in label order.
+
+    An assignment names each value, so its order is the order of the names (a, b, c; x, y, z;
+    f before g), whatever order the answer lists them in; it then compares with a bare tuple
+    ``(1, 2)`` or list ``1, 2`` in that order, and with another assignment label by label.
+    Repeated labels (``x = 1, x = 2``: the solutions of one unknown) are not an assignment.
+    """
+    if len(values) < 2 or not all(_labelled_value(v) is not None for v in values):
+        return None
+    if not all(_is_label(v.operands[0]) for v in values):
+        return None
+    names = [str(v.operands[0]) for v in values]
+    if len(set(names)) != len(names):
+        return None
+    ordered = sorted(zip(names, values), key=lambda nv: _natural_key(nv[0]))
+    return lp.Bracketed(tuple(v.operands[1] for _, v in ordered), "(", ")")
+
+
 def strip_labels(value):
-    """``x = 5`` -> ``5``, ``f(x) = 2x`` -> ``2x``, ``x \\in [1,2]`` -> ``[1,2]`` (inside lists too)."""
-    if isinstance(value, lp.Relation) and len(value.ops) == 1 and value.ops[0] in ("=", "in"):
-        if _is_label(value.operands[0]):
-            return value.operands[1]
+    """Drops the names of an answer: ``x = 5`` -> ``5``, ``f(x) = 2x`` -> ``2x``,
+    ``x \\in [1,2]`` -> ``[1,2]``, ``(a, b) = (1, 2)`` -> ``(1, 2)``, inside lists too;
+    ``b = 2, a = 1`` -> the ordered tuple ``(1, 2)`` (see :func:`assignment_tuple`)."""
+    inner = _labelled_value(value)
+    if inner is not None:
+        return inner
+    if isinstance(value, lp.Items):
+        assignment = assignment_tuple(value.values)
+        if assignment is not None:
+            return assignment
     if isinstance(value, (lp.Items, lp.SetOf)):
         return type(value)(tuple(strip_labels(v) for v in value.values))
     return value
