@@ -26,7 +26,10 @@ Equivalence rules, applied in this order (each is documented on the function tha
      ``10,\\!080`` = ``10080`` (thousands separators), mixed numbers ``2\\frac{1}{2}`` = ``5/2``,
      scientific notation ``4.5e33`` = ``4.5\\times10^{33}`` (e-notation is never Euler's e);
    - a percentage ``x\\%`` equals both ``x`` and ``x/100``; a degree value ``x^\\circ`` equals both
-     ``x`` and ``x\\pi/180``; units (``\\text{ cm}``, ``dollars``) are dropped;
+     ``x`` and ``x\\pi/180``; units (``\\text{ cm}``, ``dollars``) are dropped, unless both sides
+     name a unit of :data:`UNITS`: then one dimension converts (``45 \\text{ min}`` =
+     ``0.75 \\text{ h}``, ``5.4 \\text{ cents}`` = ``\\$0.054``) and two dimensions differ
+     (:func:`compare_quantities`);
    - other scalars are compared by :func:`scalars_equal`: exactly when both are rationals,
      otherwise numerically at 40 significant digits with relative tolerance :data:`REL_TOL`
      (1e-12). ``3.14`` is not ``\\pi``, ``1.414`` is not ``\\sqrt2``, ``1-1/e`` is not ``1+1/e``;
@@ -776,6 +779,102 @@ def _to_intervals(value) -> lp.IntervalUnion | None:
     return None
 
 
+# ----------------------------------------------------------------------------------------------
+# Quantities with units.
+
+# name -> (dimension, size in the dimension's base unit). Only units whose size is a fixed
+# definition (no months, no years); names of one or two letters that are also ordinary symbols
+# ("m", "s", "g", "h", "in", "mi") count as units only inside \\text{} / \\mathrm{}.
+_UNIT_TABLE = (
+    (("s", "sec", "secs", "second", "seconds"), "time", sympy.Integer(1)),
+    (("min", "mins", "minute", "minutes"), "time", sympy.Integer(60)),
+    (("h", "hr", "hrs", "hour", "hours"), "time", sympy.Integer(3600)),
+    (("day", "days"), "time", sympy.Integer(86400)),
+    (("week", "weeks"), "time", sympy.Integer(604800)),
+    (("mm", "millimeter", "millimeters", "millimetre", "millimetres"), "length", sympy.Rational(1, 1000)),
+    (("cm", "centimeter", "centimeters", "centimetre", "centimetres"), "length", sympy.Rational(1, 100)),
+    (("m", "meter", "meters", "metre", "metres"), "length", sympy.Integer(1)),
+    (("km", "kilometer", "kilometers", "kilometre", "kilometres"), "length", sympy.Integer(1000)),
+    (("in", "inch", "inches"), "length", sympy.Rational(254, 10000)),
+    (("ft", "foot", "feet"), "length", sympy.Rational(3048, 10000)),
+    (("yd", "yard", "yards"), "length", sympy.Rational(9144, 10000)),
+    (("mi", "mile", "miles"), "length", sympy.Rational(1609344, 1000)),
+    (("mg", "milligram", "milligrams"), "mass", sympy.Rational(1, 1000)),
+    (("g", "gram", "grams"), "mass", sympy.Integer(1)),
+    (("kg", "kilogram", "kilograms"), "mass", sympy.Integer(1000)),
+    (("cent", "cents"), "money", sympy.Rational(1, 100)),
+    (("dollar", "dollars"), "money", sympy.Integer(1)),
+)
+UNITS = {name: (dim, size) for names, dim, size in _UNIT_TABLE for name in names}
+_BARE_UNIT_MIN_LETTERS = 2
+_AMBIGUOUS_BARE_UNITS = {"in", "mi"}
+_UNIT_SUFFIX_RE = re.compile(
+    r"^(?P<num>.+?)\s*(?:\\(?:text|mathrm|mbox|textrm|rm)\s*\{(?:\s|~|\\[,;:! ])*(?P<braced>[A-Za-z]+)\s*\}"
+    r"|(?<![A-Za-z\\])(?P<bare>[A-Za-z]+))\s*\.?\s*$", re.DOTALL)
+_DOLLAR_PREFIX_RE = re.compile(r"^\\\$\s*(?P<num>[^$]+)$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Quantity:
+    """A number with a unit of :data:`UNITS`: ``45 \\text{ minutes}``, ``\\$0.05``."""
+
+    value: object  # a SymPy number
+    dimension: str
+    size: object  # the unit's size in the dimension's base unit
+
+
+def _unit_of(match: re.Match) -> tuple | None:
+    braced, bare = match.group("braced"), match.group("bare")
+    name = (braced or bare).lower()
+    if bare and (len(name) < _BARE_UNIT_MIN_LETTERS or name in _AMBIGUOUS_BARE_UNITS):
+        return None
+    return UNITS.get(name)
+
+
+def _plain_number(text: str):
+    """The SymPy number ``text`` denotes (no free symbols, no lists), or None."""
+    try:
+        value = lp.parse(prepare(text).text)
+    except (lp.ParseError, RecursionError, TypeError, ValueError, ArithmeticError):
+        return None
+    if isinstance(value, sympy.Basic) and value.is_number and not _infinite(value):
+        return value
+    return None
+
+
+def quantity(answer: str) -> Quantity | None:
+    """``answer`` as a number with a known unit (a trailing unit name, or a leading ``\\$``)."""
+    s = answer.strip().replace("$", "\x00").replace("\\\x00", "\\$").replace("\x00", "").strip()
+    dollar = _DOLLAR_PREFIX_RE.match(s)
+    if dollar is not None:
+        number, unit = dollar.group("num"), UNITS["dollar"]
+    else:
+        m = _UNIT_SUFFIX_RE.match(s)
+        if m is None or (unit := _unit_of(m)) is None:
+            return None
+        number = m.group("num")
+    value = _plain_number(number)
+    return None if value is None else Quantity(value, *unit)
+
+
+def compare_quantities(gold: str, pred: str) -> Verdict | None:
+    """Both answers name units of :data:`UNITS`: a verdict in common units; else None.
+
+    Same unit (or only one side with a unit): None, and the rules below drop the unit (a bare
+    number is read in the unit the question asks for). Units of one dimension: the values are
+    converted (``45 minutes`` = ``0.75 hours``, ``5.4 cents`` = ``\\$0.054``). Different
+    dimensions: not equal.
+    """
+    g = quantity(gold)
+    p = None if g is None else quantity(pred)
+    if g is None or p is None or (g.dimension == p.dimension and g.size == p.size):
+        return None
+    if g.dimension != p.dimension:
+        return Verdict(False, f"units differ ({p.dimension} vs {g.dimension})")
+    same = scalars_equal(g.value * g.size, p.value * p.size)
+    return Verdict(same, "same quantity in other units" if same else "quantities differ")
+
+
 def _readings(answer: str):
     """Parses an answer into its readings (with and without labels, percent and degree forms)."""
     prepared = prepare(answer)
@@ -812,6 +911,12 @@ def check(gold: str, pred: str | None) -> Verdict:
         if pred_letter is not None:
             same = pred_letter == gold_letter
             return Verdict(same, f"choice {pred_letter} vs gold {gold_letter}")
+    try:
+        in_units = compare_quantities(gold, pred)
+    except (lp.ParseError, RecursionError, TypeError, ValueError, ArithmeticError) as exc:
+        in_units = Verdict(False, f"units not comparable ({type(exc).__name__})")
+    if in_units is not None:
+        return in_units
     try:
         gold_readings = _readings(gold)
     except (RecursionError, lp.ParseError):
