@@ -382,12 +382,13 @@ def map_scalars(value, fn):
     return value
 
 
-def alternatives(prepared: PreparedAnswer, value) -> list:
-    """The readings of a parsed answer: ``x%`` is ``x`` or ``x/100``; ``x°`` is ``x`` or ``x*pi/180``."""
+def alternatives(prepared: PreparedAnswer, value, angle_units: str = "convert") -> list:
+    """The readings of a parsed answer: ``x%`` is ``x`` or ``x/100``; ``x°`` is ``x`` or
+    ``x*pi/180`` (only ``x`` when ``angle_units="strict"``)."""
     out = [value]
     if prepared.percent:
         out.append(map_scalars(value, lambda v: v / 100))
-    if prepared.degrees:
+    if prepared.degrees and angle_units == "convert":
         out.append(map_scalars(value, lambda v: v * sympy.pi / 180))
     return out
 
@@ -875,7 +876,16 @@ def compare_quantities(gold: str, pred: str) -> Verdict | None:
     return Verdict(same, "same quantity in other units" if same else "quantities differ")
 
 
-def _readings(answer: str):
+def as_ordered(value):
+    """A bare list ``1, 2`` as the ordered tuple ``(1, 2)`` (``ordered_lists=True``); lists of
+    inequalities or intervals stay unions."""
+    if isinstance(value, lp.Items) and not any(
+            isinstance(v, (lp.Relation, lp.IntervalUnion, lp.Text)) for v in value.values):
+        return lp.Bracketed(value.values, "(", ")")
+    return value
+
+
+def _readings(answer: str, ordered_lists: bool = False, angle_units: str = "convert"):
     """Parses an answer into its readings (with and without labels, percent and degree forms)."""
     prepared = prepare(answer)
     try:
@@ -884,17 +894,36 @@ def _readings(answer: str):
         if isinstance(exc, lp.ParseError):
             raise
         raise lp.ParseError(f"{type(exc).__name__} while building the expression") from exc
-    readings = alternatives(prepared, value)
+    readings = alternatives(prepared, value, angle_units)
     stripped = [strip_labels(v) for v in readings]
-    return readings + [s for s, r in zip(stripped, readings) if s is not r]
+    readings += [s for s, r in zip(stripped, readings) if s is not r]
+    return [as_ordered(v) for v in readings] if ordered_lists else readings
 
 
-def check(gold: str, pred: str | None) -> Verdict:
+ANGLE_UNITS = ("convert", "strict")
+
+
+def check(gold: str, pred: str | None, *, ordered_lists: bool = False,
+          angle_units: str = "convert") -> Verdict:
     """Decides whether ``pred`` is equivalent to ``gold``; pure and in-process (no deadline).
 
     Applies the rules of the module docstring in order. Errors never escape: an answer that is
     too long, too deeply nested, or too expensive to build is "not equivalent" with the reason.
+
+    Two conventions on which careful graders differ are options (the defaults are the lenient
+    reading, since the verifier does not see the question):
+
+    Args:
+      ordered_lists: compare bare lists ``1, 2`` in order, as tuples. Default False: a bare list
+        is a set of solutions (``-2, 1`` = ``1, -2``). Pass True when the question fixes the order
+        ("determine a and b"). Parenthesised tuples and assignments are always ordered.
+      angle_units: ``"convert"`` (default): an angle with a degree sign equals the same angle in
+        radians (``90^\\circ`` = ``\\frac{\\pi}{2}``). ``"strict"``: the degree sign is dropped
+        and no conversion is made, so an answer in radians to a question in degrees is wrong. A bare
+        number is always read in the question's unit (``90^\\circ`` = ``90`` in both modes).
     """
+    if angle_units not in ANGLE_UNITS:
+        raise ValueError(f"angle_units must be one of {ANGLE_UNITS}, got {angle_units!r}")
     if pred is None:
         return Verdict(False, "no answer extracted")
     if not isinstance(gold, str) or not isinstance(pred, str):
@@ -918,7 +947,7 @@ def check(gold: str, pred: str | None) -> Verdict:
     if in_units is not None:
         return in_units
     try:
-        gold_readings = _readings(gold)
+        gold_readings = _readings(gold, ordered_lists, angle_units)
     except (RecursionError, lp.ParseError):
         gold_readings = None
     if gold_readings is None:
@@ -929,7 +958,7 @@ def check(gold: str, pred: str | None) -> Verdict:
         same = _same_text(gold, pred)
         return Verdict(same, "same text" if same else "text differs")
     try:
-        pred_readings = _readings(pred)
+        pred_readings = _readings(pred, ordered_lists, angle_units)
     except lp.TooLarge as exc:
         return Verdict(False, f"prediction refused: {exc}")
     except RecursionError:
@@ -949,6 +978,6 @@ def check(gold: str, pred: str | None) -> Verdict:
     return Verdict(False, "values differ")
 
 
-def is_equivalent(gold: str, pred: str | None) -> bool:
-    """``check(gold, pred).equivalent``: pure, in-process, no deadline (see :func:`check`)."""
-    return check(gold, pred).equivalent
+def is_equivalent(gold: str, pred: str | None, **options) -> bool:
+    """``check(gold, pred, **options).equivalent``: pure, in-process, no deadline (see :func:`check`)."""
+    return check(gold, pred, **options).equivalent

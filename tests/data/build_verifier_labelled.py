@@ -13,7 +13,7 @@ for one question fall in the same part, so a rule tuned on a gold never sees it 
 
 Labels follow the verifier's documented rules where the rule is a convention (README, "Rewards"):
 an angle in degrees equals the same angle in radians; a bare list is unordered unless the row's
-``options`` say the question fixes the order (``{"ordered": true}``, decided from the question
+``options`` say the question fixes the order (``{"ordered_lists": true}``, decided from the question
 text); a quantity with a unit equals the same quantity in another unit of the same dimension
 only when both sides name their unit (a bare number is read in the unit the question asks for).
 
@@ -41,7 +41,7 @@ def split_of(question_id: str) -> str:
 
 
 T, F = True, False
-ORDERED = {"ordered": True}
+ORDERED = {"ordered_lists": True}
 
 # (benchmark, question id, gold or None for the loader's gold, [(prediction, label, form, reason)],
 #  options or None)
