@@ -49,7 +49,7 @@ def test_table_is_the_builders_output_and_split_by_question():
 
 
 def test_every_tuning_row_agrees_and_nothing_is_evaluated(monkeypatch):
-    verdicts = [_verdict(r) for r in TUNING]  # first pass also lets SymPy import what it lazily needs
+    verdicts = [_verdict(r) for r in TUNING]  # this pass also lets SymPy import its lazy modules
     misses = [(r["gold"], r["prediction"], r["label"], r["reason"])
               for r, v in zip(TUNING, verdicts) if v != r["label"]]
     assert not misses, misses

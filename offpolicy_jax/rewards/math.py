@@ -24,9 +24,12 @@ Equivalence rules, applied in this order (each is documented on the function tha
 
    - numbers are exact rationals: ``025`` = ``25``, ``0.5`` = ``\\frac12`` = ``1/2``,
      ``10,\\!080`` = ``10080`` (thousands separators), mixed numbers ``2\\frac{1}{2}`` = ``5/2``,
-     scientific notation ``4.5e33`` = ``4.5\\times10^{33}`` (e-notation is never Euler's e);
+     scientific notation ``4.5e33`` = ``4.5\\times10^{33}`` (e-notation is never Euler's e),
+     repeating decimals ``0.1\\overline{6}`` = ``0.1\\dot{6}`` = ``1/6``;
+   - Python / NumPy spellings are read as math, never run: ``**`` is a power, ``np.arcsin`` /
+     ``math.sqrt`` / ``np.pi`` lose their module prefix, ``theta_w`` is ``\\theta_w``;
    - a percentage ``x\\%`` equals both ``x`` and ``x/100``; a degree value ``x^\\circ`` equals both
-     ``x`` and ``x\\pi/180``; units (``\\text{ cm}``, ``dollars``) are dropped, unless both sides
+     ``x`` and ``x\\pi/180`` (only ``x`` with ``check(..., angle_units="strict")``); units (``\\text{ cm}``, ``dollars``) are dropped, unless both sides
      name a unit of :data:`UNITS`: then one dimension converts (``45 \\text{ min}`` =
      ``0.75 \\text{ h}``, ``5.4 \\text{ cents}`` = ``\\$0.054``) and two dimensions differ
      (:func:`compare_quantities`);
@@ -44,8 +47,10 @@ Equivalence rules, applied in this order (each is documented on the function tha
    - inequalities become intervals (``x \\le 3`` = ``(-\\infty, 3]``, ``3 \\ge x``; ``x<1`` or
      ``x>2`` = ``(-\\infty,1)\\cup(2,\\infty)``); endpoints must agree and so must open/closed ends;
    - ``\\{..\\}`` sets and bare lists ``1, 2`` are unordered (same multiset, no extra or missing
-     element); parenthesised tuples ``(a, b)`` are ordered; a vector ``\\begin{pmatrix}..`` equals
-     the tuple of its entries; matrices are compared entry by entry;
+     element; ordered with ``check(..., ordered_lists=True)``); parenthesised tuples ``(a, b)``
+     are ordered; a vector ``\\begin{pmatrix}..`` equals the tuple of its entries; matrices are
+     compared entry by entry, and a scalar times a matrix or tuple is multiplied out
+     (``\\frac{8}{49}\\begin{pmatrix} 2 \\\\ 6 \\end{pmatrix}``, ``-\\begin{pmatrix}..``);
    - complex numbers use ``i`` as the imaginary unit; ``a \\pm b`` is the set ``{a+b, a-b}``.
 5. Anything that fails to parse is compared as text only (rule 1 or 3); a prediction that cannot
    be parsed is never equal to a mathematical gold.
@@ -264,11 +269,12 @@ _COUNTED_NOUN_RE = re.compile(r"^([-+]?\d[\d,]*(?:\.\d+)?)\s+([A-Za-z]{2,})(?: [
 _PLAIN_THOUSANDS_RE = re.compile(r"^[-+]?\d{1,3}(?:,\d{3})+(?:\.\d+)?$")
 
 
-# Repeating decimals: 0.1\overline{6} (the bar over the period) and 0.1\dot{6} / 0.\dot{1}4285\dot{7}
-# (dots over the first and last digit of the period). The whole number part and the digits before
+# Repeating decimals: 0.1\overline{6} (the bar over the period) and 0.1\dot{6} /
+# 0.\dot{1}4285\dot{7} (dots over the first and last digit of the period). The whole number part and the digits before
 # the period may be empty (.\overline{3}); the period has at most MAX_PERIOD_DIGITS digits.
 MAX_PERIOD_DIGITS = 100
-_OVERLINE_RE = re.compile(r"(?<![\d.])(\d*)\.(\d*)\\overline\s*\{\s*(\d{1,%d})\s*\}" % MAX_PERIOD_DIGITS)
+_OVERLINE_RE = re.compile(
+    r"(?<![\d.])(\d*)\.(\d*)\\overline\s*\{\s*(\d{1,%d})\s*\}" % MAX_PERIOD_DIGITS)
 _DOTTED_RE = re.compile(
     r"(?<![\d.])(\d*)\.(\d*)\\dot\s*(?:\{\s*(\d)\s*\}|(\d))"
     r"(?:(\d{0,%d})\\dot\s*(?:\{\s*(\d)\s*\}|(\d)))?" % MAX_PERIOD_DIGITS)
@@ -289,8 +295,8 @@ def _as_braced_fraction(value: fractions.Fraction) -> str:
 def expand_repeating_decimals(s: str) -> str:
     """Rewrites repeating decimals (``\\overline``, ``\\dot``) as exact fractions of their digits.
 
-    ``0.\\overline{9}`` is 1 and ``0.1\\overline{6}`` is 1/6 (the digits are never evaluated as code:
-    the fraction is computed from the digit strings here).
+    ``0.\\overline{9}`` is 1 and ``0.1\\overline{6}`` is 1/6 (the digits are never evaluated as
+    code: the fraction is computed from the digit strings here).
     """
     s = _OVERLINE_RE.sub(lambda m: _as_braced_fraction(repeating_fraction(*m.groups())), s)
 
@@ -307,12 +313,12 @@ def expand_repeating_decimals(s: str) -> str:
 # "math.sqrt(2)", "np.pi". The module prefix is dropped before a name the parser knows; "**" is
 # already a power in the tokenizer. The text is still only tokenized, never run.
 _PY_NAMES = sorted(set(lp.FUNCTION_NAMES) | {"pi", "e", "inf"}, key=len, reverse=True)
-_PY_MODULE_RE = re.compile(
-    r"(?<![A-Za-z0-9_.])(?:np|numpy|math|cmath|sympy|sp)\.(%s)(?![A-Za-z0-9_])" % "|".join(_PY_NAMES))
+_PY_MODULE_RE = re.compile(r"(?<![A-Za-z0-9_.])(?:np|numpy|math|cmath|sympy|sp)\.(%s)(?![A-Za-z0-9_])"
+                           % "|".join(_PY_NAMES))
 
 
 def strip_module_prefixes(s: str) -> str:
-    """``np.arcsin(x)`` -> ``arcsin(x)``, ``math.pi`` -> ``pi`` (only before names the parser knows)."""
+    """``np.arcsin(x)`` -> ``arcsin(x)``, ``math.pi`` -> ``pi``, only before names the parser knows."""
     return _PY_MODULE_RE.sub(r"\1", s)
 
 
@@ -320,7 +326,8 @@ def prepare(answer: str) -> PreparedAnswer:
     """Normalizes an answer string for parsing (the number-format rules).
 
     - ``\\boxed{x}`` and ``$..$`` / ``\\(..\\)`` wrappers are removed;
-    - thousands separators: ``10,\\!080``, ``10,\\! 080``, ``10{,}080``, ``10\\,080`` and a whole answer of the form
+    - thousands separators: ``10,\\!080``, ``10,\\! 080``, ``10{,}080``, ``10\\,080`` and a whole
+      answer of the form
       ``1,234,567`` lose their separators (``1,2`` stays a list);
     - a degree sign (``^\\circ``, ``°``, ``\\text{ degrees}``) and a percent sign (``\\%``, ``%``)
       are removed and remembered (see :func:`alternatives`); but in an answer with a trigonometric
@@ -414,7 +421,8 @@ def _labelled_value(value):
     lhs, rhs = value.operands
     if _is_label(lhs):
         return rhs
-    if _is_label_tuple(lhs) and isinstance(rhs, lp.Bracketed) and len(rhs.values) == len(lhs.values):
+    same_length = isinstance(rhs, lp.Bracketed) and len(rhs.values) == len(lhs.values)
+    if _is_label_tuple(lhs) and same_length:
         return rhs
     return None
 
@@ -792,8 +800,10 @@ _UNIT_TABLE = (
     (("h", "hr", "hrs", "hour", "hours"), "time", sympy.Integer(3600)),
     (("day", "days"), "time", sympy.Integer(86400)),
     (("week", "weeks"), "time", sympy.Integer(604800)),
-    (("mm", "millimeter", "millimeters", "millimetre", "millimetres"), "length", sympy.Rational(1, 1000)),
-    (("cm", "centimeter", "centimeters", "centimetre", "centimetres"), "length", sympy.Rational(1, 100)),
+    (("mm", "millimeter", "millimeters", "millimetre", "millimetres"), "length",
+     sympy.Rational(1, 1000)),
+    (("cm", "centimeter", "centimeters", "centimetre", "centimetres"), "length",
+     sympy.Rational(1, 100)),
     (("m", "meter", "meters", "metre", "metres"), "length", sympy.Integer(1)),
     (("km", "kilometer", "kilometers", "kilometre", "kilometres"), "length", sympy.Integer(1000)),
     (("in", "inch", "inches"), "length", sympy.Rational(254, 10000)),
@@ -810,7 +820,8 @@ UNITS = {name: (dim, size) for names, dim, size in _UNIT_TABLE for name in names
 _BARE_UNIT_MIN_LETTERS = 2
 _AMBIGUOUS_BARE_UNITS = {"in", "mi"}
 _UNIT_SUFFIX_RE = re.compile(
-    r"^(?P<num>.+?)\s*(?:\\(?:text|mathrm|mbox|textrm|rm)\s*\{(?:\s|~|\\[,;:! ])*(?P<braced>[A-Za-z]+)\s*\}"
+    r"^(?P<num>.+?)\s*(?:\\(?:text|mathrm|mbox|textrm|rm)\s*"
+    r"\{(?:\s|~|\\[,;:! ])*(?P<braced>[A-Za-z]+)\s*\}"
     r"|(?<![A-Za-z\\])(?P<bare>[A-Za-z]+))\s*\.?\s*$", re.DOTALL)
 _DOLLAR_PREFIX_RE = re.compile(r"^\\\$\s*(?P<num>[^$]+)$")
 
@@ -979,5 +990,6 @@ def check(gold: str, pred: str | None, *, ordered_lists: bool = False,
 
 
 def is_equivalent(gold: str, pred: str | None, **options) -> bool:
-    """``check(gold, pred, **options).equivalent``: pure, in-process, no deadline (see :func:`check`)."""
+    """``check(gold, pred, **options).equivalent``: pure, in-process, no deadline (see
+    :func:`check`)."""
     return check(gold, pred, **options).equivalent

@@ -69,8 +69,9 @@ def _limit_memory() -> None:
 
 
 def _run_task(task: tuple) -> tuple:
-    """Runs one task in a worker. ``("score", response, gold)`` or ``("check", gold, pred[, options])``
-    (options: a dict of keywords for :func:`offpolicy_jax.rewards.math.check`, or None).
+    """Runs one task in a worker: ``("score", response, gold)`` or
+    ``("check", gold, pred[, options])`` (options: a dict of keywords for
+    :func:`offpolicy_jax.rewards.math.check`, or None).
 
     Returns ``(equivalent, extracted, reason)``; exceptions become "not equivalent" verdicts.
     """
