@@ -29,8 +29,9 @@ Equivalence rules, applied in this order (each is documented on the function tha
    - Python / NumPy spellings are read as math, never run: ``**`` is a power, ``np.arcsin`` /
      ``math.sqrt`` / ``np.pi`` lose their module prefix, ``theta_w`` is ``\\theta_w``;
    - a percentage ``x\\%`` equals both ``x`` and ``x/100``; a degree value ``x^\\circ`` equals both
-     ``x`` and ``x\\pi/180`` (only ``x`` with ``check(..., angle_units="strict")``); units (``\\text{ cm}``, ``dollars``) are dropped, unless both sides
-     name a unit of :data:`UNITS`: then one dimension converts (``45 \\text{ min}`` =
+     ``x`` and ``x\\pi/180`` (only ``x`` with ``check(..., angle_units="strict")``); units
+     (``\\text{ cm}``, ``dollars``) are dropped, unless both sides name a unit of
+     :data:`UNITS`: then one dimension converts (``45 \\text{ min}`` =
      ``0.75 \\text{ h}``, ``5.4 \\text{ cents}`` = ``\\$0.054``) and two dimensions differ
      (:func:`compare_quantities`);
    - other scalars are compared by :func:`scalars_equal`: exactly when both are rationals,
