@@ -45,6 +45,8 @@ def test_table_is_the_builders_output_and_split_by_question():
     assert {r["benchmark"] for r in HELDOUT} == {r["benchmark"] for r in TUNING} == {
         "gsm8k", "math500", "aime24", "amc23", "minerva", "olympiadbench"}
     assert ISSUE_FORMS <= {r["form"] for r in HELDOUT}
+    # every randomly drawn gold is in the table (the rest were chosen for their form)
+    assert set(build_verifier_labelled.sampled_ids()) <= {r["id"] for r in ROWS}
     assert {True, False} <= {r["label"] for r in HELDOUT}
 
 

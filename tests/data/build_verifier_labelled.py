@@ -1,8 +1,8 @@
 """Builds ``verifier_labelled.jsonl``: hand-labelled (gold, prediction) pairs on real golds.
 
 The golds were sampled once with ``random.Random(21)`` from each benchmark (gsm8k 22, math500 45,
-aime24 8, amc23 8, minerva 28, olympiadbench 40 items, in the order of the ``N`` dict below), and
-completed with every gold of the packaged sets that shows one of the forms issue 21 names
+aime24 8, amc23 8, minerva 28, olympiadbench 40 items: :func:`sampled_ids`, drawn in the order of
+:data:`SAMPLE_SIZES`), and completed with every gold of the packaged sets that shows one of the forms issue 21 names
 (``,\\!`` separators, vectors, labelled equations, degrees, units, Python-style golds). The
 predictions and labels below were written by hand, as a model would write its final answer (the
 string passed to ``rewards.math.check`` as ``pred``); each label carries its reason.
@@ -24,6 +24,7 @@ packaged benchmark files, writes ``tests/data/verifier_labelled.jsonl``).
 import hashlib
 import json
 import pathlib
+import random
 import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
@@ -32,6 +33,16 @@ from offpolicy_jax import rewards  # noqa: E402
 
 OUT = pathlib.Path(__file__).with_name("verifier_labelled.jsonl")
 HELD_OUT_BUCKETS = 4  # of 10
+SAMPLE_SEED = 21
+SAMPLE_SIZES = {"gsm8k": 22, "math500": 45, "aime24": 8, "amc23": 8, "minerva": 28,
+                "olympiadbench": 40}
+
+
+def sampled_ids() -> list[str]:
+    """The question ids drawn at random for the table (one generator, benchmarks in order)."""
+    rng = random.Random(SAMPLE_SEED)
+    return [item["id"] for name, n in SAMPLE_SIZES.items()
+            for item in rng.sample(rewards.load_benchmark(name), n)]
 
 
 def split_of(question_id: str) -> str:
