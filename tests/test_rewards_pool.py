@@ -57,6 +57,38 @@ def test_adversarial_inputs_return_in_time_and_execute_nothing(pool, tmp_path):
     assert rewards.score_batch(["\\boxed{5}"], ["5"], pool=pool).rewards.tolist() == [1.0]
 
 
+def test_new_syntax_adversarial_inputs_return_in_time_and_execute_nothing(pool, tmp_path):
+    """Issue 21's syntax (\\overline, \\dot, scaled matrices, Python spellings, units, labels)."""
+    marker = tmp_path / "pwned"
+    adversarial = [
+        f"np.__import__('os').system('touch {marker}')",
+        f"math.sqrt(__import__('os').system('touch {marker}'))",
+        f"(a, b) = (__import__('os'), 1)",
+        "0." + "\\overline{" * 80 + "3" + "}" * 80,
+        "0.\\overline{" + "9" * 900 + "}",
+        "0.\\dot{3}" * 100,
+        "\\begin{pmatrix}" + "1&" * 450 + "1\\end{pmatrix}",
+        "9^{99}\\begin{pmatrix}" + "x&" * 250 + "x\\end{pmatrix}",
+        "np.exp(" * 80 + "1" + ")" * 80,
+        "np.exp(np.exp(np.exp(np.exp(np.exp(10)))))",
+        "+".join(["np.sin(x)**2"] * 70),
+        "2**" * 300 + "2",
+        "1" + "0" * 900 + " \\text{ hours}",
+    ]
+    golds = ["5", "\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}", "45 \\text{ minutes}"]
+    pairs = [(g, a) for a in adversarial for g in golds]
+    start = time.monotonic()
+    verdicts = pool.check_many([g for g, _ in pairs], [a for _, a in pairs], timeout=2.0)
+    elapsed = time.monotonic() - start
+    assert not any(v.equivalent for v in verdicts)
+    assert elapsed < 2.0 * len(pairs)
+    assert not marker.exists()
+    # only the exponential tower needs the deadline; everything else is refused or compared fast
+    slow = {a for (_, a), v in zip(pairs, verdicts) if v.reason.startswith("timeout")}
+    assert slow <= {"np.exp(np.exp(np.exp(np.exp(np.exp(10)))))"}, slow
+    assert pool.check("5", "5.0").equivalent
+
+
 def test_timeout_kills_the_worker_and_the_pool_recovers():
     slow = "\\boxed{e^{e^{e^{e^{e^{10}}}}}}"  # about 0.4 s of evaluation: far beyond 20 ms
     with rewards.VerifierPool(num_workers=1, timeout=0.02) as small:

@@ -29,6 +29,8 @@ Reading conventions (documented choices where LaTeX or plain text is ambiguous):
 * ``f(x)``, ``g(t)``, ``u(t)``... (letters ``f g h F G H P Q I u y``) are function applications,
   other letters before ``(`` multiply (``x(x+1)``); runs of up to 4 letters are products
   (``xy`` = x·y); ``\\sin^{-1}`` is ``\\arcsin``; ``\\sin 2x`` is sin(2x);
+* a scalar times a matrix or a parenthesised tuple scales every entry (``-\\begin{pmatrix}..``,
+  ``\\frac13(1, 2, 5)``, ``M/3``);
 * ``a \\pm b`` is the two values a+b and a−b; ``\\text{or}`` / ``and`` / ``,`` separate answers.
 * ``x^{\\circ}`` is x·π/180 where it stands (``math.prepare`` keeps degree signs only in answers
   with a trigonometric function, and strips them elsewhere).
@@ -37,7 +39,8 @@ Guards against expensive inputs (the process deadline in :mod:`offpolicy_jax.rew
 is only the backstop): nesting depth is capped at :data:`MAX_DEPTH`; integer powers whose
 result would exceed :data:`MAX_RESULT_BITS` bits (``9^9^9^9^9``, ``10**10**10``) raise
 :class:`TooLarge` before SymPy computes them; factorials and binomials of arguments above
-:data:`MAX_FACTORIAL_ARG` are refused; ``\\pm`` expansions are capped at 16 values.
+:data:`MAX_FACTORIAL_ARG` are refused; ``\\pm`` expansions are capped at 16 values; matrices are
+capped at :data:`MAX_MATRIX_ENTRIES` entries.
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ MAX_FACTORIAL_ARG = 1_000
 MAX_SYMBOLIC_EXPONENT = 10_000
 MAX_PM_VALUES = 16
 MAX_SCI_EXPONENT = 1_000  # |k| in 4.5e{k}
+MAX_MATRIX_ENTRIES = 256  # a 16x16 matrix; every entry is compared, possibly at sample points
 
 
 class ParseError(ValueError):
@@ -155,6 +159,7 @@ _FUNCTIONS = {
     "sinh": sympy.sinh, "cosh": sympy.cosh, "tanh": sympy.tanh, "ln": sympy.log,
     "log": sympy.log, "exp": sympy.exp, "abs": sympy.Abs, "sqrt": sympy.sqrt,
 }
+FUNCTION_NAMES = tuple(_FUNCTIONS)  # public: math.prepare recognises these after "np." / "math."
 _INVERSES = {
     "sin": sympy.asin, "cos": sympy.acos, "tan": sympy.atan, "cot": sympy.acot,
 }
@@ -252,6 +257,10 @@ def tokenize(text: str) -> list[Token]:
             run = text[i:j]
             i = j
             if run in _FUNCTIONS or run in _WORD_CONSTANTS:
+                tokens.append(Token("cmd", run))
+            elif run in _GREEK and len(run) > 4:
+                # Greek names typed without a backslash (Python-style "theta_w"); shorter ones
+                # ("eta", "mu") stay products of letters, as before
                 tokens.append(Token("cmd", run))
             elif run.lower() in _SEPARATOR_WORDS:
                 tokens.append(Token("sep", run.lower()))
@@ -458,6 +467,26 @@ def _combine(a, b, fn):
     return out[0] if len(out) == 1 else PlusMinus(out)
 
 
+def _is_vector(value) -> bool:
+    """A matrix, or a parenthesised tuple of scalars (a vector written as ``(1, 2, 3)``)."""
+    if isinstance(value, MatrixOf):
+        return True
+    return (isinstance(value, Bracketed) and (value.left, value.right) == ("(", ")")
+            and all(isinstance(v, sympy.Basic) for v in value.values))
+
+
+def _multiply(a, b):
+    """``a * b``; a scalar times a matrix or vector scales every entry, as in
+    ``\\frac{8}{49}\\begin{pmatrix} 2 \\\\ 6 \\end{pmatrix}`` or ``-\\begin{pmatrix}..``
+    (answers often factor out a common denominator)."""
+    for scalar, vector in ((a, b), (b, a)):
+        if isinstance(scalar, sympy.Basic) and _is_vector(vector):
+            if isinstance(vector, MatrixOf):
+                return MatrixOf(tuple(tuple(scalar * x for x in row) for row in vector.rows))
+            return Bracketed(tuple(scalar * x for x in vector.values), "(", ")")
+    return _combine(a, b, lambda x, y: x * y)
+
+
 def _unary(a, fn):
     if isinstance(a, PlusMinus):
         return PlusMinus(tuple(fn(_scalar(x)) for x in a.values))
@@ -580,7 +609,8 @@ class _Parser:
             sign = self.next().value
         value = self.parse_term()
         if sign == "-":
-            value = _unary(value, lambda x: -x)
+            value = _multiply(sympy.Integer(-1), value) if _is_vector(value) else _unary(
+                value, lambda x: -x)
         elif sign in ("pm", "mp"):
             value = _combine(value, PlusMinus((sympy.Integer(1), sympy.Integer(-1))),
                              lambda x, y: x * y)
@@ -614,7 +644,9 @@ class _Parser:
                 op = self.next().value
                 rhs, _ = self.parse_factor()
                 if op == "*":
-                    value = _combine(value, rhs, lambda x, y: x * y)
+                    value = _multiply(value, rhs)
+                elif _is_vector(value) and isinstance(rhs, sympy.Basic):
+                    value = _multiply(value, _divide(sympy.Integer(1), rhs))  # M / 3
                 else:
                     value = _combine(value, rhs, _divide)
                 lit = None
@@ -631,7 +663,7 @@ class _Parser:
                 if lit == "int" and rlit == "frac":
                     value = _combine(value, rhs, lambda x, y: x + y if x >= 0 else x - y)
                 else:
-                    value = _combine(value, rhs, lambda x, y: x * y)
+                    value = _multiply(value, rhs)
                 lit = None
             else:
                 return value
@@ -852,6 +884,7 @@ class _Parser:
         if name == "array" and self.at("op", "{"):
             self._subscript_text()  # column spec, e.g. {cc}
         rows, row = [], []
+        entries = 0
         self.enter()
         try:
             while True:
@@ -860,6 +893,9 @@ class _Parser:
                     break
                 if self.at("end"):
                     raise ParseError("unterminated matrix")
+                entries += 1
+                if entries > MAX_MATRIX_ENTRIES:
+                    raise TooLarge(f"matrix with more than {MAX_MATRIX_ENTRIES} entries")
                 row.append(_scalar_or_raise(self.parse_sum()))
                 if self.at("op", "&"):
                     self.next()

@@ -24,21 +24,34 @@ Equivalence rules, applied in this order (each is documented on the function tha
 
    - numbers are exact rationals: ``025`` = ``25``, ``0.5`` = ``\\frac12`` = ``1/2``,
      ``10,\\!080`` = ``10080`` (thousands separators), mixed numbers ``2\\frac{1}{2}`` = ``5/2``,
-     scientific notation ``4.5e33`` = ``4.5\\times10^{33}`` (e-notation is never Euler's e);
+     scientific notation ``4.5e33`` = ``4.5\\times10^{33}`` (e-notation is never Euler's e),
+     repeating decimals ``0.1\\overline{6}`` = ``0.1\\dot{6}`` = ``1/6``;
+   - Python / NumPy spellings are read as math, never run: ``**`` is a power, ``np.arcsin`` /
+     ``math.sqrt`` / ``np.pi`` lose their module prefix, ``theta_w`` is ``\\theta_w``;
    - a percentage ``x\\%`` equals both ``x`` and ``x/100``; a degree value ``x^\\circ`` equals both
-     ``x`` and ``x\\pi/180``; units (``\\text{ cm}``, ``dollars``) are dropped;
+     ``x`` and ``x\\pi/180`` (only ``x`` with ``check(..., angle_units="strict")``); units
+     (``\\text{ cm}``, ``dollars``) are dropped, unless both sides name a unit of
+     :data:`UNITS`: then one dimension converts (``45 \\text{ min}`` =
+     ``0.75 \\text{ h}``, ``5.4 \\text{ cents}`` = ``\\$0.054``) and two dimensions differ
+     (:func:`compare_quantities`);
    - other scalars are compared by :func:`scalars_equal`: exactly when both are rationals,
      otherwise numerically at 40 significant digits with relative tolerance :data:`REL_TOL`
      (1e-12). ``3.14`` is not ``\\pi``, ``1.414`` is not ``\\sqrt2``, ``1-1/e`` is not ``1+1/e``;
      expressions with variables are compared at 6 deterministic sample points (3 in (0.3, 2.3),
      3 in (2.5, 19.5));
    - ``x = 5`` and ``f(x) = 2x`` equal ``5`` / ``2x`` (labels are dropped); two equations are equal
-     when ``lhs - rhs`` agree up to a non-zero constant factor;
+     when ``lhs - rhs`` agree up to a non-zero constant factor; a labelled tuple
+     ``(a, b) = (1, 2)`` is the tuple ``(1, 2)``; an assignment with different labels
+     ``b = 2, a = 1`` is the tuple of its values in label order ``(1, 2)`` and equals another
+     assignment only label by label (``f(n)=n, g(n)=1`` is not ``f(n)=1, g(n)=n``); repeated labels
+     ``x = 1, x = 2`` are a list of solutions;
    - inequalities become intervals (``x \\le 3`` = ``(-\\infty, 3]``, ``3 \\ge x``; ``x<1`` or
      ``x>2`` = ``(-\\infty,1)\\cup(2,\\infty)``); endpoints must agree and so must open/closed ends;
    - ``\\{..\\}`` sets and bare lists ``1, 2`` are unordered (same multiset, no extra or missing
-     element); parenthesised tuples ``(a, b)`` are ordered; a vector ``\\begin{pmatrix}..`` equals
-     the tuple of its entries; matrices are compared entry by entry;
+     element; ordered with ``check(..., ordered_lists=True)``); parenthesised tuples ``(a, b)``
+     are ordered; a vector ``\\begin{pmatrix}..`` equals the tuple of its entries; matrices are
+     compared entry by entry, and a scalar times a matrix or tuple is multiplied out
+     (``\\frac{8}{49}\\begin{pmatrix} 2 \\\\ 6 \\end{pmatrix}``, ``-\\begin{pmatrix}..``);
    - complex numbers use ``i`` as the imaginary unit; ``a \\pm b`` is the set ``{a+b, a-b}``.
 5. Anything that fails to parse is compared as text only (rule 1 or 3); a prediction that cannot
    be parsed is never equal to a mathematical gold.
@@ -47,6 +60,7 @@ Equivalence rules, applied in this order (each is documented on the function tha
 from __future__ import annotations
 
 import dataclasses
+import fractions
 import itertools
 import math as _math
 import re
@@ -181,12 +195,15 @@ _FORMATTING_RE = re.compile(
 def canonical_text(answer: str) -> str:
     """Rule 1: the answer with formatting removed, used for the identical-text shortcut.
 
-    Removes spacing commands, ``\\left``/``\\right``, ``$``, whitespace, a trailing period, and
+    Removes spacing commands, ``\\left``/``\\right``, ``$``, whitespace (except between two digits,
+    where it is kept as a mark), a trailing period, and
     spells ``\\dfrac``/``\\tfrac`` as ``\\frac`` and ``^{\\circ}`` as ``^\\circ``. Case is kept
     (``X`` and ``x`` are different symbols).
     """
     s = answer.strip()
     s = re.sub(r"\\[dt]frac", r"\\frac", s)
+    # Digits separated only by spaces are not one number ("4 8" is not "48"): keep a mark there.
+    s = re.sub(r"(?<=\d)\s+(?=\d)", "\u2423", s)
     s = _FORMATTING_RE.sub("", s)
     s = s.replace("^{\\circ}", "^\\circ")
     s = re.sub(r"\\text\{\}", "", s)
@@ -246,22 +263,82 @@ class PreparedAnswer:
 _DEGREE_RE = re.compile(r"\^\s*\{?\s*\\circ\s*\}?|°|\\degree|\\circ")
 _TRIG_RE = re.compile(r"(?<![a-z])(?:sin|cos|tan|cot|sec|csc)(?![a-z])")
 _PERCENT_RE = re.compile(r"\\%|%|\\text\{\s*percent\s*\}|\bpercent\b")
-_THOUSANDS_LATEX_RE = re.compile(r"(\d)(?:,\\!|\{,\}|\\,)(?=\d{3}(?!\d))")
+# A LaTeX separator may be followed by spaces (``11,\\! 111,\\! 100`` in MATH-500's golds), which
+# the parser would otherwise read as an implicit product of the digit groups.
+_THOUSANDS_LATEX_RE = re.compile(r"(\d)(?:,\\!|\{,\}|\\,)\s*(?=\d{3}(?!\d))")
 _COUNTED_NOUN_RE = re.compile(r"^([-+]?\d[\d,]*(?:\.\d+)?)\s+([A-Za-z]{2,})(?: [A-Za-z]+)*$")
 _PLAIN_THOUSANDS_RE = re.compile(r"^[-+]?\d{1,3}(?:,\d{3})+(?:\.\d+)?$")
+
+
+# Repeating decimals: 0.1\overline{6} (the bar over the period) and 0.1\dot{6} /
+# 0.\dot{1}4285\dot{7} (dots over the first and last digit of the period). The whole number part and the digits before
+# the period may be empty (.\overline{3}); the period has at most MAX_PERIOD_DIGITS digits.
+MAX_PERIOD_DIGITS = 100
+_OVERLINE_RE = re.compile(
+    r"(?<![\d.])(\d*)\.(\d*)\\overline\s*\{\s*(\d{1,%d})\s*\}" % MAX_PERIOD_DIGITS)
+_DOTTED_RE = re.compile(
+    r"(?<![\d.])(\d*)\.(\d*)\\dot\s*(?:\{\s*(\d)\s*\}|(\d))"
+    r"(?:(\d{0,%d})\\dot\s*(?:\{\s*(\d)\s*\}|(\d)))?" % MAX_PERIOD_DIGITS)
+
+
+def repeating_fraction(whole: str, fixed: str, period: str) -> fractions.Fraction:
+    """The exact value of ``whole.fixed(period)(period)...``: ``("0", "1", "6")`` is 1/6."""
+    shift = 10 ** len(fixed)
+    value = fractions.Fraction(int(whole or "0")) + fractions.Fraction(int(fixed or "0"), shift)
+    return value + fractions.Fraction(int(period), (10 ** len(period) - 1) * shift)
+
+
+def _as_braced_fraction(value: fractions.Fraction) -> str:
+    # braces keep it one atom: "2 0.\overline{3}" must not become the mixed number 2 1/3
+    return f"{{\\frac{{{value.numerator}}}{{{value.denominator}}}}}"
+
+
+def expand_repeating_decimals(s: str) -> str:
+    """Rewrites repeating decimals (``\\overline``, ``\\dot``) as exact fractions of their digits.
+
+    ``0.\\overline{9}`` is 1 and ``0.1\\overline{6}`` is 1/6 (the digits are never evaluated as
+    code: the fraction is computed from the digit strings here).
+    """
+    s = _OVERLINE_RE.sub(lambda m: _as_braced_fraction(repeating_fraction(*m.groups())), s)
+
+    def dotted(m: re.Match) -> str:
+        whole, fixed, first_a, first_b, middle, last_a, last_b = m.groups()
+        last = last_a or last_b
+        period = (first_a or first_b) + ((middle or "") + last if last else "")
+        return _as_braced_fraction(repeating_fraction(whole, fixed, period))
+
+    return _DOTTED_RE.sub(dotted, s)
+
+
+# Python / NumPy spellings (Minerva's golds, and code-minded model answers): "np.arcsin(10/13)",
+# "math.sqrt(2)", "np.pi". The module prefix is dropped before a name the parser knows; "**" is
+# already a power in the tokenizer. The text is still only tokenized, never run.
+_PY_NAMES = sorted(set(lp.FUNCTION_NAMES) | {"pi", "e", "inf"}, key=len, reverse=True)
+_PY_MODULE_RE = re.compile(r"(?<![A-Za-z0-9_.])(?:np|numpy|math|cmath|sympy|sp)\.(%s)(?![A-Za-z0-9_])"
+                           % "|".join(_PY_NAMES))
+
+
+def strip_module_prefixes(s: str) -> str:
+    """``np.arcsin(x)`` -> ``arcsin(x)``, ``math.pi`` -> ``pi``, only before names the parser knows."""
+    return _PY_MODULE_RE.sub(r"\1", s)
 
 
 def prepare(answer: str) -> PreparedAnswer:
     """Normalizes an answer string for parsing (the number-format rules).
 
     - ``\\boxed{x}`` and ``$..$`` / ``\\(..\\)`` wrappers are removed;
-    - thousands separators: ``10,\\!080``, ``10{,}080``, ``10\\,080`` and a whole answer of the form
+    - thousands separators: ``10,\\!080``, ``10,\\! 080``, ``10{,}080``, ``10\\,080`` and a whole
+      answer of the form
       ``1,234,567`` lose their separators (``1,2`` stays a list);
     - a degree sign (``^\\circ``, ``°``, ``\\text{ degrees}``) and a percent sign (``\\%``, ``%``)
       are removed and remembered (see :func:`alternatives`); but in an answer with a trigonometric
       function, degree signs are kept as ``^{\\circ}`` and the parser reads ``x^{\\circ}`` as
       ``x\\pi/180`` where it stands, so ``\\sin 60^\\circ`` is ``\\sqrt3/2`` (not ``\\sin 60`` or
       ``\\pi\\sin(60)/180``);
+    - repeating decimals ``0.1\\overline{6}`` / ``0.1\\dot{6}`` become the exact fraction (1/6), see
+      :func:`expand_repeating_decimals`;
+    - Python module prefixes before known names are dropped (``np.arcsin`` -> ``arcsin``,
+      ``math.pi`` -> ``pi``), see :func:`strip_module_prefixes`;
     - ``\\$`` and a trailing period are removed, and so are plain words after a plain number
       (``18 cookies`` -> ``18``).
     """
@@ -272,6 +349,8 @@ def prepare(answer: str) -> PreparedAnswer:
     s = s.replace("\\$", "").replace("$", "")
     s = re.sub(r"^\\\(|\\\)$|^\\\[|\\\]$", "", s.strip())
     s = _THOUSANDS_LATEX_RE.sub(r"\1", s)
+    s = expand_repeating_decimals(s)
+    s = strip_module_prefixes(s)
     if _TRIG_RE.search(s) and _DEGREE_RE.search(s):
         degrees = False  # read inline by the parser: sin(x degrees)
         s = _DEGREE_RE.sub(lambda _: "^{\\circ}", s)
@@ -311,12 +390,13 @@ def map_scalars(value, fn):
     return value
 
 
-def alternatives(prepared: PreparedAnswer, value) -> list:
-    """The readings of a parsed answer: ``x%`` is ``x`` or ``x/100``; ``x°`` is ``x`` or ``x*pi/180``."""
+def alternatives(prepared: PreparedAnswer, value, angle_units: str = "convert") -> list:
+    """The readings of a parsed answer: ``x%`` is ``x`` or ``x/100``; ``x°`` is ``x`` or
+    ``x*pi/180`` (only ``x`` when ``angle_units="strict"``)."""
     out = [value]
     if prepared.percent:
         out.append(map_scalars(value, lambda v: v / 100))
-    if prepared.degrees:
+    if prepared.degrees and angle_units == "convert":
         out.append(map_scalars(value, lambda v: v * sympy.pi / 180))
     return out
 
@@ -329,11 +409,61 @@ def _is_label(expr) -> bool:
         isinstance(a, sympy.Symbol) for a in expr.args)
 
 
+def _is_label_tuple(expr) -> bool:
+    """A parenthesised tuple of labels: the ``(a, b)`` of ``(a, b) = (1, 2)``."""
+    return (isinstance(expr, lp.Bracketed) and (expr.left, expr.right) == ("(", ")")
+            and all(_is_label(v) for v in expr.values))
+
+
+def _labelled_value(value):
+    """The right-hand side of ``label = value`` (or ``(a, b) = (1, 2)``), else None."""
+    if not (isinstance(value, lp.Relation) and len(value.ops) == 1 and value.ops[0] in ("=", "in")):
+        return None
+    lhs, rhs = value.operands
+    if _is_label(lhs):
+        return rhs
+    same_length = isinstance(rhs, lp.Bracketed) and len(rhs.values) == len(lhs.values)
+    if _is_label_tuple(lhs) and same_length:
+        return rhs
+    return None
+
+
+def _natural_key(name: str) -> tuple:
+    """Sort key that puts ``x_2`` before ``x_10``."""
+    return tuple((0, int(part)) if part.isdigit() else (1, part)
+                 for part in re.split(r"(\d+)", name) if part)
+
+
+def assignment_tuple(values: tuple) -> lp.Bracketed | None:
+    """``x = 1, y = 2`` (two or more *different* labels) as the tuple of values in label order.
+
+    An assignment names each value, so its order is the order of the names (a, b, c; x, y, z;
+    f before g), whatever order the answer lists them in; it then compares with a bare tuple
+    ``(1, 2)`` or list ``1, 2`` in that order, and with another assignment label by label.
+    Repeated labels (``x = 1, x = 2``: the solutions of one unknown) are not an assignment.
+    """
+    if len(values) < 2 or not all(_labelled_value(v) is not None for v in values):
+        return None
+    if not all(_is_label(v.operands[0]) for v in values):
+        return None
+    names = [str(v.operands[0]) for v in values]
+    if len(set(names)) != len(names):
+        return None
+    ordered = sorted(zip(names, values), key=lambda nv: _natural_key(nv[0]))
+    return lp.Bracketed(tuple(v.operands[1] for _, v in ordered), "(", ")")
+
+
 def strip_labels(value):
-    """``x = 5`` -> ``5``, ``f(x) = 2x`` -> ``2x``, ``x \\in [1,2]`` -> ``[1,2]`` (inside lists too)."""
-    if isinstance(value, lp.Relation) and len(value.ops) == 1 and value.ops[0] in ("=", "in"):
-        if _is_label(value.operands[0]):
-            return value.operands[1]
+    """Drops the names of an answer: ``x = 5`` -> ``5``, ``f(x) = 2x`` -> ``2x``,
+    ``x \\in [1,2]`` -> ``[1,2]``, ``(a, b) = (1, 2)`` -> ``(1, 2)``, inside lists too;
+    ``b = 2, a = 1`` -> the ordered tuple ``(1, 2)`` (see :func:`assignment_tuple`)."""
+    inner = _labelled_value(value)
+    if inner is not None:
+        return inner
+    if isinstance(value, lp.Items):
+        assignment = assignment_tuple(value.values)
+        if assignment is not None:
+            return assignment
     if isinstance(value, (lp.Items, lp.SetOf)):
         return type(value)(tuple(strip_labels(v) for v in value.values))
     return value
@@ -659,7 +789,115 @@ def _to_intervals(value) -> lp.IntervalUnion | None:
     return None
 
 
-def _readings(answer: str):
+# ----------------------------------------------------------------------------------------------
+# Quantities with units.
+
+# name -> (dimension, size in the dimension's base unit). Only units whose size is a fixed
+# definition (no months, no years); names of one or two letters that are also ordinary symbols
+# ("m", "s", "g", "h", "in", "mi") count as units only inside \\text{} / \\mathrm{}.
+_UNIT_TABLE = (
+    (("s", "sec", "secs", "second", "seconds"), "time", sympy.Integer(1)),
+    (("min", "mins", "minute", "minutes"), "time", sympy.Integer(60)),
+    (("h", "hr", "hrs", "hour", "hours"), "time", sympy.Integer(3600)),
+    (("day", "days"), "time", sympy.Integer(86400)),
+    (("week", "weeks"), "time", sympy.Integer(604800)),
+    (("mm", "millimeter", "millimeters", "millimetre", "millimetres"), "length",
+     sympy.Rational(1, 1000)),
+    (("cm", "centimeter", "centimeters", "centimetre", "centimetres"), "length",
+     sympy.Rational(1, 100)),
+    (("m", "meter", "meters", "metre", "metres"), "length", sympy.Integer(1)),
+    (("km", "kilometer", "kilometers", "kilometre", "kilometres"), "length", sympy.Integer(1000)),
+    (("in", "inch", "inches"), "length", sympy.Rational(254, 10000)),
+    (("ft", "foot", "feet"), "length", sympy.Rational(3048, 10000)),
+    (("yd", "yard", "yards"), "length", sympy.Rational(9144, 10000)),
+    (("mi", "mile", "miles"), "length", sympy.Rational(1609344, 1000)),
+    (("mg", "milligram", "milligrams"), "mass", sympy.Rational(1, 1000)),
+    (("g", "gram", "grams"), "mass", sympy.Integer(1)),
+    (("kg", "kilogram", "kilograms"), "mass", sympy.Integer(1000)),
+    (("cent", "cents"), "money", sympy.Rational(1, 100)),
+    (("dollar", "dollars"), "money", sympy.Integer(1)),
+)
+UNITS = {name: (dim, size) for names, dim, size in _UNIT_TABLE for name in names}
+_BARE_UNIT_MIN_LETTERS = 2
+_AMBIGUOUS_BARE_UNITS = {"in", "mi"}
+_UNIT_SUFFIX_RE = re.compile(
+    r"^(?P<num>.+?)\s*(?:\\(?:text|mathrm|mbox|textrm|rm)\s*"
+    r"\{(?:\s|~|\\[,;:! ])*(?P<braced>[A-Za-z]+)\s*\}"
+    r"|(?<![A-Za-z\\])(?P<bare>[A-Za-z]+))\s*\.?\s*$", re.DOTALL)
+_DOLLAR_PREFIX_RE = re.compile(r"^\\\$\s*(?P<num>[^$]+)$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Quantity:
+    """A number with a unit of :data:`UNITS`: ``45 \\text{ minutes}``, ``\\$0.05``."""
+
+    value: object  # a SymPy number
+    dimension: str
+    size: object  # the unit's size in the dimension's base unit
+
+
+def _unit_of(match: re.Match) -> tuple | None:
+    braced, bare = match.group("braced"), match.group("bare")
+    name = (braced or bare).lower()
+    if bare and (len(name) < _BARE_UNIT_MIN_LETTERS or name in _AMBIGUOUS_BARE_UNITS):
+        return None
+    return UNITS.get(name)
+
+
+def _plain_number(text: str):
+    """The SymPy number ``text`` denotes (no free symbols, no lists), or None."""
+    try:
+        value = lp.parse(prepare(text).text)
+    except (lp.ParseError, RecursionError, TypeError, ValueError, ArithmeticError):
+        return None
+    if isinstance(value, sympy.Basic) and value.is_number and not _infinite(value):
+        return value
+    return None
+
+
+def quantity(answer: str) -> Quantity | None:
+    """``answer`` as a number with a known unit (a trailing unit name, or a leading ``\\$``)."""
+    s = answer.strip().replace("$", "\x00").replace("\\\x00", "\\$").replace("\x00", "").strip()
+    dollar = _DOLLAR_PREFIX_RE.match(s)
+    if dollar is not None:
+        number, unit = dollar.group("num"), UNITS["dollar"]
+    else:
+        m = _UNIT_SUFFIX_RE.match(s)
+        if m is None or (unit := _unit_of(m)) is None:
+            return None
+        number = m.group("num")
+    value = _plain_number(number)
+    return None if value is None else Quantity(value, *unit)
+
+
+def compare_quantities(gold: str, pred: str) -> Verdict | None:
+    """Both answers name units of :data:`UNITS`: a verdict in common units; else None.
+
+    Same unit (or only one side with a unit): None, and the rules below drop the unit (a bare
+    number is read in the unit the question asks for). Units of one dimension: the values are
+    converted (``45 minutes`` = ``0.75 hours``, ``5.4 cents`` = ``\\$0.054``). Different
+    dimensions: not equal.
+    """
+    g = quantity(gold)
+    p = None if g is None else quantity(pred)
+    if g is None or p is None or (g.dimension == p.dimension and g.size == p.size):
+        return None
+    if g.dimension != p.dimension:
+        return Verdict(False, f"units differ ({p.dimension} vs {g.dimension})")
+    same = scalars_equal(g.value * g.size, p.value * p.size)
+    return Verdict(same, "same quantity in other units" if same else "quantities differ")
+
+
+def as_ordered(value):
+    """A bare list ``1, 2`` as the ordered tuple ``(1, 2)`` (``ordered_lists=True``); lists of
+    inequalities or intervals stay unions."""
+    if isinstance(value, lp.Items) and not any(
+            isinstance(v, (lp.Relation, lp.IntervalUnion, lp.Text)) for v in value.values):
+        return lp.Bracketed(value.values, "(", ")")
+    return value
+
+
+def _readings(answer: str, ordered_lists: bool = False, angle_units: str = "convert"):
     """Parses an answer into its readings (with and without labels, percent and degree forms)."""
     prepared = prepare(answer)
     try:
@@ -668,17 +906,36 @@ def _readings(answer: str):
         if isinstance(exc, lp.ParseError):
             raise
         raise lp.ParseError(f"{type(exc).__name__} while building the expression") from exc
-    readings = alternatives(prepared, value)
+    readings = alternatives(prepared, value, angle_units)
     stripped = [strip_labels(v) for v in readings]
-    return readings + [s for s, r in zip(stripped, readings) if s is not r]
+    readings += [s for s, r in zip(stripped, readings) if s is not r]
+    return [as_ordered(v) for v in readings] if ordered_lists else readings
 
 
-def check(gold: str, pred: str | None) -> Verdict:
+ANGLE_UNITS = ("convert", "strict")
+
+
+def check(gold: str, pred: str | None, *, ordered_lists: bool = False,
+          angle_units: str = "convert") -> Verdict:
     """Decides whether ``pred`` is equivalent to ``gold``; pure and in-process (no deadline).
 
     Applies the rules of the module docstring in order. Errors never escape: an answer that is
     too long, too deeply nested, or too expensive to build is "not equivalent" with the reason.
+
+    Two conventions on which careful graders differ are options (the defaults are the lenient
+    reading, since the verifier does not see the question):
+
+    Args:
+      ordered_lists: compare bare lists ``1, 2`` in order, as tuples. Default False: a bare list
+        is a set of solutions (``-2, 1`` = ``1, -2``). Pass True when the question fixes the order
+        ("determine a and b"). Parenthesised tuples and assignments are always ordered.
+      angle_units: ``"convert"`` (default): an angle with a degree sign equals the same angle in
+        radians (``90^\\circ`` = ``\\frac{\\pi}{2}``). ``"strict"``: the degree sign is dropped
+        and no conversion is made, so an answer in radians to a question in degrees is wrong. A bare
+        number is always read in the question's unit (``90^\\circ`` = ``90`` in both modes).
     """
+    if angle_units not in ANGLE_UNITS:
+        raise ValueError(f"angle_units must be one of {ANGLE_UNITS}, got {angle_units!r}")
     if pred is None:
         return Verdict(False, "no answer extracted")
     if not isinstance(gold, str) or not isinstance(pred, str):
@@ -696,7 +953,13 @@ def check(gold: str, pred: str | None) -> Verdict:
             same = pred_letter == gold_letter
             return Verdict(same, f"choice {pred_letter} vs gold {gold_letter}")
     try:
-        gold_readings = _readings(gold)
+        in_units = compare_quantities(gold, pred)
+    except (lp.ParseError, RecursionError, TypeError, ValueError, ArithmeticError) as exc:
+        in_units = Verdict(False, f"units not comparable ({type(exc).__name__})")
+    if in_units is not None:
+        return in_units
+    try:
+        gold_readings = _readings(gold, ordered_lists, angle_units)
     except (RecursionError, lp.ParseError):
         gold_readings = None
     if gold_readings is None:
@@ -707,7 +970,7 @@ def check(gold: str, pred: str | None) -> Verdict:
         same = _same_text(gold, pred)
         return Verdict(same, "same text" if same else "text differs")
     try:
-        pred_readings = _readings(pred)
+        pred_readings = _readings(pred, ordered_lists, angle_units)
     except lp.TooLarge as exc:
         return Verdict(False, f"prediction refused: {exc}")
     except RecursionError:
@@ -727,6 +990,7 @@ def check(gold: str, pred: str | None) -> Verdict:
     return Verdict(False, "values differ")
 
 
-def is_equivalent(gold: str, pred: str | None) -> bool:
-    """``check(gold, pred).equivalent``: pure, in-process, no deadline (see :func:`check`)."""
-    return check(gold, pred).equivalent
+def is_equivalent(gold: str, pred: str | None, **options) -> bool:
+    """``check(gold, pred, **options).equivalent``: pure, in-process, no deadline (see
+    :func:`check`)."""
+    return check(gold, pred, **options).equivalent

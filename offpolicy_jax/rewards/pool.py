@@ -69,17 +69,20 @@ def _limit_memory() -> None:
 
 
 def _run_task(task: tuple) -> tuple:
-    """Runs one task in a worker. ``("score", response, gold)`` or ``("check", gold, pred)``.
+    """Runs one task in a worker: ``("score", response, gold)`` or
+    ``("check", gold, pred[, options])`` (options: a dict of keywords for
+    :func:`offpolicy_jax.rewards.math.check`, or None).
 
     Returns ``(equivalent, extracted, reason)``; exceptions become "not equivalent" verdicts.
     """
-    kind, first, second = task
+    kind, first, second, *rest = task
+    options = rest[0] if rest and rest[0] else {}
     try:
         if kind == "score":
             extracted = rmath.extract_answer(first)
             verdict = rmath.check(second, extracted)
             return verdict.equivalent, extracted, verdict.reason
-        verdict = rmath.check(first, second)
+        verdict = rmath.check(first, second, **options)
         return verdict.equivalent, second, verdict.reason
     except MemoryError:
         return False, None, "out of memory"
@@ -315,11 +318,19 @@ class VerifierPool:
         equivalent, _, reason = self.run([("check", gold, pred)], timeout)[0]
         return rmath.Verdict(equivalent, reason)
 
-    def check_many(self, golds: list[str], preds: list, timeout: float | None = None):
-        """Deadline-bounded :func:`check` for pairs of already-extracted answers."""
+    def check_many(self, golds: list[str], preds: list, timeout: float | None = None,
+                   options: list | None = None):
+        """Deadline-bounded :func:`check` for pairs of already-extracted answers.
+
+        ``options``: one dict of :func:`offpolicy_jax.rewards.math.check` keywords (or None) per
+        pair, e.g. ``{"ordered_lists": True}`` for a question that fixes the order of its answers.
+        """
         if len(golds) != len(preds):
             raise ValueError(f"{len(golds)} golds but {len(preds)} predictions")
-        results = self.run([("check", g, p) for g, p in zip(golds, preds)], timeout)
+        options = [None] * len(golds) if options is None else list(options)
+        if len(options) != len(golds):
+            raise ValueError(f"{len(golds)} golds but {len(options)} options")
+        results = self.run([("check", g, p, o) for g, p, o in zip(golds, preds, options)], timeout)
         return [rmath.Verdict(eq, reason) for eq, _, reason in results]
 
 
