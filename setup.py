@@ -18,6 +18,8 @@ INSTALL_REQUIRES = [
     "numpy>=2.4.6",
     "tensorboardX>=2.6.5",
     "matplotlib>=3.10",
+    # The persistent compilation cache's file lock (already a dependency of transformers).
+    "filelock>=3.0",
 ]
 
 EXTRAS_REQUIRE = {

@@ -22,6 +22,7 @@ import tempfile
 
 from absl import app, flags, logging as absl_logging
 
+from offpolicy_jax import compilation_cache
 from offpolicy_jax.data import prompts as prompts_lib
 from offpolicy_jax.eval import harness
 
@@ -63,6 +64,9 @@ DATA_DIR = flags.DEFINE_string("data_dir", None, "A folder with your own copies 
                                "files (<file>.jsonl or .jsonl.gz, not checksum-verified); default: "
                                "$OFFPOLICY_JAX_DATA, else the files packaged with offpolicy_jax.")
 PROGRESS = flags.DEFINE_bool("progress", True, "Progress bars on stderr.")
+COMPILATION_CACHE = flags.DEFINE_string("compilation_cache", None, "JAX's persistent compilation "
+                                        "cache directory (default: the package's cache, "
+                                        "$OFFPOLICY_JAX_CACHE/jax_compilation_cache; empty: off).")
 
 
 def config_from_flags() -> harness.HarnessConfig:
@@ -83,6 +87,7 @@ def main(argv):
     # JAX's INFO lines (backend probing) would interleave with the progress bars.
     absl_logging.set_verbosity(absl_logging.WARNING)
     try:
+        compilation_cache.enable(COMPILATION_CACHE.value)
         config = config_from_flags()
         if OUT.value is None:
             with tempfile.TemporaryDirectory(prefix="offpolicy_jax_eval_") as out_dir:

@@ -85,6 +85,7 @@ class RunConfig:
     max_nonfinite_steps: int = 5
     dtype: str = "float32"
     remat: str = rollout.DEFAULT_REMAT
+    compilation_cache: str | None = None
     progress: bool = True
 
     def validate(self, algorithm=None) -> None:

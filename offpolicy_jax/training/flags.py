@@ -106,6 +106,11 @@ DTYPE = flags.DEFINE_enum("dtype", _DEFAULTS.dtype, ["float32", "bfloat16"], "Pa
 REMAT = flags.DEFINE_string("remat", _DEFAULTS.remat, "Activation recomputation in the training "
                             "backward pass: 'none', 'full', or a jax.checkpoint_policies name "
                             "(default: keep matmul outputs, recompute the elementwise ops).")
+COMPILATION_CACHE = flags.DEFINE_string("compilation_cache", None, "JAX's persistent "
+                                        "compilation cache: compiled programs are reused by "
+                                        "later runs on this machine (default: "
+                                        "$OFFPOLICY_JAX_CACHE/jax_compilation_cache, i.e. "
+                                        "~/.cache/offpolicy_jax/...; empty: off).")
 PROGRESS = flags.DEFINE_bool("progress", _DEFAULTS.progress, "Show a progress bar.")
 
 
@@ -130,4 +135,4 @@ def run_config(experiment_name: str) -> RunConfig:
         eval_every=EVAL_EVERY.value, eval_every_rollouts=EVAL_EVERY_ROLLOUTS.value,
         eval_size=EVAL_SIZE.value, eval_samples=EVAL_SAMPLES.value,
         eval_temperature=EVAL_TEMPERATURE.value, ckpt_every=CKPT_EVERY.value, dtype=DTYPE.value,
-        remat=REMAT.value, progress=PROGRESS.value)
+        remat=REMAT.value, compilation_cache=COMPILATION_CACHE.value, progress=PROGRESS.value)

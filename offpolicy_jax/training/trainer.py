@@ -87,7 +87,10 @@ class Session:
 
     def __init__(self, config: RunConfig, name: str, *, sharded: bool = True, selection=None,
                  reward_fn=None):
+        from offpolicy_jax import compilation_cache
         from offpolicy_jax.data import prompts as prompts_lib
+        # First, before anything compiles (the warm start of tiny-arith may).
+        compilation_cache.enable(config.compilation_cache)
         # orbax reports every save at INFO; the run's own metrics are the signal worth reading.
         absl_logging.set_verbosity(absl_logging.WARNING)
         self.config = config
