@@ -30,7 +30,9 @@ import tqdm
 from absl import logging as absl_logging
 
 from offpolicy_jax import distributed, models, rewards
+from offpolicy_jax import export as export_lib
 from offpolicy_jax.eval import runner
+from offpolicy_jax.models import lora as lora_lib
 from offpolicy_jax.training import algorithm as algorithm_lib
 from offpolicy_jax.training import checkpoint as checkpoint_lib
 from offpolicy_jax.training import logger as logger_lib
@@ -111,7 +113,11 @@ class Session:
             reward_fn=reward_fn or stages.verifier_reward)
         self.eval_prompts = [self.sampler.encode(r["prompt"]) for r in eval_records]
         self.eval_golds = [r["gold"] for r in eval_records]
-        self.logger = logger_lib.MetricsLogger(config.workdir, is_main=self.is_main)
+        self.logger = logger_lib.MetricsLogger(config.workdir, is_main=self.is_main,
+                                               wandb=logger_lib.wandb_settings(config))
+        if self.is_main:
+            # What `python -m offpolicy_jax.export` needs to rebuild the policy from a checkpoint.
+            export_lib.write_run_config(config.workdir, config, self.model_dir)
         self.checkpointer = checkpoint_lib.Checkpointer(os.path.join(config.workdir,
                                                                      "checkpoints"))
         self.bar = None
@@ -285,6 +291,14 @@ class Learner:
         if algorithm.value_head is not None:
             params, param_specs = add_value_head(algorithm, cfg, params, param_specs, mesh,
                                                  seed=config.seed)
+        # LoRA: the state's params become the adapters (plus any value head); the base weights
+        # are a frozen input of the step, merged in wherever the policy runs (policy_params).
+        self.adapted = None
+        if config.lora:
+            self.adapted, params, param_specs = lora_lib.AdaptedModel.for_run(
+                cfg, params, param_specs, mesh, rank=config.lora_rank, alpha=config.lora_alpha,
+                targets=lora_lib.parse_targets(config.lora_targets), init=config.lora_init,
+                seed=config.seed)
         self.policies = policies.PolicyStore(algorithm.policies, params)
         opt_config = optim.OptimizerConfig(name=config.optimizer,
                                            learning_rate=config.learning_rate,
@@ -296,7 +310,9 @@ class Learner:
         self.train_step = step_lib.make_train_step(
             make_loss_fn(cfg, algorithm, config), optimizer,
             num_microbatches=config.num_microbatches, mesh=mesh, state_sharding=state_sharding,
-            learning_rate_fn=optim.make_schedule(opt_config))
+            learning_rate_fn=optim.make_schedule(opt_config),
+            params_fn=self.adapted and self.adapted.params_fn,
+            frozen_sharding=self.adapted and self.adapted.base_sharding)
         self.batch_sharding = jax.sharding.NamedSharding(
             mesh, jax.sharding.PartitionSpec(step_lib.BATCH_AXES))
         self.replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
@@ -319,7 +335,9 @@ class Learner:
     def iteration(self, iteration: int) -> dict:
         """Collect → prepare → update; returns the iteration's metrics record."""
         t0 = time.time()
-        rollouts = self.pipeline.collect(self.state.params, iteration)
+        # Merged afresh from the state's adapters each iteration (no cached copy that could go
+        # stale: sampling from the base weights is a silent failure known from other stacks).
+        rollouts = self.pipeline.collect(self.policy_params(), iteration)
         t_rollout = time.time()
         batch = self.prepare(rollouts, iteration)
         t_prepare = time.time()
@@ -349,7 +367,8 @@ class Learner:
         placed = distributed.host_to_global(
             {k: batch[k] for k in ("tokens", "attention_mask", "positions")}, self.batch_sharding)
         for policy, forward in self.forward.items():
-            outputs = distributed.to_host(forward(scored_with[policy], placed))
+            outputs = distributed.to_host(forward(self.policy_params(scored_with[policy]),
+                                                  placed))
             batch.update({algorithm_lib.input_name(policy, k): np.asarray(v)
                           for k, v in outputs.items()})
         if self.algorithm.prepare is not None:
@@ -378,9 +397,10 @@ class Learner:
                     # rows so that each microbatch is a contiguous run of whole units.
                     rows = rows.reshape(config.num_microbatches, -1).T.reshape(-1)
                 minibatch = {k: np.asarray(v)[rows] for k, v in batch.items()}
+                frozen = () if self.adapted is None else (self.adapted.base,)
                 self.state, metrics = self.train_step(
                     self.state, distributed.host_to_global(minibatch, self.batch_sharding),
-                    context)
+                    context, *frozen)
                 self.guard.check(self.state, metrics)
                 step_metrics.append(metrics)
         return jax.device_get(step_metrics)
@@ -403,6 +423,20 @@ class Learner:
         })
         return record
 
+    def policy_params(self, trainable=None):
+        """The model parameters of the policy whose trainable part is ``trainable`` (default: the
+        train state's): the state's params themselves, or the base with the adapters merged."""
+        trainable = self.state.params if trainable is None else trainable
+        return trainable if self.adapted is None else self.adapted.policy(trainable)
+
+    def export(self, out_dir: str) -> None:
+        """Writes the current policy as a Hugging Face checkpoint (and, for LoRA, the PEFT
+        adapter in ``out_dir/adapter``); every process gathers, process 0 writes."""
+        session = self.session
+        export_lib.export_policy(
+            out_dir, session.cfg, self.state.params, session.model_dir,
+            adapted=self.adapted, is_main=session.is_main)
+
     @property
     def skipped_steps(self) -> int:
         return int(np.asarray(self.state.skipped_steps))
@@ -423,7 +457,7 @@ class Learner:
         new run's (after evaluating the starting policy)."""
         latest = self.session.checkpointer.latest_step()
         if latest is None:
-            return self.session.start({}, self.state.params)
+            return self.session.start({}, self.policy_params())
         self.state, meta, arrays = self.session.checkpointer.restore(
             latest, checkpoint_lib.abstract_like(self.state))
         self.pipeline.load_state_dict(meta["pipeline"], _with_prefix(arrays, "rollouts/"))
