@@ -22,6 +22,7 @@ The model-free tests take well under a second each; the end-to-end test dominate
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -597,6 +598,11 @@ def _fake_algorithm(seen: list) -> Algorithm:
             "groups_contiguous": bool(np.all(groups == groups[:, :1])),
             "prev_gap": float(np.max(np.abs(inputs["prev_logp"] - inputs["old_logp"])
                                      * inputs["mask"])),
+            # Fresh rows were sampled from the policy the trainer scores as "old": their
+            # behaviour log-probs must agree (LoRA: the sampler used the adapted weights).
+            "fresh_gap": float(np.max(np.abs(inputs["behaviour_logp"] - inputs["old_logp"])
+                                      * inputs["mask"]
+                                      * (inputs["policy_version"] == info.iteration - 1)[:, None])),
         })
         # Never zero (rewards are 0 or 1), so every update moves the policy.
         return {"advantages": inputs["rewards"] - 0.5,
@@ -725,3 +731,63 @@ def test_learner_places_the_state_on_a_mesh_whose_tensor_axis_does_not_divide_th
         session.pool.close()
         session.checkpointer.close()
         session.logger.close()
+
+
+def test_lora_run_trains_only_adapters_resumes_exactly_and_exports(tiny_model, tmp_path,
+                                                                   monkeypatch):
+    """The same in-process run with --lora_rank: checkpoints hold the adapters only, the sampler
+    uses the adapted weights every iteration, a killed run resumes to identical adapters and
+    metrics, and the final export and the eval harness see the trained policy."""
+    from offpolicy_jax import export as export_lib, models
+    from offpolicy_jax.eval import harness, runner
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    lora_config = lambda workdir: dataclasses.replace(   # noqa: E731
+        _config(workdir, tiny_model), lora_rank=4, lora_alpha=8.0, lora_targets="q,v,o,up",
+        learning_rate=3e-2)
+    seen = []
+    loop.run(lora_config(straight), _fake_algorithm(seen))
+    # Iteration 2 samples after iteration 1's updates moved the adapters (prev_gap > 0); the
+    # sampled log-probs still match the trainer's adapted policy, not the base model's.
+    assert seen[1]["prev_gap"] > 1e-3
+    assert max(s["fresh_gap"] for s in seen) < 1e-4, seen
+
+    adapters = _params_at(straight, 3)
+    assert set(adapters) == {"lora"} and set(adapters["lora"]) == {"q", "v", "o", "up"}
+    assert float(np.max(np.abs(adapters["lora"]["o"]["b"]))) > 0
+    checkpointer = checkpoint_lib.Checkpointer(os.path.join(straight, "checkpoints"))
+    opt_shapes = {x.shape for x in jax.tree.leaves(checkpointer.read_state(3)["opt_state"])}
+    checkpointer.close()
+    assert opt_shapes - {()} <= {x.shape for x in jax.tree.leaves(adapters)}
+
+    shutil.copytree(straight, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "3")
+    shutil.rmtree(resumed / "export")
+    seen_resumed = []
+    loop.run(lora_config(resumed), _fake_algorithm(seen_resumed))
+    assert seen_resumed == seen[2:]
+    assert _metrics(resumed) == _metrics(straight)
+    for a, b in zip(jax.tree.leaves(_params_at(resumed, 3)), jax.tree.leaves(adapters)):
+        np.testing.assert_array_equal(a, b)
+
+    # The end-of-run export is the policy of the last checkpoint, merged; plus its adapter.
+    cfg, merged, *_ = export_lib.load_run_policy(str(straight))
+    _, exported = models.load_hf_checkpoint(straight / "export")
+    for a, b in zip(jax.tree.leaves(exported), jax.tree.leaves(merged)):
+        np.testing.assert_array_equal(a, b)
+    _, base = models.load_hf_checkpoint(tiny_model)
+    assert not np.array_equal(exported["layers"]["o"], base["layers"]["o"])
+    assert (straight / "export" / "adapter" / "adapter_model.safetensors").exists()
+
+    # The eval harness given the run directory evaluates that policy with the base tokenizer.
+    class Evaluated(Exception):
+        pass
+
+    def capture(cfg, params, tokenizer, *args, **kwargs):
+        raise Evaluated(params)
+
+    monkeypatch.setattr(runner, "evaluate_prompts", capture)
+    with pytest.raises(Evaluated) as caught:
+        harness.run(harness.HarnessConfig(model=str(straight), benchmarks=("arith",), limit=2),
+                    str(tmp_path / "eval"), progress=False)
+    for a, b in zip(jax.tree.leaves(caught.value.args[0]), jax.tree.leaves(merged)):
+        np.testing.assert_array_equal(a, b)
