@@ -174,7 +174,7 @@ def export_policy(out_dir: str, cfg, trainable, model_dir: str, *, params=None,
     """
     lora = adapted.lora if adapted is not None else lora
     if params is None:
-        params = adapted.policy(trainable) if adapted is not None else trainable
+        params = adapted.merged(trainable) if adapted is not None else trainable
     if is_main:
         check_writable(out_dir)
     tensors = models.hf_tensors(cfg, params)

@@ -55,8 +55,25 @@ def test_zero_initialised_adapters_reproduce_the_base_model_exactly(base):
     for got, want in zip(jax.tree.leaves(merged), jax.tree.leaves(params)):
         np.testing.assert_array_equal(got, want)
     tokens, mask = _batch(cfg.vocab_size)
-    np.testing.assert_array_equal(models.apply(cfg, merged, tokens, mask),
-                                  models.apply(cfg, params, tokens, mask))
+    want = models.apply(cfg, params, tokens, mask)
+    np.testing.assert_array_equal(models.apply(cfg, merged, tokens, mask), want)
+    attached = lora_lib.attach(cfg, lora, params, adapters)
+    np.testing.assert_array_equal(models.apply(cfg, attached, tokens, mask), want)
+
+
+def test_attached_and_merged_adapters_give_the_same_model_and_the_sampler_refuses_attached(base):
+    from offpolicy_jax import sampling
+    _, cfg, params = base
+    lora = lora_lib.LoraConfig(rank=4, alpha=8.0)
+    adapters = _trained_adapters(cfg, lora)
+    tokens, mask = _batch(cfg.vocab_size)
+    merged = models.apply(cfg, lora_lib.merge(cfg, lora, params, adapters), tokens, mask)
+    attached = models.apply(cfg, lora_lib.attach(cfg, lora, params, adapters), tokens, mask)
+    np.testing.assert_allclose(attached, merged, rtol=1e-5, atol=1e-5)
+    assert np.max(np.abs(merged - models.apply(cfg, params, tokens, mask))) > 0.1
+    with pytest.raises(ValueError, match="LoRA factors.*merged"):
+        sampling.generate(cfg, lora_lib.attach(cfg, lora, params, adapters), [[3, 4]],
+                          max_new_tokens=2, eos_token_ids=(1,), seed=0)
 
 
 def test_merge_changes_only_the_targeted_slice_of_the_fused_kernels(base):
@@ -99,8 +116,8 @@ def test_lora_gradients_flow_only_to_the_adapters(base):
         logits = models.apply(cfg, model_params, batch["tokens"], batch["mask"])
         return jnp.mean(logits * weights), {}
 
-    def params_fn(frozen, trainable):
-        return lora_lib.merge(cfg, lora, frozen, trainable)
+    def params_fn(frozen, trainable):       # the trainer's: factors attached, not merged
+        return lora_lib.attach(cfg, lora, frozen, trainable)
 
     adapters = _trained_adapters(cfg, lora)
     optimizer = optax.sgd(1.0)
@@ -117,7 +134,8 @@ def test_lora_gradients_flow_only_to_the_adapters(base):
         np.testing.assert_array_equal(got, want)
     # SGD with lr 1: the update is minus the gradient. The full-weight gradient at the merged
     # point gives the adapter gradient by the chain rule: dL/dB = s · Aᵀ · dL/dW.
-    full_grad = jax.grad(lambda p: loss_fn(p, batch, None)[0])(params_fn(params, adapters))
+    full_grad = jax.grad(lambda p: loss_fn(p, batch, None)[0])(
+        lora_lib.merge(cfg, lora, params, adapters))
     a = adapters["lora"]["o"]["a"]
     want_b = lora.scale * jnp.einsum("lir,lio->lro", a, full_grad["layers"]["o"])
     got_b = adapters["lora"]["o"]["b"] - new_state.params["lora"]["o"]["b"]
@@ -261,7 +279,22 @@ def test_export_command_errors_name_the_problem(base, tmp_path, capsys):
 # Weights & Biases.
 
 
-def _wandb_history(run_dir) -> list[dict]:
+def _wandb_history(run_dir, timeout_s: float = 30.0) -> list[dict]:
+    """The history rows of the offline W&B run in ``run_dir``, once its file is complete.
+
+    wandb's background service may still be writing after ``finish()`` returns on a busy
+    machine; the run's ``exit`` record marks the end of the file.
+    """
+    import time
+    deadline = time.time() + timeout_s
+    while True:
+        kinds, rows = _wandb_records(run_dir)
+        if "exit" in kinds or time.time() > deadline:
+            return rows
+        time.sleep(0.2)
+
+
+def _wandb_records(run_dir) -> tuple[set, list[dict]]:
     """The history rows of an offline W&B run file.
 
     ``run-<id>.wandb`` is a 7-byte header (":W&B", magic, version) followed by LevelDB-log
@@ -272,7 +305,7 @@ def _wandb_history(run_dir) -> list[dict]:
     (path,) = glob.glob(os.path.join(run_dir, "wandb", "offline-run-*", "run-*.wandb"))
     data = open(path, "rb").read()
     assert data[:4] == b":W&B"
-    position, chunks, rows = 7, [], []
+    position, chunks, rows, kinds = 7, [], [], set()
     while position + 7 <= len(data):
         left_in_block = 32768 - position % 32768
         length, kind = int.from_bytes(data[position + 4:position + 6], "little"), data[position + 6]
@@ -285,13 +318,14 @@ def _wandb_history(run_dir) -> list[dict]:
             record = wandb_internal_pb2.Record()
             record.ParseFromString(b"".join(chunks))
             chunks = []
+            kinds.add(record.WhichOneof("record_type"))
             if record.WhichOneof("record_type") == "history":
                 # Keys with a "/" arrive split into nested_key.
                 items = {item.key or "/".join(item.nested_key): json.loads(item.value_json)
                          for item in record.history.item}
                 rows.append({k: v for k, v in items.items() if not k.startswith("_")}
                             | {"_step": record.history.step.num})
-    return rows
+    return kinds, rows
 
 
 def test_wandb_offline_run_gets_the_tensorboard_metrics(tmp_path, monkeypatch):

@@ -13,10 +13,17 @@ The adapters are a separate pytree, stacked over layers like the base parameters
               "o": {"a": [L, H·hd, r], "b": [L, r, D]},
               "gate"/"up": {"a": [L, D, r], "b": [L, r, F]},  "down": {"a": [L, F, r], "b": [L, r, D]}}}
 
-``merge`` adds the scaled products into the base parameters (into the right slice of the fused
-``qkv`` and ``gate_up`` kernels) and returns an ordinary parameter tree, so the decoder, the
-sampler and the export code need no LoRA path of their own; differentiating a loss of
-``merge(base, adapters)`` w.r.t. the adapters gives exactly the LoRA gradients.
+Two ways to run the adapted model:
+
+* ``attach`` puts the factors next to the base kernels (``layers/lora_q_a``, ``layers/lora_q_b``
+  with B pre-scaled by α/r); the decoder layer then adds ``(x A) B`` to each targeted
+  projection. Training uses this form: no merged copy of the weights is formed and the backward
+  pass computes no gradient of the base weights (they are not differentiated), only the small
+  ``[in, r]`` / ``[r, out]`` ones.
+* ``merge`` adds the products into the base kernels (into the right slice of the fused ``qkv``
+  and ``gate_up`` kernels) and returns an ordinary parameter tree: what the sampler's decode
+  loop (which has no adapter path and refuses attached factors), the evaluation and the export
+  use.
 
 Why our own ~200 lines rather than qwix (Tunix's LoRA): qwix attaches an adapter to each matmul
 call it intercepts. Our q/k/v projection is one einsum on a fused ``[D, KV, G+2, hd]`` kernel,
@@ -33,6 +40,7 @@ PEFT layout (what ``peft.PeftModel.from_pretrained`` reads): ``adapter_config.js
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import pathlib
@@ -162,6 +170,18 @@ def merge(cfg: ModelConfig, lora: LoraConfig, base: dict, trainable: dict) -> di
     for name in ("o", "down"):
         if name in adapters:
             layers[name] = add(layers[name], _delta(lora, adapters[name]))
+    extra = {k: v for k, v in trainable.items() if k != "lora"}
+    return {**base, "layers": layers, **extra}
+
+
+def attach(cfg: ModelConfig, lora: LoraConfig, base: dict, trainable: dict) -> dict:
+    """``base`` with the factors as per-layer entries ``lora_<target>_a`` and ``lora_<target>_b``
+    (B scaled by α/r): the decoder applies them as ``y + (x A) B``. No weight is copied."""
+    del cfg  # the layout needs no model sizes; the argument keeps the signature of ``merge``
+    layers = dict(base["layers"])
+    for target, adapter in trainable["lora"].items():
+        layers[f"lora_{target}_a"] = adapter["a"]
+        layers[f"lora_{target}_b"] = lora.scale * adapter["b"]
     extra = {k: v for k, v in trainable.items() if k != "lora"}
     return {**base, "layers": layers, **extra}
 
@@ -310,14 +330,20 @@ class AdaptedModel:
         self.cfg, self.lora, self.base = cfg, lora, base
         self.base_sharding = jax.tree.map(lambda spec: jax.sharding.NamedSharding(mesh, spec),
                                           base_specs, is_leaf=lambda x: isinstance(x, P))
-        self._merge = jax.jit(self.params_fn)
+        self._merge = jax.jit(functools.partial(merge, cfg, lora))
+        self._attach = jax.jit(self.params_fn)
 
     def params_fn(self, base: dict, trainable: dict) -> dict:
-        """``(frozen, trainable) -> params``, the train step's view of the model."""
-        return merge(self.cfg, self.lora, base, trainable)
+        """``(frozen, trainable) -> params``, the train step's view of the model (attached)."""
+        return attach(self.cfg, self.lora, base, trainable)
 
-    def policy(self, trainable: dict) -> dict:
-        """The adapted model's parameters (a fresh merge: sampling, scoring, evaluation)."""
+    def attached(self, trainable: dict) -> dict:
+        """The adapted model for the decoder (forward passes: scoring the old/stored policies)."""
+        return self._attach(self.base, trainable)
+
+    def merged(self, trainable: dict) -> dict:
+        """The adapted model as plain weights, merged afresh from ``trainable`` (sampling,
+        evaluation, export): never a cached copy that could fall behind the adapters."""
         return self._merge(self.base, trainable)
 
     @classmethod

@@ -38,7 +38,7 @@ def run(config: RunConfig, algorithm: Algorithm) -> dict:
         record = learner.iteration(meta["iteration"] + 1)
         meta.update(iteration=meta["iteration"] + 1, rollouts=record["rollouts"])
         if session.evaluation_due(meta, rollouts_before):
-            record.update(session.evaluate(learner.policy_params()))
+            record.update(session.evaluate(learner.sampling_params()))
         session.log(record, meta)
         if session.checkpoint_due(meta):
             learner.save(meta)

@@ -337,7 +337,7 @@ class Learner:
         t0 = time.time()
         # Merged afresh from the state's adapters each iteration (no cached copy that could go
         # stale: sampling from the base weights is a silent failure known from other stacks).
-        rollouts = self.pipeline.collect(self.policy_params(), iteration)
+        rollouts = self.pipeline.collect(self.sampling_params(), iteration)
         t_rollout = time.time()
         batch = self.prepare(rollouts, iteration)
         t_prepare = time.time()
@@ -424,10 +424,18 @@ class Learner:
         return record
 
     def policy_params(self, trainable=None):
-        """The model parameters of the policy whose trainable part is ``trainable`` (default: the
-        train state's): the state's params themselves, or the base with the adapters merged."""
+        """The decoder's parameters of the policy whose trainable part is ``trainable`` (default:
+        the train state's): the state's params themselves, or the base with the adapters
+        attached."""
         trainable = self.state.params if trainable is None else trainable
-        return trainable if self.adapted is None else self.adapted.policy(trainable)
+        return trainable if self.adapted is None else self.adapted.attached(trainable)
+
+    def sampling_params(self):
+        """The current policy for the sampler and evaluation: with LoRA, merged from the
+        state's adapters at this call (the sampler refuses attached, unmerged factors)."""
+        if self.adapted is None:
+            return self.state.params
+        return self.adapted.merged(self.state.params)
 
     def export(self, out_dir: str) -> None:
         """Writes the current policy as a Hugging Face checkpoint (and, for LoRA, the PEFT
@@ -457,7 +465,7 @@ class Learner:
         new run's (after evaluating the starting policy)."""
         latest = self.session.checkpointer.latest_step()
         if latest is None:
-            return self.session.start({}, self.policy_params())
+            return self.session.start({}, self.sampling_params())
         self.state, meta, arrays = self.session.checkpointer.restore(
             latest, checkpoint_lib.abstract_like(self.state))
         self.pipeline.load_state_dict(meta["pipeline"], _with_prefix(arrays, "rollouts/"))
