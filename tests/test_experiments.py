@@ -69,6 +69,8 @@ EXPERIMENTS = [
     ("arpo", []),
     ("rloo", ["--kl_coef=0.03"]),
     ("ppo", []),
+    # LoRA next to a trainable value head (the adapters and the head are the trainable params).
+    ("ppo", ["--lora_rank=4", "--lora_targets=q,v,down", "--learning_rate=1e-3"]),
     ("expert_iteration", ["--batches_per_iteration=2", "--sft_batch_size=8"]),
 ]
 
@@ -94,6 +96,9 @@ def test_experiment_runs_end_to_end(tiny_model, tmp_path, name, extra):
         assert all(r["rollouts"] >= 16 * r["iteration"] for r in records[1:])
         assert 1 <= records[-1]["dynamic_sampling/rounds"] <= 2
     assert (workdir / "tensorboard").is_dir()
+    # The final policy, exported as a Hugging Face checkpoint (and a PEFT adapter for LoRA).
+    assert (workdir / "export" / "model.safetensors").exists()
+    assert (workdir / "export" / "adapter").is_dir() == any("--lora_rank" in f for f in extra)
 
 
 def test_kill_and_resume_gives_identical_results(tiny_model, tmp_path):
@@ -129,6 +134,7 @@ def test_kill_and_resume_gives_identical_results(tiny_model, tmp_path):
     (["--group_size=1"], "--group_size=1: grpo normalises advantages within a group"),
     (["--model=/nonexistent/dir"], "--model='/nonexistent/dir' is neither"),
     (["--batch_size=3", "--group_size=3", "--num_minibatches=2"], "must divide into 2 minibatches"),
+    (["--lora_rank=4", "--lora_targets=q,query"], "--lora_targets must be distinct names from"),
 ])
 def test_invalid_flags_fail_at_start_up(tmp_path, flags, message):
     result = run_experiment("grpo", f"--workdir={tmp_path}", *flags, check=False, timeout=120)
