@@ -778,6 +778,29 @@ def test_lora_run_trains_only_adapters_resumes_exactly_and_exports(tiny_model, t
     assert not np.array_equal(exported["layers"]["o"], base["layers"]["o"])
     assert (straight / "export" / "adapter" / "adapter_model.safetensors").exists()
 
+    # A new run continues from the exported PEFT adapter (--lora_init): same settings, same
+    # adapters in its fresh train state; a --lora_rank that disagrees with the file is refused.
+    from offpolicy_jax.models import lora as lora_lib
+    from offpolicy_jax.training import trainer
+    adapter_dir = str(straight / "export" / "adapter")
+    for rank in (0, 8):
+        config = dataclasses.replace(lora_config(tmp_path / f"continued{rank}"), lora_rank=rank,
+                                     lora_init=adapter_dir)
+        session = trainer.Session(config, "fake")
+        try:
+            if rank:
+                with pytest.raises(ValueError, match="--lora_rank=8 but the adapter"):
+                    trainer.Learner(session, _fake_algorithm([]))
+                continue
+            learner = trainer.Learner(session, _fake_algorithm([]))
+            assert learner.adapted.lora == lora_lib.LoraConfig(4, 8.0, ("q", "v", "o", "up"))
+            for a, b in zip(jax.tree.leaves(learner.state.params), jax.tree.leaves(adapters)):
+                np.testing.assert_array_equal(a, b)
+        finally:
+            session.pool.close()
+            session.checkpointer.close()
+            session.logger.close()
+
     # The eval harness given the run directory evaluates that policy with the base tokenizer.
     class Evaluated(Exception):
         pass
