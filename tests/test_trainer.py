@@ -146,7 +146,8 @@ def test_learner_update_feeds_the_loss_whole_groups(num_microbatches):
         state=state_lib.create_train_state({"w": jnp.ones(3)}, optimizer, rng=0),
         train_step=step_lib.make_train_step(loss_fn, optimizer,
                                             num_microbatches=num_microbatches),
-        batch_sharding=device, replicated=device, guard=step_lib.NonFiniteGuard(5))
+        batch_sharding=device, replicated=device, guard=step_lib.NonFiniteGuard(5),
+        adapted=None)
     learner.config.validate(learner.algorithm)
     batch = {"tokens": np.zeros((num_rows, 1), np.int32),
              "row_id": np.arange(num_rows, dtype=np.int32)}
