@@ -30,7 +30,12 @@ EXTRAS_REQUIRE = {
         "pytest-xdist>=3.8",
         "torch==2.13.0",
         "math-verify>=0.9.0",
+        # PEFT adapter round trip and the offline W&B run in tests/test_lora_export.py.
+        "peft>=0.21",
+        "wandb>=0.31",
     ],
+    # Optional at run time: --wandb_project.
+    "wandb": ["wandb>=0.31"],
     "tpu": ["jax[tpu]>=0.10.2"],
     "gpu": ["jax[cuda12]>=0.10.2"],
 }

@@ -32,6 +32,7 @@ schedule at a learning rate suited to the tiny model.
 """
 
 import math
+import os
 import time
 
 import jax
@@ -39,6 +40,7 @@ import numpy as np
 from absl import app, flags
 
 from offpolicy_jax import distributed, sft
+from offpolicy_jax import export as export_lib
 from offpolicy_jax.training import checkpoint as checkpoint_lib
 from offpolicy_jax.training import flags as shared_flags
 from offpolicy_jax.training import trainer
@@ -113,6 +115,10 @@ def run(config) -> dict:
                          f"launch was detected ({distributed.detect_launch()}); run it without "
                          f"launch/local.sh, SLURM or a multi-host TPU slice")
     config.validate()
+    if config.lora:
+        raise SystemExit("expert_iteration.py: --lora_rank/--lora_init are not supported (its "
+                         "M-step is full supervised fine-tuning from the base model, "
+                         "offpolicy_jax.sft); every RL experiment file takes them")
     session = trainer.Session(config, "expert_iteration", sharded=False)
     base_params = jax.device_get(session.params)
     params, meta = restore_or_start(session, base_params)
@@ -137,6 +143,9 @@ def run(config) -> dict:
             meta["selection"], _ = session.selection.state_dict()
             session.checkpointer.save(iteration, {"params": params}, meta)
 
+    if config.export_final:
+        export_lib.export_policy(os.path.join(config.workdir, "export"), session.cfg, params,
+                                 session.model_dir)
     return session.finish(meta, skipped_steps=meta["skipped_steps"])
 
 

@@ -23,7 +23,10 @@ Command (embedded default, 2 CPU cores, a few minutes):
     python experiments/grpo.py --variant=grpo
 
 Expected: held-out pass@1 of the tiny-arith model rises (see the final JSON line). Under bounded
-staleness (README, "Stale rollouts"): ``python experiments/grpo.py --variant=gspo --rollout_lag=4``.
+staleness (README, "Stale rollouts"), sampling 4 iterations behind the trainer:
+
+    python experiments/grpo.py --variant=decoupled_ppo --rollout_lag=4
+
 Departures: β defaults to 0 here (the tiny default has no separate SFT reference worth anchoring
 to; pass --kl_coef=0.04 for the paper's value); DAPO's dynamic sampling re-draws prompts until the
 batch is full of informative groups — by default here uninformative groups are masked out of the

@@ -16,6 +16,17 @@ and values for ``L`` layers, ``KV`` key/value heads of width ``hd``, ``S`` slots
 response bucket) and ``rows`` sequences (prompts x samples); rows are split over
 ``data * fsdp`` and the KV heads over ``t_kv = tensor`` when it divides ``KV`` (else replicated).
 
+With LoRA (``lora``: rank r on some projections, ``P_a = L · r · Σ (in + out)`` adapter
+parameters, trained in float32 next to frozen base weights):
+
+    training state = (P * b_param + P_a * 4 * (1 + 1 + 2 [+ 1 for the reference adapters]))
+                     / (fsdp * tensor)
+    merged copy    = P_t * b_param / (fsdp * tensor)   (sampling: weights with adapters merged)
+
+where ``P_t`` counts the adapted matrices' weights: the decode loop samples from merged weights,
+so a merged copy of the adapted matrices exists next to the base while rollouts are generated.
+The train step itself applies the factors unmerged: no gradient or moment of a base weight.
+
 Not counted: activations of the training forward/backward (they scale with the minibatch and
 the remat policy; ``--num_microbatches`` bounds them), the logits buffer, and XLA temporaries.
 ``recommend_mesh`` therefore keeps ``reserve_fraction`` of each device free for them.
@@ -100,10 +111,17 @@ class MemoryEstimate:
     optimizer: float
     reference: float
     kv_cache: float
+    merged: float = 0.0
 
     @property
     def total(self) -> float:
-        return self.params + self.grads + self.optimizer + self.reference + self.kv_cache
+        return (self.params + self.grads + self.optimizer + self.reference + self.kv_cache
+                + self.merged)
+
+    @property
+    def state(self) -> float:
+        """Weights, gradients, optimizer moments and reference: the training state."""
+        return self.params + self.grads + self.optimizer + self.reference
 
     @property
     def mesh_flag(self) -> str:
@@ -123,8 +141,15 @@ def kv_cache_bytes(cfg: ModelConfig, rollout: Rollout, kv_bytes: int = 2) -> int
         * kv_bytes
 
 
+def adapted_weight_count(cfg: ModelConfig, lora) -> int:
+    """``P_t``: weights of the matrices LoRA adapts (in · out per target and layer)."""
+    from offpolicy_jax.models import lora as lora_lib
+    return cfg.num_layers * sum(math.prod(lora_lib.target_dims(cfg, t)) for t in lora.targets)
+
+
 def estimate(cfg: ModelConfig, mesh: tuple[int, int, int], *, precision: Precision = Precision(),
-             rollout: Rollout = Rollout(), with_reference: bool = False) -> MemoryEstimate:
+             rollout: Rollout = Rollout(), with_reference: bool = False,
+             lora=None) -> MemoryEstimate:
     """Memory per device of the train state and the rollout KV cache on ``mesh``.
 
     Args:
@@ -133,6 +158,7 @@ def estimate(cfg: ModelConfig, mesh: tuple[int, int, int], *, precision: Precisi
       precision: bytes per parameter, gradient, AdamW moment and cached key/value element.
       rollout: the generation batch (rows and cache slots).
       with_reference: count a frozen reference copy of the parameters (KL-regularised methods).
+      lora: a ``models.lora.LoraConfig``: frozen base weights, float32 adapters (see above).
     """
     data, fsdp, tensor = mesh
     if min(mesh) < 1:
@@ -140,6 +166,18 @@ def estimate(cfg: ModelConfig, mesh: tuple[int, int, int], *, precision: Precisi
     num_params = cfg.num_params()
     state_shards = fsdp * tensor
     kv_tensor = tensor if cfg.num_kv_heads % tensor == 0 else 1
+    kv_cache = kv_cache_bytes(cfg, rollout, precision.kv) / (data * fsdp * kv_tensor)
+    if lora is not None:
+        from offpolicy_jax.models import lora as lora_lib
+        adapters = lora_lib.adapter_param_count(cfg, lora)
+        return MemoryEstimate(
+            mesh=tuple(mesh), num_params=num_params,
+            params=(num_params * precision.param + adapters * 4) / state_shards,
+            grads=adapters * 4 / state_shards,
+            optimizer=2 * adapters * 4 / state_shards,
+            reference=(adapters * 4 / state_shards) if with_reference else 0.0,
+            kv_cache=kv_cache,
+            merged=adapted_weight_count(cfg, lora) * precision.param / state_shards)
     return MemoryEstimate(
         mesh=tuple(mesh), num_params=num_params,
         params=num_params * precision.param / state_shards,
@@ -156,7 +194,7 @@ def _divisors(n: int) -> list[int]:
 
 def recommend_mesh(cfg: ModelConfig, num_devices: int, device_gib: float, *,
                    precision: Precision = Precision(), rollout: Rollout = Rollout(),
-                   with_reference: bool = False,
+                   with_reference: bool = False, lora=None,
                    reserve_fraction: float = 0.25) -> MemoryEstimate | None:
     """The cheapest mesh whose estimate fits ``(1 - reserve_fraction)`` of each device.
 
@@ -170,7 +208,7 @@ def recommend_mesh(cfg: ModelConfig, num_devices: int, device_gib: float, *,
         for fsdp in _divisors(num_devices // tensor):
             data = num_devices // (tensor * fsdp)
             guess = estimate(cfg, (data, fsdp, tensor), precision=precision, rollout=rollout,
-                             with_reference=with_reference)
+                             with_reference=with_reference, lora=lora)
             if guess.total <= budget:
                 return guess
     return None
@@ -207,12 +245,46 @@ def readme_table(models=tuple(PUBLISHED_CONFIGS), hardware=HARDWARE, *,
     return "\n".join(lines)
 
 
+def lora_table(models=("Qwen2.5-1.5B", "Qwen2.5-7B"), rank: int = 8, hardware=HARDWARE[:1] +
+               HARDWARE[3:4], *, precision: Precision = Precision(), rollout: Rollout = Rollout(),
+               reserve_fraction: float = 0.25) -> str:
+    """The README's LoRA rows: full fine-tuning against LoRA (rank ``rank`` on all seven
+    projections) per model: trainable parameters, the whole training state split into weights,
+    gradients and AdamW moments, the merged copy sampling needs, and the recommended mesh."""
+    from offpolicy_jax.models import lora as lora_lib
+    lora = lora_lib.LoraConfig(rank=rank, alpha=2.0 * rank)
+    header = ["model", "training", "trainable", "weights", "gradients", "AdamW moments",
+              "state", "merged copy (sampling)"]
+    header += [f"{label} ({devices} x {gib:g} GiB)" for label, devices, gib in hardware]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name in models:
+        cfg = config_for(name)
+        for mode, adapters in (("full", None), (f"LoRA r={rank}", lora)):
+            whole = estimate(cfg, (1, 1, 1), precision=precision, rollout=rollout, lora=adapters)
+            trainable = (cfg.num_params() if adapters is None
+                         else lora_lib.adapter_param_count(cfg, adapters))
+            # Two decimals: the adapters' gradients and moments are tens of MiB.
+            gib = lambda value: f"{value / GIB:.2f} GiB"   # noqa: E731
+            row = [name, mode, f"{trainable / 1e6:,.1f}M", gib(whole.params), gib(whole.grads),
+                   gib(whole.optimizer), f"**{gib(whole.state)}**",
+                   "-" if adapters is None else gib(whole.merged)]
+            for _, devices, gib in hardware:
+                plan = recommend_mesh(cfg, devices, gib, precision=precision, rollout=rollout,
+                                      lora=adapters, reserve_fraction=reserve_fraction)
+                row.append("-" if plan is None
+                           else f"`{','.join(map(str, plan.mesh))}`: {_gib(plan.total)} GiB")
+            lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     precision, rollout = Precision(), Rollout()
     print(f"bf16 params and grads ({precision.param} B), fp32 AdamW moments "
           f"(2 x {precision.moment} B), bf16 KV cache; rollout {rollout.rows} rows x "
           f"{rollout.slots} slots; 25% of each device reserved for activations.\n")
     print(readme_table(precision=precision, rollout=rollout))
+    print("\nLoRA (rank 8 on q, k, v, o, gate, up, down; float32 adapters, frozen bf16 base):\n")
+    print(lora_table(precision=precision, rollout=rollout))
 
 
 if __name__ == "__main__":

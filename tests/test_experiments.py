@@ -71,6 +71,8 @@ EXPERIMENTS = [
     ("arpo", []),
     ("rloo", ["--kl_coef=0.03"]),
     ("ppo", []),
+    # LoRA next to a trainable value head (the adapters and the head are the trainable params).
+    ("ppo", ["--lora_rank=4", "--lora_targets=q,v,down", "--learning_rate=1e-3"]),
     ("expert_iteration", ["--batches_per_iteration=2", "--sft_batch_size=8"]),
 ]
 
@@ -99,6 +101,9 @@ def test_experiment_runs_end_to_end(tiny_model, tmp_path, name, extra):
         assert [r["staleness_max"] for r in records[1:]] == [0, 1]
         assert "correction/weight_mean" in records[-1]
     assert (workdir / "tensorboard").is_dir()
+    # The final policy, exported as a Hugging Face checkpoint (and a PEFT adapter for LoRA).
+    assert (workdir / "export" / "model.safetensors").exists()
+    assert (workdir / "export" / "adapter").is_dir() == any("--lora_rank" in f for f in extra)
 
 
 def test_kill_and_resume_gives_identical_results(tiny_model, tmp_path):
@@ -134,6 +139,7 @@ def test_kill_and_resume_gives_identical_results(tiny_model, tmp_path):
     (["--group_size=1"], "--group_size=1: grpo normalises advantages within a group"),
     (["--model=/nonexistent/dir"], "--model='/nonexistent/dir' is neither"),
     (["--batch_size=3", "--group_size=3", "--num_minibatches=2"], "must divide into 2 minibatches"),
+    (["--lora_rank=4", "--lora_targets=q,query"], "--lora_targets must be distinct names from"),
 ])
 def test_invalid_flags_fail_at_start_up(tmp_path, flags, message):
     result = run_experiment("grpo", f"--workdir={tmp_path}", *flags, check=False, timeout=120)

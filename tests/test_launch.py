@@ -281,6 +281,22 @@ def test_estimate_follows_the_formula_by_hand():
         2 * 32 * 8 * 128 * 1024 * 64 * 2
 
 
+def test_lora_estimate_follows_the_formula_by_hand():
+    from offpolicy_jax.models import lora
+    cfg = memory.config_for("Qwen2.5-7B")
+    p = cfg.num_params()
+    adapters = lora.LoraConfig(rank=8, alpha=16.0, targets=("q", "v"))
+    # q: 3584 -> 28 heads x 128; v: 3584 -> 4 KV heads x 128; 28 layers.
+    p_a = 28 * 8 * ((3584 + 3584) + (3584 + 512))
+    assert lora.adapter_param_count(cfg, adapters) == p_a
+    plan = memory.estimate(cfg, (1, 2, 1), lora=adapters, with_reference=True)
+    assert plan.params == (p * 2 + p_a * 4) / 2 and plan.grads == p_a * 4 / 2
+    assert plan.optimizer == 2 * p_a * 4 / 2 and plan.reference == p_a * 4 / 2
+    assert plan.merged == 28 * (3584 * 3584 + 3584 * 512) * 2 / 2
+    full = memory.estimate(cfg, (1, 2, 1), with_reference=True)
+    assert plan.state < full.state / 5
+
+
 def test_recommend_mesh_prefers_data_parallelism_then_fsdp_and_reports_misfits():
     small = memory.config_for("Qwen2.5-1.5B")
     plan = memory.recommend_mesh(small, 8, 80.0)
@@ -300,3 +316,5 @@ def test_readme_scaling_table_is_the_computed_one():
     assert section, "README.md lacks the scaling section"
     assert memory.readme_table() in section.group(1), (
         "the README table differs from `python -m offpolicy_jax.memory`; paste its output")
+    assert memory.lora_table() in section.group(1), (
+        "the README's LoRA table differs from `python -m offpolicy_jax.memory`; paste it")

@@ -25,6 +25,7 @@ The model-free tests take well under a second each; the end-to-end test dominate
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -148,7 +149,8 @@ def test_learner_update_feeds_the_loss_whole_groups(num_microbatches):
         state=state_lib.create_train_state({"w": jnp.ones(3)}, optimizer, rng=0),
         train_step=step_lib.make_train_step(loss_fn, optimizer,
                                             num_microbatches=num_microbatches),
-        batch_sharding=device, replicated=device, guard=step_lib.NonFiniteGuard(5))
+        batch_sharding=device, replicated=device, guard=step_lib.NonFiniteGuard(5),
+        adapted=None)
     learner.config.validate(learner.algorithm)
     batch = {"tokens": np.zeros((num_rows, 1), np.int32),
              "row_id": np.arange(num_rows, dtype=np.int32)}
@@ -600,6 +602,11 @@ def _fake_algorithm(seen: list) -> Algorithm:
             "groups_contiguous": bool(np.all(groups == groups[:, :1])),
             "prev_gap": float(np.max(np.abs(inputs["prev_logp"] - inputs["old_logp"])
                                      * inputs["mask"])),
+            # Fresh rows were sampled from the policy the trainer scores as "old": their
+            # behaviour log-probs must agree (LoRA: the sampler used the adapted weights).
+            "fresh_gap": float(np.max(np.abs(inputs["behaviour_logp"] - inputs["old_logp"])
+                                      * inputs["mask"]
+                                      * (inputs["policy_version"] == info.iteration - 1)[:, None])),
         })
         # Never zero (rewards are 0 or 1), so every update moves the policy.
         return {"advantages": inputs["rewards"] - 0.5,
@@ -808,3 +815,86 @@ def test_lagged_run_samples_from_the_policy_k_iterations_back_and_resumes_exactl
 
     with pytest.raises(ValueError, match="--rollout_lag=1"):
         loop.run(config(resumed, rollout_lag=2, iterations=4), _lagged_algorithm([]))
+
+
+def test_lora_run_trains_only_adapters_resumes_exactly_and_exports(tiny_model, tmp_path,
+                                                                   monkeypatch):
+    """The same in-process run with --lora_rank: checkpoints hold the adapters only, the sampler
+    uses the adapted weights every iteration, a killed run resumes to identical adapters and
+    metrics, and the final export and the eval harness see the trained policy."""
+    from offpolicy_jax import export as export_lib, models
+    from offpolicy_jax.eval import harness, runner
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    lora_config = lambda workdir: dataclasses.replace(   # noqa: E731
+        _config(workdir, tiny_model), lora_rank=4, lora_alpha=8.0, lora_targets="q,v,o,up",
+        learning_rate=3e-2)
+    seen = []
+    loop.run(lora_config(straight), _fake_algorithm(seen))
+    # Iteration 2 samples after iteration 1's updates moved the adapters (prev_gap > 0); the
+    # sampled log-probs still match the trainer's adapted policy, not the base model's.
+    assert seen[1]["prev_gap"] > 1e-3
+    assert max(s["fresh_gap"] for s in seen) < 1e-4, seen
+
+    adapters = _params_at(straight, 3)
+    assert set(adapters) == {"lora"} and set(adapters["lora"]) == {"q", "v", "o", "up"}
+    assert float(np.max(np.abs(adapters["lora"]["o"]["b"]))) > 0
+    checkpointer = checkpoint_lib.Checkpointer(os.path.join(straight, "checkpoints"))
+    opt_shapes = {x.shape for x in jax.tree.leaves(checkpointer.read_state(3)["opt_state"])}
+    checkpointer.close()
+    assert opt_shapes - {()} <= {x.shape for x in jax.tree.leaves(adapters)}
+
+    shutil.copytree(straight, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "3")
+    shutil.rmtree(resumed / "export")
+    seen_resumed = []
+    loop.run(lora_config(resumed), _fake_algorithm(seen_resumed))
+    assert seen_resumed == seen[2:]
+    assert _metrics(resumed) == _metrics(straight)
+    for a, b in zip(jax.tree.leaves(_params_at(resumed, 3)), jax.tree.leaves(adapters)):
+        np.testing.assert_array_equal(a, b)
+
+    # The end-of-run export is the policy of the last checkpoint, merged; plus its adapter.
+    cfg, merged, *_ = export_lib.load_run_policy(str(straight))
+    _, exported = models.load_hf_checkpoint(straight / "export")
+    for a, b in zip(jax.tree.leaves(exported), jax.tree.leaves(merged)):
+        np.testing.assert_array_equal(a, b)
+    _, base = models.load_hf_checkpoint(tiny_model)
+    assert not np.array_equal(exported["layers"]["o"], base["layers"]["o"])
+    assert (straight / "export" / "adapter" / "adapter_model.safetensors").exists()
+
+    # A new run continues from the exported PEFT adapter (--lora_init): same settings, same
+    # adapters in its fresh train state; a --lora_rank that disagrees with the file is refused.
+    from offpolicy_jax.models import lora as lora_lib
+    from offpolicy_jax.training import trainer
+    adapter_dir = str(straight / "export" / "adapter")
+    for rank in (0, 8):
+        config = dataclasses.replace(lora_config(tmp_path / f"continued{rank}"), lora_rank=rank,
+                                     lora_init=adapter_dir)
+        session = trainer.Session(config, "fake")
+        try:
+            if rank:
+                with pytest.raises(ValueError, match="--lora_rank=8 but the adapter"):
+                    trainer.Learner(session, _fake_algorithm([]))
+                continue
+            learner = trainer.Learner(session, _fake_algorithm([]))
+            assert learner.adapted.lora == lora_lib.LoraConfig(4, 8.0, ("q", "v", "o", "up"))
+            for a, b in zip(jax.tree.leaves(learner.state.params), jax.tree.leaves(adapters)):
+                np.testing.assert_array_equal(a, b)
+        finally:
+            session.pool.close()
+            session.checkpointer.close()
+            session.logger.close()
+
+    # The eval harness given the run directory evaluates that policy with the base tokenizer.
+    class Evaluated(Exception):
+        pass
+
+    def capture(cfg, params, tokenizer, *args, **kwargs):
+        raise Evaluated(params)
+
+    monkeypatch.setattr(runner, "evaluate_prompts", capture)
+    with pytest.raises(Evaluated) as caught:
+        harness.run(harness.HarnessConfig(model=str(straight), benchmarks=("arith",), limit=2),
+                    str(tmp_path / "eval"), progress=False)
+    for a, b in zip(jax.tree.leaves(caught.value.args[0]), jax.tree.leaves(merged)):
+        np.testing.assert_array_equal(a, b)

@@ -28,7 +28,8 @@ from offpolicy_jax.eval import harness
 
 _DEFAULTS = harness.HarnessConfig()
 
-MODEL = flags.DEFINE_string("model", _DEFAULTS.model, "Checkpoint directory or alias "
+MODEL = flags.DEFINE_string("model", _DEFAULTS.model, "Checkpoint directory, run "
+                            "directory (its latest checkpoint) or alias "
                             "('tiny-arith').")
 BENCHMARKS = flags.DEFINE_string("benchmarks", ",".join(_DEFAULTS.benchmarks),
                                  f"Comma list of: {', '.join(harness.BENCHMARK_NAMES)}.")

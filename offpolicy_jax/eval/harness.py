@@ -62,7 +62,8 @@ class HarnessConfig:
     offpolicy_jax.eval``).
 
     Attributes:
-      model: a Hugging Face checkpoint directory or an alias (``tiny-arith``).
+      model: a Hugging Face checkpoint directory, an alias (``tiny-arith``), or a run directory
+        (its ``--workdir``: the policy of its latest checkpoint).
       benchmarks: names from :data:`BENCHMARK_NAMES`.
       num_samples: n, responses per problem.
       ks: the k of ``pass@k`` (each in [1, n]); None: :func:`default_ks`.
@@ -385,7 +386,11 @@ def run(config: HarnessConfig, out_dir: str, *, progress: bool = True, log=None)
     # Data files first: they need no tokenizer, and resolving --model=tiny-arith may build it.
     for name in benchmarks:
         load_questions(name, limit=config.limit, data_dir=config.data_dir)
-    model_dir = resolve_checkpoint(config.model)
+    from offpolicy_jax import export as export_lib
+    run_dir = export_lib.is_run_dir(config.model)
+    # A run directory: the policy of its latest checkpoint, with the starting model's tokenizer.
+    model_dir = resolve_checkpoint(export_lib.base_model_dir(export_lib.read_run_config(
+        config.model)) if run_dir else config.model)
     tokenizer = load_tokenizer(model_dir)
     records = {name: benchmark_prompt_records(
         name, tokenizer=tokenizer, use_chat_template=config.use_chat_template,
@@ -394,7 +399,11 @@ def run(config: HarnessConfig, out_dir: str, *, progress: bool = True, log=None)
 
     mesh = models.make_mesh(config.mesh)
     dtype = jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
-    cfg, params = models.load_hf_checkpoint(model_dir, dtype=dtype, mesh=mesh)
+    if run_dir:
+        cfg, params, *_ = export_lib.load_run_policy(config.model, dtype=dtype)
+        params = models.shard_params(params, mesh)
+    else:
+        cfg, params = models.load_hf_checkpoint(model_dir, dtype=dtype, mesh=mesh)
     max_new_tokens = effective_max_new_tokens(config.max_new_tokens, cfg.max_position_embeddings)
     eos_ids = stop_token_ids(tokenizer, cfg, model_dir)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]

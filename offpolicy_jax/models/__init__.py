@@ -13,7 +13,7 @@ See ``transformer`` for the parameter-tree and cache layouts, ``checkpoint`` for
 
 from offpolicy_jax.models.checkpoint import (CheckpointError, hf_tensors, key_map,
                                              load_hf_checkpoint, load_tokenizer, read_hf_config,
-                                             save_hf_checkpoint)
+                                             save_hf_checkpoint, write_hf_tensors)
 from offpolicy_jax.models.config import (ModelConfig, RopeScaling, UnsupportedConfigError,
                                          SUPPORTED_MODEL_TYPES)
 from offpolicy_jax.models.partitioning import (BATCH_AXES, MESH_AXES, PARTITION_RULES,
@@ -31,5 +31,5 @@ __all__ = [
     "hidden_to_logits", "init_cache", "init_params", "key_map", "load_hf_checkpoint",
     "load_tokenizer", "log_softmax", "make_mesh", "param_shapes", "param_shardings",
     "partition_specs", "read_hf_config", "rope_inverse_frequencies", "save_hf_checkpoint",
-    "shard_params",
+    "shard_params", "write_hf_tensors",
 ]

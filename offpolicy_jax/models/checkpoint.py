@@ -387,11 +387,17 @@ def save_hf_checkpoint(path, cfg: ModelConfig, params: dict, *,
       max_shard_bytes: largest shard size.
       dtype: storage dtype; default the parameters' own dtype.
     """
+    write_hf_tensors(path, cfg, hf_tensors(cfg, params, dtype), max_shard_bytes=max_shard_bytes)
+
+
+def write_hf_tensors(path, cfg: ModelConfig, tensors: dict[str, np.ndarray], *,
+                     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
+    """The writing half of ``save_hf_checkpoint``: ``tensors`` from ``hf_tensors`` (which every
+    process of a multi-process run must call, as it gathers) written by one process."""
     from safetensors.numpy import save_file
 
     directory = pathlib.Path(path)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = hf_tensors(cfg, params, dtype)
     storage_dtype = next(iter(tensors.values())).dtype.name
     for stale in list(directory.glob("model*.safetensors")) + [directory / INDEX_FILE]:
         if stale.exists():

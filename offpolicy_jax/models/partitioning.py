@@ -39,6 +39,13 @@ PARTITION_RULES: tuple[tuple[str, P], ...] = (
     (r"^layers/gate_up$", P(None, "fsdp", None, "tensor")),             # [L, D, 2, F]
     (r"^layers/down$", P(None, "tensor", "fsdp")),                      # [L, F, D]
     (r"^value_head/(kernel|bias)$", P(None)),              # [D] / [1]: PPO's critic (critic.py)
+    # LoRA factors attached to a layer (models/lora.py): A [L, in, r], B [L, r, out], each split
+    # like the base kernel along the dimension it shares with it (q/k/v/gate/up column-parallel,
+    # o/down row-parallel).
+    (r"^layers/lora_(q|k|v|gate|up)_a$", P(None, "fsdp", None)),
+    (r"^layers/lora_(q|k|v|gate|up)_b$", P(None, None, "tensor")),
+    (r"^layers/lora_(o|down)_a$", P(None, "tensor", None)),
+    (r"^layers/lora_(o|down)_b$", P(None, None, "fsdp")),
 )
 
 

@@ -191,12 +191,28 @@ class DecoderLayer(nn.Module):
         def weight(name, init, shape):
             return self.param(name, init, shape, self.param_dtype).astype(dt)
 
+        def lora(target, x):
+            """(x A) B of the target's LoRA adapter (B pre-scaled by α/r; ``lora.attach``), or
+            None: a model without adapters computes exactly what it did before they existed."""
+            if not self.has_variable("params", f"lora_{target}_a"):
+                return None
+            a = self.get_variable("params", f"lora_{target}_a").astype(dt)
+            return dense(dense(x, a), self.get_variable("params", f"lora_{target}_b").astype(dt))
+
         cached = isinstance(carry, tuple)
         x, k_all, v_all = carry if cached else (carry, None, None)
 
         # Attention.
         h = rms_norm(x, weight("attn_norm", nn.initializers.ones, (d,)), cfg.rms_norm_eps)
         qkv = dense(h, weight("qkv", normal, (d, kv_heads, groups + 2, hd)))
+        deltas = [lora(t, h) for t in "qkv"]
+        if any(delta is not None for delta in deltas):
+            # Into the fused layout: per key/value head its G query heads, then k, then v.
+            members = (groups, 1, 1)
+            qkv = qkv + jnp.concatenate(
+                [jnp.zeros(qkv.shape[:3] + (m, hd), qkv.dtype) if delta is None
+                 else delta.reshape(qkv.shape[:3] + (m, hd)) for delta, m in zip(deltas, members)],
+                axis=3)
         if cfg.qkv_bias:
             qkv = qkv + weight("qkv_bias", nn.initializers.zeros,
                                (kv_heads, groups + 2, hd))[None, None]
@@ -214,15 +230,23 @@ class DecoderLayer(nn.Module):
         attended = grouped_attention(q, k, v, allowed)
         batch, length = x.shape[:2]
         attended = attended.reshape(batch, length, cfg.num_heads * hd)
-        x = x + dense(attended, weight("o", normal, (cfg.num_heads * hd, d)))
+        out = dense(attended, weight("o", normal, (cfg.num_heads * hd, d)))
+        delta = lora("o", attended)
+        x = x + (out if delta is None else out + delta)
 
         # SwiGLU MLP.
         h = rms_norm(x, weight("mlp_norm", nn.initializers.ones, (d,)), cfg.rms_norm_eps)
         gate_up = weight("gate_up", normal, (d, 2, f))
         # Two matmuls on slices of the weight, not one on the fused weight and slices of its
         # output: slicing activations costs a strided copy forward and backward.
-        activated = jax.nn.silu(dense(h, gate_up[:, 0])) * dense(h, gate_up[:, 1])
-        x = x + dense(activated, weight("down", normal, (f, d)))
+        gate, up = dense(h, gate_up[:, 0]), dense(h, gate_up[:, 1])
+        gate_delta, up_delta = lora("gate", h), lora("up", h)
+        gate = gate if gate_delta is None else gate + gate_delta
+        up = up if up_delta is None else up + up_delta
+        activated = jax.nn.silu(gate) * up
+        out = dense(activated, weight("down", normal, (f, d)))
+        delta = lora("down", activated)
+        x = x + (out if delta is None else out + delta)
         return ((x, k_all, v_all) if cached else x), None
 
 

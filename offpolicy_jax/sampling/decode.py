@@ -60,6 +60,11 @@ def split_layer_params(cfg: models.ModelConfig, params: dict) -> dict:
     dt = jnp.dtype(cfg.dtype)
     d, f = cfg.hidden_size, cfg.intermediate_size
     stacked = params["layers"]
+    attached = sorted(name for name in stacked if name.startswith("lora_"))
+    if attached:
+        # Decoding would silently sample from the base model, ignoring the adapters.
+        raise ValueError(f"the sampler got LoRA factors {attached} attached to the parameters; "
+                         f"pass the merged weights (models.lora.merge) instead")
     matrices = {"qkv": (d, -1), "o": None, "gate_up": (d, 2 * f), "down": None}
     layers = []
     for layer in range(cfg.num_layers):

@@ -1,6 +1,7 @@
 """The shared run settings: one field per shared flag (``training.flags``), validated at start-up."""
 
 import dataclasses
+import os
 
 import jax
 
@@ -87,6 +88,19 @@ class RunConfig:
     remat: str = rollout.DEFAULT_REMAT
     compilation_cache: str | None = None
     progress: bool = True
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_targets: str = "all"
+    lora_init: str | None = None
+    export_final: bool = True
+    wandb_project: str | None = None
+    wandb_entity: str | None = None
+    wandb_run_name: str | None = None
+
+    @property
+    def lora(self) -> bool:
+        """Whether the run trains LoRA adapters (``--lora_rank`` > 0 or ``--lora_init``)."""
+        return self.lora_rank > 0 or bool(self.lora_init)
 
     def validate(self, algorithm=None) -> None:
         """Fails fast, naming the flag, on settings that cannot work together."""
@@ -132,12 +146,22 @@ class RunConfig:
             (self.remat in ("none", "full") or hasattr(jax.checkpoint_policies, self.remat),
              f"--remat must be 'none', 'full' or a jax.checkpoint_policies name, got "
              f"{self.remat!r}"),
+            (self.lora_rank >= 0, f"--lora_rank must be >= 0 (0: full fine-tuning), got "
+             f"{self.lora_rank}"),
+            (self.lora_init is None or os.path.isdir(self.lora_init),
+             f"--lora_init={self.lora_init!r} is not a directory (expected a PEFT adapter "
+             f"directory with adapter_config.json and adapter_model.safetensors)"),
+            (not (self.wandb_entity or self.wandb_run_name) or bool(self.wandb_project),
+             "--wandb_entity and --wandb_run_name need --wandb_project"),
         ]
         if algorithm is not None:
             checks += self._algorithm_checks(algorithm)
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        if self.lora_rank > 0:   # names the bad target or alpha
+            from offpolicy_jax.models import lora
+            lora.LoraConfig(self.lora_rank, self.lora_alpha, lora.parse_targets(self.lora_targets))
 
     def _algorithm_checks(self, algorithm) -> list:
         rows = self.batch_size * self.group_size

@@ -112,6 +112,27 @@ COMPILATION_CACHE = flags.DEFINE_string("compilation_cache", None, "JAX's persis
                                         "$OFFPOLICY_JAX_CACHE/jax_compilation_cache, i.e. "
                                         "~/.cache/offpolicy_jax/...; empty: off).")
 PROGRESS = flags.DEFINE_bool("progress", _DEFAULTS.progress, "Show a progress bar.")
+LORA_RANK = flags.DEFINE_integer("lora_rank", _DEFAULTS.lora_rank, "LoRA rank r: train rank-r "
+                                 "adapters on frozen base weights (0: full fine-tuning). Only "
+                                 "the adapters are optimized and checkpointed.")
+LORA_ALPHA = flags.DEFINE_float("lora_alpha", _DEFAULTS.lora_alpha, "LoRA alpha: the update is "
+                                "scaled by alpha / rank.")
+LORA_TARGETS = flags.DEFINE_string("lora_targets", _DEFAULTS.lora_targets, "Comma-separated "
+                                   "projections to adapt, any of q,k,v,o,gate,up,down, or 'all'.")
+LORA_INIT = flags.DEFINE_string("lora_init", None, "A PEFT adapter directory (adapter_config.json "
+                                "+ adapter_model.safetensors) to continue training from; its "
+                                "rank, alpha and targets are used (--lora_rank, if set, must "
+                                "match).")
+EXPORT_FINAL = flags.DEFINE_bool("export_final", _DEFAULTS.export_final, "At the end of the run, "
+                                 "write the final policy as a Hugging Face checkpoint to "
+                                 "<workdir>/export (LoRA runs: merged weights, plus the PEFT "
+                                 "adapter in <workdir>/export/adapter).")
+WANDB_PROJECT = flags.DEFINE_string("wandb_project", None, "Also log the metrics to this Weights "
+                                    "& Biases project (TensorBoard stays on; WANDB_MODE=offline "
+                                    "works without a network).")
+WANDB_ENTITY = flags.DEFINE_string("wandb_entity", None, "Weights & Biases entity (team/user).")
+WANDB_RUN_NAME = flags.DEFINE_string("wandb_run_name", None, "Weights & Biases run name "
+                                     "(default: the workdir's name).")
 
 
 def run_config(experiment_name: str) -> RunConfig:
@@ -135,4 +156,8 @@ def run_config(experiment_name: str) -> RunConfig:
         eval_every=EVAL_EVERY.value, eval_every_rollouts=EVAL_EVERY_ROLLOUTS.value,
         eval_size=EVAL_SIZE.value, eval_samples=EVAL_SAMPLES.value,
         eval_temperature=EVAL_TEMPERATURE.value, ckpt_every=CKPT_EVERY.value, dtype=DTYPE.value,
-        remat=REMAT.value, compilation_cache=COMPILATION_CACHE.value, progress=PROGRESS.value)
+        remat=REMAT.value, compilation_cache=COMPILATION_CACHE.value, progress=PROGRESS.value,
+        lora_rank=LORA_RANK.value, lora_alpha=LORA_ALPHA.value, lora_targets=LORA_TARGETS.value,
+        lora_init=LORA_INIT.value, export_final=EXPORT_FINAL.value,
+        wandb_project=WANDB_PROJECT.value, wandb_entity=WANDB_ENTITY.value,
+        wandb_run_name=WANDB_RUN_NAME.value)

@@ -1,9 +1,11 @@
-"""Metrics: ``metrics.jsonl`` and TensorBoard event files in the workdir, a tqdm progress bar, and
-the final one-line JSON summary. Only process 0 writes (multi-host runs log once)."""
+"""Metrics: ``metrics.jsonl`` and TensorBoard event files in the workdir (optionally Weights &
+Biases too), a tqdm progress bar, and the final one-line JSON summary. Only process 0 writes
+(multi-host runs log once)."""
 
 import json
 import math
 import os
+import secrets
 import sys
 
 import numpy as np
@@ -33,15 +35,19 @@ class MetricsLogger:
     run's.
     """
 
-    def __init__(self, workdir: str, *, is_main: bool = True, tensorboard: bool = True):
+    def __init__(self, workdir: str, *, is_main: bool = True, tensorboard: bool = True,
+                 wandb: dict | None = None):
         self.is_main = is_main
         self.path = os.path.join(workdir, "metrics.jsonl")
         self._writer = None
+        self._wandb = None
         if is_main:
             os.makedirs(workdir, exist_ok=True)
             if tensorboard:
                 from tensorboardX import SummaryWriter
                 self._writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            if wandb:
+                self._wandb = start_wandb(workdir, **wandb)
 
     def truncate_after(self, iteration: int) -> None:
         """Keeps only the records with ``record['iteration'] <= iteration``."""
@@ -65,6 +71,11 @@ class MetricsLogger:
                 for key, value in record.items():
                     if key != "iteration" and isinstance(value, (int, float)):
                         self._writer.add_scalar(key, value, iteration)
+            if self._wandb is not None:
+                # The same scalars as TensorBoard, with the iteration as W&B's step.
+                self._wandb.log({k: v for k, v in record.items()
+                                 if k != "iteration" and isinstance(v, (int, float))},
+                                step=int(iteration))
         return record
 
     def read(self) -> list[dict]:
@@ -77,6 +88,37 @@ class MetricsLogger:
         if self._writer is not None:
             self._writer.flush()
             self._writer.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
+
+
+def wandb_settings(config) -> dict | None:
+    """``--wandb_project/entity/run_name`` as ``start_wandb`` arguments; None when off."""
+    if not config.wandb_project:
+        return None
+    return {"project": config.wandb_project, "entity": config.wandb_entity,
+            "name": config.wandb_run_name, "config": {k: v for k, v in vars(config).items()}}
+
+
+def start_wandb(workdir: str, *, project: str, entity: str | None, name: str | None,
+                config: dict):
+    """A W&B run for ``workdir`` (files under ``workdir/wandb``).
+
+    The run id is kept in ``workdir/wandb_id`` so that a resumed run continues the same W&B run;
+    W&B ignores steps it has already seen, so the iterations a resume repeats are logged once.
+    """
+    import wandb
+    id_path = os.path.join(workdir, "wandb_id")
+    if os.path.exists(id_path):
+        with open(id_path) as f:
+            run_id = f.read().strip()
+    else:
+        run_id = secrets.token_hex(4)
+        with open(id_path, "w") as f:
+            f.write(run_id)
+    return wandb.init(project=project, entity=entity, name=name or os.path.basename(
+        os.path.abspath(workdir)), id=run_id, resume="allow", dir=workdir, config=config)
 
 
 def print_summary(summary: dict, *, is_main: bool = True) -> None:

@@ -7,6 +7,8 @@ point and restarted with the same ``--workdir`` continues from its last checkpoi
 the same parameters and the same logged metrics as a run that was never interrupted.
 """
 
+import os
+
 from offpolicy_jax import distributed
 from offpolicy_jax.training import trainer
 from offpolicy_jax.training.algorithm import Algorithm
@@ -36,9 +38,11 @@ def run(config: RunConfig, algorithm: Algorithm) -> dict:
         record = learner.iteration(meta["iteration"] + 1)
         meta.update(iteration=meta["iteration"] + 1, rollouts=record["rollouts"])
         if session.evaluation_due(meta, rollouts_before):
-            record.update(session.evaluate(learner.state.params))
+            record.update(session.evaluate(learner.merged_policy()))
         session.log(record, meta)
         if session.checkpoint_due(meta):
             learner.save(meta)
 
+    if config.export_final:
+        learner.export(os.path.join(config.workdir, "export"))
     return session.finish(meta, skipped_steps=learner.skipped_steps)

@@ -121,8 +121,15 @@ def apply_gradients(state: TrainState, grads, loss, optimizer: optax.GradientTra
 
 def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
                     num_microbatches: int = 1, mesh=None, state_sharding=None,
-                    learning_rate_fn: Callable | None = None, donate: bool = True):
+                    learning_rate_fn: Callable | None = None, donate: bool = True,
+                    params_fn: Callable | None = None, frozen_sharding=None):
     """Builds ``train_step(state, batch, context=None) -> (state, metrics)``, jitted once.
+
+    With ``params_fn`` the step is ``train_step(state, batch, context, frozen)``: ``state.params``
+    are the trainable parameters only (e.g. LoRA adapters), ``frozen`` a pytree that is an input
+    but never differentiated, donated or stored in the state, and the loss sees
+    ``params_fn(frozen, state.params)``. Gradients, the optimizer state and the norms then cover
+    the trainable parameters alone.
 
     Args:
       loss_fn: ``(params, batch, rng) -> (scalar loss, dict of scalar metrics)``; called as
@@ -134,14 +141,21 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
         with ``mesh``.
       learning_rate_fn: optional schedule, to log the learning rate of each step.
       donate: donate the input state's buffers (the caller must not reuse that state).
+      params_fn: ``(frozen, trainable) -> params`` for the loss; None: the state's params are
+        the model's.
+      frozen_sharding: ``NamedSharding``s of ``frozen`` (with ``mesh`` and ``params_fn``).
 
     Metrics: the loss, the loss's own metrics, ``grad_norm``, ``param_norm``, ``update_norm``,
     ``skipped`` (1 when the update was not applied) and ``learning_rate``.
     """
 
-    def train_step(state: TrainState, batch: dict, context=None):
+    def train_step(state: TrainState, batch: dict, context=None, frozen=None):
         rng = jax.random.fold_in(state.rng, state.step)
-        loss, grads, loss_metrics = _loss_and_grads(loss_fn, state.params, batch, rng,
+        step_loss_fn = loss_fn
+        if params_fn is not None:
+            def step_loss_fn(trainable, *args):
+                return loss_fn(params_fn(frozen, trainable), *args)
+        loss, grads, loss_metrics = _loss_and_grads(step_loss_fn, state.params, batch, rng,
                                                     num_microbatches, context)
         new_state, norms = apply_gradients(state, grads, loss, optimizer)
         metrics = {"loss": loss, **loss_metrics, **norms}
@@ -156,6 +170,15 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
         raise ValueError("make_train_step(mesh=...) needs state_sharding (see state_shardings)")
     batch_sharding = NamedSharding(mesh, PartitionSpec(BATCH_AXES))
     replicated = NamedSharding(mesh, PartitionSpec())
+    if params_fn is not None:
+        if frozen_sharding is None:
+            raise ValueError("make_train_step(mesh=..., params_fn=...) needs frozen_sharding")
+        jitted = jax.jit(train_step, in_shardings=(state_sharding, batch_sharding, replicated,
+                                                   frozen_sharding),
+                         out_shardings=(state_sharding, replicated), donate_argnums=donate_argnums)
+        sharded_frozen_step = functools.partial(_call_with_frozen, jitted)
+        sharded_frozen_step._cache_size = jitted._cache_size
+        return sharded_frozen_step
     jitted = jax.jit(train_step, in_shardings=(state_sharding, batch_sharding, replicated),
                      out_shardings=(state_sharding, replicated), donate_argnums=donate_argnums)
 
@@ -165,6 +188,11 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
 
     sharded_train_step._cache_size = jitted._cache_size   # compile counts, for tests
     return sharded_train_step
+
+
+def _call_with_frozen(jitted, state: TrainState, batch: dict, context=None, frozen=None):
+    # jit's in_shardings name all four arguments; None is an empty (replicated) context.
+    return jitted(state, batch, context, frozen)
 
 
 def _path_key(path) -> tuple[str, ...]:

@@ -30,7 +30,9 @@ import tqdm
 from absl import logging as absl_logging
 
 from offpolicy_jax import distributed, losses, models, rewards
+from offpolicy_jax import export as export_lib
 from offpolicy_jax.eval import runner
+from offpolicy_jax.models import lora as lora_lib
 from offpolicy_jax.training import algorithm as algorithm_lib
 from offpolicy_jax.training import checkpoint as checkpoint_lib
 from offpolicy_jax.training import logger as logger_lib
@@ -114,7 +116,11 @@ class Session:
             reward_fn=reward_fn or stages.verifier_reward)
         self.eval_prompts = [self.sampler.encode(r["prompt"]) for r in eval_records]
         self.eval_golds = [r["gold"] for r in eval_records]
-        self.logger = logger_lib.MetricsLogger(config.workdir, is_main=self.is_main)
+        self.logger = logger_lib.MetricsLogger(config.workdir, is_main=self.is_main,
+                                               wandb=logger_lib.wandb_settings(config))
+        if self.is_main:
+            # What `python -m offpolicy_jax.export` needs to rebuild the policy from a checkpoint.
+            export_lib.write_run_config(config.workdir, config, self.model_dir)
         self.checkpointer = checkpoint_lib.Checkpointer(os.path.join(config.workdir,
                                                                      "checkpoints"))
         self.bar = None
@@ -300,6 +306,14 @@ class Learner:
         if algorithm.value_head is not None:
             params, param_specs = add_value_head(algorithm, cfg, params, param_specs, mesh,
                                                  seed=config.seed)
+        # LoRA: the state's params become the adapters (plus any value head); the base weights
+        # are a frozen input of the step, merged in wherever the policy runs (policy_params).
+        self.adapted = None
+        if config.lora:
+            self.adapted, params, param_specs = lora_lib.AdaptedModel.for_run(
+                cfg, params, param_specs, mesh, rank=config.lora_rank, alpha=config.lora_alpha,
+                targets=lora_lib.parse_targets(config.lora_targets), init=config.lora_init,
+                seed=config.seed)
         self.policies = policies.PolicyStore(algorithm.policies, params)
         opt_config = optim.OptimizerConfig(name=config.optimizer,
                                            learning_rate=config.learning_rate,
@@ -311,7 +325,9 @@ class Learner:
         self.train_step = step_lib.make_train_step(
             make_loss_fn(cfg, algorithm, config), optimizer,
             num_microbatches=config.num_microbatches, mesh=mesh, state_sharding=state_sharding,
-            learning_rate_fn=optim.make_schedule(opt_config))
+            learning_rate_fn=optim.make_schedule(opt_config),
+            params_fn=self.adapted and self.adapted.params_fn,
+            frozen_sharding=self.adapted and self.adapted.base_sharding)
         self.batch_sharding = jax.sharding.NamedSharding(
             mesh, jax.sharding.PartitionSpec(step_lib.BATCH_AXES))
         self.replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
@@ -362,11 +378,13 @@ class Learner:
     def sampling_params(self, iteration: int):
         """``(params, policy version)`` iteration ``iteration`` samples from: the current policy,
         or with ``--rollout_lag=k`` the policy at the start of iteration ``iteration − k`` (the
-        initial policy, version 0, while that is before iteration 1)."""
+        initial policy, version 0, while that is before iteration 1); with LoRA, merged afresh
+        from those adapters (no cached merged copy that could go stale: sampling from the base
+        weights is a silent failure known from other stacks)."""
         if not self.sampling_policy:
-            return self.state.params, iteration - 1
+            return self.merged_policy(), iteration - 1
         stale = self.sampling_policy.for_iteration(iteration, self.state.params)["sampler"]
-        return stale, max(iteration - 1 - self.config.rollout_lag, 0)
+        return self.merged_policy(stale), max(iteration - 1 - self.config.rollout_lag, 0)
 
     def prepare(self, rollouts: Rollouts, iteration: int) -> dict:
         """The training batch: packed rows, the old and stored policies' forward outputs, and the
@@ -382,7 +400,8 @@ class Learner:
         placed = distributed.host_to_global(
             {k: batch[k] for k in ("tokens", "attention_mask", "positions")}, self.batch_sharding)
         for policy, forward in self.forward.items():
-            outputs = distributed.to_host(forward(scored_with[policy], placed))
+            outputs = distributed.to_host(forward(self.policy_params(scored_with[policy]),
+                                                  placed))
             batch.update({algorithm_lib.input_name(policy, k): np.asarray(v)
                           for k, v in outputs.items()})
         if self.config.rollout_correction != "none":
@@ -419,9 +438,10 @@ class Learner:
                     # rows so that each microbatch is a contiguous run of whole units.
                     rows = rows.reshape(config.num_microbatches, -1).T.reshape(-1)
                 minibatch = {k: np.asarray(v)[rows] for k, v in batch.items()}
+                frozen = () if self.adapted is None else (self.adapted.base,)
                 self.state, metrics = self.train_step(
                     self.state, distributed.host_to_global(minibatch, self.batch_sharding),
-                    context)
+                    context, *frozen)
                 self.guard.check(self.state, metrics)
                 step_metrics.append(metrics)
         return jax.device_get(step_metrics)
@@ -445,6 +465,28 @@ class Learner:
         })
         return record
 
+    def policy_params(self, trainable=None):
+        """The decoder's parameters of the policy whose trainable part is ``trainable`` (default:
+        the train state's): the state's params themselves, or the base with the adapters
+        attached."""
+        trainable = self.state.params if trainable is None else trainable
+        return trainable if self.adapted is None else self.adapted.attached(trainable)
+
+    def merged_policy(self, trainable=None):
+        """The policy for the sampler and evaluation whose trainable part is ``trainable``
+        (default: the train state's): those parameters, or with LoRA the base with the adapters
+        merged in at this call (the sampler refuses attached, unmerged factors)."""
+        trainable = self.state.params if trainable is None else trainable
+        return trainable if self.adapted is None else self.adapted.merged(trainable)
+
+    def export(self, out_dir: str) -> None:
+        """Writes the current policy as a Hugging Face checkpoint (and, for LoRA, the PEFT
+        adapter in ``out_dir/adapter``); every process gathers, process 0 writes."""
+        session = self.session
+        export_lib.export_policy(
+            out_dir, session.cfg, self.state.params, session.model_dir,
+            adapted=self.adapted, is_main=session.is_main)
+
     @property
     def skipped_steps(self) -> int:
         return int(np.asarray(self.state.skipped_steps))
@@ -467,7 +509,7 @@ class Learner:
         new run's (after evaluating the starting policy)."""
         latest = self.session.checkpointer.latest_step()
         if latest is None:
-            return self.session.start({}, self.state.params)
+            return self.session.start({}, self.merged_policy())
         self.state, meta, arrays = self.session.checkpointer.restore(
             latest, checkpoint_lib.abstract_like(self.state))
         self.pipeline.load_state_dict(meta["pipeline"], _with_prefix(arrays, "rollouts/"))
