@@ -29,15 +29,18 @@ def default_directory() -> str:
 
 
 def enable(directory: str | None = None) -> str | None:
-    """Points JAX's persistent compilation cache at ``directory`` (None: :func:`default_directory`;
-    an empty string leaves the cache off) and returns the directory in use.
+    """Points JAX's persistent compilation cache at ``directory`` (None: ``$JAX_COMPILATION_CACHE_DIR``
+    if set, else :func:`default_directory`; an empty string leaves the cache off) and returns the
+    directory in use.
 
     Call it before the process compiles anything: JAX decides once per process, at its first
     compilation, whether a cache is in use.
     """
     if directory == "":
         return None
-    directory = os.path.abspath(os.path.expanduser(directory or default_directory()))
+    # A directory the user already gave JAX ($JAX_COMPILATION_CACHE_DIR) is kept.
+    directory = directory or jax.config.jax_compilation_cache_dir or default_directory()
+    directory = os.path.abspath(os.path.expanduser(directory))
     try:
         os.makedirs(directory, exist_ok=True)
     except OSError as e:

@@ -144,6 +144,13 @@ def test_two_processes_match_one_process_and_resume(tiny_model, tmp_path):
     assert max(differences) <= PARAM_ATOL
     assert max(moved) > 10 * PARAM_ATOL
 
+    # The run's final export (process 0 writes what every process gathered) is the policy of
+    # checkpoint 2, loadable as a Hugging Face checkpoint.
+    from offpolicy_jax import models
+    _, exported = models.load_hf_checkpoint(str(multi_dir / "export"))
+    for a, b in zip(jax.tree.leaves(exported), jax.tree.leaves(multi_params)):
+        np.testing.assert_array_equal(np.asarray(a), b)
+
 
 def _processes_mentioning(marker: str) -> list[int]:
     """PIDs whose command line contains ``marker`` (scanning /proc)."""
