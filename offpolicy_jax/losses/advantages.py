@@ -108,7 +108,7 @@ def gae(rewards, values, mask, *, gamma: float = 1.0, lam: float = 1.0
     common.check_token_arrays(rewards=rewards, values=values, mask=mask)
     mask = common.as_mask(mask)
     rewards = common.masked_zero(rewards, mask)
-    values = common.masked_zero(jax.lax.stop_gradient(values), mask)
+    values = common.fixed(values, mask)
 
     def step(carry, inputs):
         next_value, next_advantage = carry

@@ -107,6 +107,20 @@ def masked_zero(x, mask) -> jax.Array:
     return jnp.where(mask > 0, jnp.asarray(x, jnp.float32), 0.0)
 
 
+def fixed(x, mask) -> jax.Array:
+    """``x`` held fixed: under stop-gradient, float32, masked-out entries 0.
+
+    For everything a loss reads but must not differentiate: the log-probs of a stored or
+    behaviour policy, old values, the vocabulary means of a target."""
+    return masked_zero(jax.lax.stop_gradient(x), mask)
+
+
+def token_advantages(advantages, mask, shape: tuple[int, int]) -> jax.Array:
+    """Advantages as fixed per-token weights: a scalar, ``[B]`` or ``[B, T]`` input broadcast to
+    ``shape`` (see :func:`per_token`), under stop-gradient, 0 on padding."""
+    return fixed(per_token("advantages", advantages, shape), mask)
+
+
 def safe_divide(numerator, denominator) -> jax.Array:
     """``numerator / denominator``, and 0 where the denominator is 0 (empty selections)."""
     denominator = jnp.asarray(denominator, jnp.float32)

@@ -61,7 +61,7 @@ def gspo(logp, old_logp, advantages, mask, *, eps_low: float = 3e-4, eps_high: f
     shape = common.check_token_arrays(logp=logp, old_logp=old_logp, mask=mask)
     mask = common.as_mask(mask)
     logp = common.masked_zero(logp, mask)
-    old_logp = common.masked_zero(jax.lax.stop_gradient(old_logp), mask)
+    old_logp = common.fixed(old_logp, mask)
     lengths = jnp.sum(mask, axis=-1)                                   # [B]
     non_empty = (lengths > 0).astype(jnp.float32)                      # [B]
     seq_log_ratio = common.safe_divide(jnp.sum(logp - old_logp, axis=-1), lengths)   # [B]
@@ -74,8 +74,7 @@ def gspo(logp, old_logp, advantages, mask, *, eps_low: float = 3e-4, eps_high: f
         loss = common.safe_divide(jnp.sum(seq_losses * non_empty), jnp.sum(non_empty))
         clipped, row_adv = active["clipped"], adv
     else:
-        adv_tokens = common.masked_zero(
-            jax.lax.stop_gradient(common.per_token("advantages", advantages, shape)), mask)
+        adv_tokens = common.token_advantages(advantages, mask, shape)
         token_ratio = (jax.lax.stop_gradient(seq_ratio)[:, None]
                        * jnp.exp(logp - jax.lax.stop_gradient(logp)))
         token_losses, active = ppo_lib.clipped_surrogate(token_ratio, lower, upper, adv_tokens)
@@ -130,8 +129,7 @@ def cispo(logp, old_logp, advantages, mask, *, eps_low: float = 1.0, eps_high: f
                          f"eps_high={eps_high}")
     shape = common.check_token_arrays(logp=logp, old_logp=old_logp, mask=mask)
     mask = common.as_mask(mask)
-    adv = common.masked_zero(
-        jax.lax.stop_gradient(common.per_token("advantages", advantages, shape)), mask)
+    adv = common.token_advantages(advantages, mask, shape)
     logp = common.masked_zero(logp, mask)
     log_ratio = jax.lax.stop_gradient(logp - common.masked_zero(old_logp, mask))
     ratio = common.bounded_exp(log_ratio)
@@ -188,11 +186,10 @@ def decoupled_ppo(logp, proximal_logp, behaviour_logp, advantages, mask, *,
     shape = common.check_token_arrays(logp=logp, proximal_logp=proximal_logp,
                                       behaviour_logp=behaviour_logp, mask=mask)
     mask = common.as_mask(mask)
-    adv = common.masked_zero(
-        jax.lax.stop_gradient(common.per_token("advantages", advantages, shape)), mask)
+    adv = common.token_advantages(advantages, mask, shape)
     logp = common.masked_zero(logp, mask)
-    proximal_logp = common.masked_zero(jax.lax.stop_gradient(proximal_logp), mask)
-    behaviour_logp = common.masked_zero(jax.lax.stop_gradient(behaviour_logp), mask)
+    proximal_logp = common.fixed(proximal_logp, mask)
+    behaviour_logp = common.fixed(behaviour_logp, mask)
 
     behaviour_log_weight = proximal_logp - behaviour_logp
     weight = common.bounded_exp(behaviour_log_weight)

@@ -80,10 +80,9 @@ def ppo_clip(logp, old_logp, advantages, mask, *, eps_low: float = 0.2, eps_high
     _check_clip(eps_low, eps_high, dual_clip)
     shape = common.check_token_arrays(logp=logp, old_logp=old_logp, mask=mask)
     mask = common.as_mask(mask)
-    advantages = common.masked_zero(
-        jax.lax.stop_gradient(common.per_token("advantages", advantages, shape)), mask)
+    advantages = common.token_advantages(advantages, mask, shape)
     logp = common.masked_zero(logp, mask)
-    old_logp = common.masked_zero(jax.lax.stop_gradient(old_logp), mask)
+    old_logp = common.fixed(old_logp, mask)
 
     log_ratio = logp - old_logp
     ratio = common.bounded_exp(log_ratio)
@@ -135,8 +134,8 @@ def value_loss(values, old_values, returns, mask, *, clip_eps: float | None = 0.
     common.check_token_arrays(values=values, old_values=old_values, returns=returns, mask=mask)
     mask = common.as_mask(mask)
     values = common.masked_zero(values, mask)
-    old_values = common.masked_zero(jax.lax.stop_gradient(old_values), mask)
-    returns = common.masked_zero(jax.lax.stop_gradient(returns), mask)
+    old_values = common.fixed(old_values, mask)
+    returns = common.fixed(returns, mask)
     unclipped = jnp.square(values - returns)
     if clip_eps is None:
         token_losses = 0.5 * unclipped
@@ -204,7 +203,7 @@ def clipped_policy_loss(logp, old_logp, advantages, mask, *, ref_logp=None, eps_
     common.check_token_arrays(logp=logp, ref_logp=ref_logp)
     m = common.as_mask(mask)
     kl_tokens = common.kl_estimate(common.masked_zero(logp, m),
-                                   common.masked_zero(jax.lax.stop_gradient(ref_logp), m),
+                                   common.fixed(ref_logp, m),
                                    kl_estimator, clamp=kl_clamp)
     kl = common.aggregate(kl_tokens, m, agg, max_len=max_len)
     metrics["kl_ref"] = jax.lax.stop_gradient(kl)

@@ -55,11 +55,10 @@ def mix_ppg(logp, old_logp, behaviour_logp, advantages, mask, *, eps_low: float 
     shape = common.check_token_arrays(logp=logp, old_logp=old_logp,
                                       behaviour_logp=behaviour_logp, mask=mask)
     mask = common.as_mask(mask)
-    advantages = common.masked_zero(
-        jax.lax.stop_gradient(common.per_token("advantages", advantages, shape)), mask)
+    advantages = common.token_advantages(advantages, mask, shape)
     logp = common.masked_zero(logp, mask)
-    old_logp = common.masked_zero(jax.lax.stop_gradient(old_logp), mask)
-    behaviour_logp = common.masked_zero(jax.lax.stop_gradient(behaviour_logp), mask)
+    old_logp = common.fixed(old_logp, mask)
+    behaviour_logp = common.fixed(behaviour_logp, mask)
 
     log_ratio = logp - behaviour_logp
     ratio = common.bounded_exp(log_ratio)
@@ -136,9 +135,9 @@ def kl_convex(logp, base_logp, prev_logp, mask, *, lam, estimator: str = "k3",
     mask = common.as_mask(mask)
     logp = common.masked_zero(logp, mask)
     kl_base_tokens = common.kl_estimate(
-        logp, common.masked_zero(jax.lax.stop_gradient(base_logp), mask), estimator, clamp=clamp)
+        logp, common.fixed(base_logp, mask), estimator, clamp=clamp)
     kl_prev_tokens = common.kl_estimate(
-        logp, common.masked_zero(jax.lax.stop_gradient(prev_logp), mask), estimator, clamp=clamp)
+        logp, common.fixed(prev_logp, mask), estimator, clamp=clamp)
     token_losses = lam * kl_base_tokens + (1.0 - lam) * kl_prev_tokens
     loss = common.aggregate(token_losses, mask, agg, max_len=max_len)
     metrics = {

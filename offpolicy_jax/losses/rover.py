@@ -86,10 +86,10 @@ def rover(logp, old_logp, vocab_mean, old_vocab_mean, centred_rewards, mask, *, 
         raise ValueError(f"clip_eps must be in (0, 1), got {clip_eps}")
     mask = common.as_mask(mask)
     logp = common.masked_zero(logp, mask)
-    old_logp = common.masked_zero(jax.lax.stop_gradient(old_logp), mask)
+    old_logp = common.fixed(old_logp, mask)
     # Only the target uses the vocabulary means, and the target is a constant.
-    vocab_mean = common.masked_zero(jax.lax.stop_gradient(vocab_mean), mask)
-    old_vocab_mean = common.masked_zero(jax.lax.stop_gradient(old_vocab_mean), mask)
+    vocab_mean = common.fixed(vocab_mean, mask)
+    old_vocab_mean = common.fixed(old_vocab_mean, mask)
     centred_rewards = jax.lax.stop_gradient(jnp.asarray(centred_rewards, jnp.float32))
 
     log_ratio = logp - old_logp
