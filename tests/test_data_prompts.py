@@ -147,3 +147,41 @@ def test_math500_holds_out_a_fixed_subset():
 def test_unknown_dataset_name_is_reported():
     with pytest.raises(ValueError, match="unknown benchmark 'gsm9k'"):
         prompts.load_train_and_eval("gsm9k")
+
+
+def test_prompt_formats(tmp_path):
+    """--prompt_format: 'chat' is today's wrapping, 'instruction' forces the plain template,
+    'raw' keeps the question as written (after the BOS a tokenizer would prepend)."""
+    from tokenizers import processors
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(
+        char_tokenizer.build_char_tokenizer(tmp_path))
+    tokenizer.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n"
+                               "{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}")
+    question = "What is 2+2?"
+    assert prompts.format_question(question, tokenizer=tokenizer, instruction="Box it.",
+                                   prompt_format="chat") == "<user>What is 2+2?\nBox it.\n<assistant>"
+    assert prompts.format_question(question, tokenizer=tokenizer, instruction="Box it.",
+                                   prompt_format="instruction") == \
+        "Question: What is 2+2?\nBox it.\nAnswer:"
+    assert prompts.format_question(question, tokenizer=tokenizer, prompt_format="raw") == question
+    bos = tokenizer.bos_token
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", special_tokens=[(bos, tokenizer.bos_token_id)])
+    assert prompts.format_question(question, tokenizer=tokenizer, prompt_format="raw") == \
+        bos + question
+    with pytest.raises(ValueError, match="--prompt_format='plain'"):
+        prompts.format_question(question, prompt_format="plain")
+
+
+def test_jsonl_dataset_raw_prompts(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"question": f"{i}+1", "answer": str(i + 1)}
+                                              for i in range(6)])
+    train, heldout = prompts.load_train_and_eval(path, eval_size=2, prompt_format="raw")
+    assert sorted(r["prompt"] for r in train + heldout) == [f"{i}+1" for i in range(6)]
+    # arith prompts are the task's own format whatever the flag says.
+    arith_raw = prompts.load_train_and_eval("arith", eval_size=4, num_arith_train=10,
+                                            prompt_format="raw")
+    assert arith_raw == prompts.load_train_and_eval("arith", eval_size=4, num_arith_train=10)
+    with pytest.raises(ValueError, match="--prompt_format"):
+        prompts.load_train_and_eval(path, eval_size=2, prompt_format="as-is")

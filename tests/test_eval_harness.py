@@ -143,6 +143,15 @@ def test_chat_template_is_used_when_present_and_can_be_turned_off(loaded):
     assert harness.prompt_format("amc23", tokenizer, True) == "chat template"
     assert harness.prompt_format("amc23", tokenizer, False) == "plain"
     assert harness.prompt_format("arith", tokenizer, True) == "arith"
+    # --prompt_format: the question as written, or the plain template despite a chat template.
+    raw = harness.benchmark_prompt_records("amc23", tokenizer=tokenizer, limit=1,
+                                           prompt_format="raw")
+    assert raw[0]["prompt"] == question
+    assert harness.benchmark_prompt_records("amc23", tokenizer=tokenizer, limit=1,
+                                            instruction="Box it.",
+                                            prompt_format="instruction") == plain
+    assert harness.prompt_format("amc23", tokenizer, True, "raw") == "raw"
+    assert harness.prompt_format("amc23", tokenizer, True, "instruction") == "plain"
 
 
 def test_missing_data_file_names_the_path(tmp_path):

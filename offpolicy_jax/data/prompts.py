@@ -13,9 +13,12 @@ Sources (the ``--dataset`` flag):
 * a path to a ``.jsonl`` file — one JSON object per line, question in ``prompt_field``, gold answer
   in ``answer_field``; held out as for ``math500``.
 
-Questions (all sources but ``arith``) become prompts with ``format_question``: the tokenizer's chat
-template when it has one and ``use_chat_template`` is on, else a plain template; both carry an
-instruction to put the final answer in ``\\boxed{}``.
+Questions (all sources but ``arith``) become prompts with ``format_question`` in one of
+``PROMPT_FORMATS`` (the ``--prompt_format`` flag): ``chat`` (the default) renders the question and
+an instruction to put the final answer in ``\\boxed{}`` through the tokenizer's chat template when
+it has one, else through a plain template; ``instruction`` always uses the plain template;
+``raw`` takes the question text as it is. The wrapping is what a chat model expects, but it costs:
+on the benchmark workload of the speed issue a 4-6-token question became a 93-95-token prompt.
 
 Held-out subsets never depend on the run's seed, so every run of an experiment measures the same
 problems.
@@ -27,6 +30,8 @@ import random
 
 from offpolicy_jax.data import arith
 
+# How a question becomes a prompt (see ``format_question``).
+PROMPT_FORMATS = ("chat", "instruction", "raw")
 DEFAULT_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 PLAIN_TEMPLATE = "Question: {question}\n{instruction}\nAnswer:"
 
@@ -40,8 +45,12 @@ _HELDOUT_PERMUTATION_SEED = "offpolicy_jax/heldout"
 
 
 def format_question(question: str, *, tokenizer=None, use_chat_template: bool = True,
-                    instruction: str = DEFAULT_INSTRUCTION) -> str:
+                    instruction: str = DEFAULT_INSTRUCTION, prompt_format: str = "chat") -> str:
     """The prompt text for a question.
+
+    ``prompt_format="raw"``: the question as it is, after the BOS token's text when the
+    tokenizer prepends one itself (what encoding the question on its own would give);
+    ``"instruction"``: the plain template below; ``"chat"`` (default): as follows.
 
     With ``use_chat_template`` and a tokenizer that has a chat template: one user message
     ``"{question}\\n{instruction}"`` rendered with ``add_generation_prompt=True`` (the text then
@@ -54,7 +63,14 @@ def format_question(question: str, *, tokenizer=None, use_chat_template: bool = 
       tokenizer: a ``transformers`` tokenizer, or None for the plain template.
       use_chat_template: set False to force the plain template.
       instruction: appended after the question; ``""`` leaves it out.
+      prompt_format: one of ``PROMPT_FORMATS``.
     """
+    if prompt_format not in PROMPT_FORMATS:
+        raise ValueError(f"--prompt_format={prompt_format!r}: expected one of {PROMPT_FORMATS}")
+    if prompt_format == "raw":
+        return leading_special_text(tokenizer) + question
+    if prompt_format == "instruction":
+        use_chat_template = False
     if use_chat_template and tokenizer is not None and getattr(tokenizer, "chat_template", None):
         content = f"{question}\n{instruction}" if instruction else question
         return tokenizer.apply_chat_template([{"role": "user", "content": content}],
@@ -162,7 +178,8 @@ def read_jsonl_questions(path: str | os.PathLike, *, prompt_field: str = "questi
 
 def to_prompt_records(questions: list[dict], **format_kwargs) -> list[dict]:
     """``{"id", "question", "gold"}`` -> ``{"id", "prompt", "gold"}`` with ``format_question``
-    (``format_kwargs``: ``tokenizer``, ``use_chat_template``, ``instruction``)."""
+    (``format_kwargs``: ``tokenizer``, ``use_chat_template``, ``instruction``,
+    ``prompt_format``)."""
     return [{"id": q["id"], "prompt": format_question(q["question"], **format_kwargs),
              "gold": q["gold"]} for q in questions]
 
@@ -215,8 +232,8 @@ def training_pool(records: list[dict], train_size: int, *, source: str) -> list[
 def load_train_and_eval(dataset: str, *, prompt_field: str = "question",
                         answer_field: str = "answer", eval_size: int = 64, seed: int = 0,
                         tokenizer=None, use_chat_template: bool = True,
-                        instruction: str = DEFAULT_INSTRUCTION, data_dir: str | None = None,
-                        arith_config: arith.ArithConfig = arith.ArithConfig(),
+                        instruction: str = DEFAULT_INSTRUCTION, prompt_format: str = "chat",
+                        data_dir: str | None = None, arith_config: arith.ArithConfig = arith.ArithConfig(),
                         num_arith_train: int = ARITH_NUM_TRAIN, train_size: int = 0
                         ) -> tuple[list[dict], list[dict]]:
     """Training and held-out prompt records for ``--dataset``.
@@ -227,8 +244,8 @@ def load_train_and_eval(dataset: str, *, prompt_field: str = "question",
       prompt_field, answer_field: JSONL field names (ignored for the named datasets).
       eval_size: held-out prompts.
       seed: draws the arith training problems (held-out sets never depend on it).
-      tokenizer, use_chat_template, instruction: prompt formatting (see ``format_question``);
-        not used for ``arith``.
+      tokenizer, use_chat_template, instruction, prompt_format: prompt formatting (see
+        ``format_question``); not used for ``arith``, whose prompts are the task's own format.
       data_dir: benchmark data directory (default: ``rewards.load_benchmark``'s).
       arith_config: the arith task's difficulty knobs.
       num_arith_train: arith training prompts to generate (before removing repeats).
@@ -240,17 +257,20 @@ def load_train_and_eval(dataset: str, *, prompt_field: str = "question",
       training records have distinct prompts.
     """
     train, heldout = _train_and_eval(dataset, prompt_field, answer_field, eval_size, seed,
-                                     tokenizer, use_chat_template, instruction, data_dir,
-                                     arith_config, num_arith_train)
+                                     tokenizer, use_chat_template, instruction, prompt_format,
+                                     data_dir, arith_config, num_arith_train)
     return training_pool(train, train_size, source=f"--dataset={dataset}"), heldout
 
 
 def _train_and_eval(dataset, prompt_field, answer_field, eval_size, seed, tokenizer,
-                    use_chat_template, instruction, data_dir, arith_config, num_arith_train):
+                    use_chat_template, instruction, prompt_format, data_dir, arith_config,
+                    num_arith_train):
     if eval_size < 1:
         raise ValueError(f"--eval_size must be >= 1, got {eval_size}")
+    if prompt_format not in PROMPT_FORMATS:
+        raise ValueError(f"--prompt_format={prompt_format!r}: expected one of {PROMPT_FORMATS}")
     format_kwargs = {"tokenizer": tokenizer, "use_chat_template": use_chat_template,
-                     "instruction": instruction}
+                     "instruction": instruction, "prompt_format": prompt_format}
     if dataset == "arith":
         return (arith_records("train", num_arith_train, seed, arith_config),
                 arith_records("heldout", eval_size, config=arith_config))

@@ -58,6 +58,10 @@ USE_CHAT_TEMPLATE = flags.DEFINE_bool("use_chat_template", _DEFAULTS.use_chat_te
                                       "it has one (else the plain template).")
 INSTRUCTION = flags.DEFINE_string("instruction", prompts_lib.DEFAULT_INSTRUCTION,
                                   "Appended to every benchmark question ('' for none).")
+PROMPT_FORMAT = flags.DEFINE_enum("prompt_format", _DEFAULTS.prompt_format,
+                                  list(prompts_lib.PROMPT_FORMATS), "Benchmark questions: 'chat' "
+                                  "(see --use_chat_template and --instruction), 'instruction' "
+                                  "(the plain template with --instruction) or 'raw' (as is).")
 BATCH_SIZE = flags.DEFINE_integer("batch_size", _DEFAULTS.batch_size, "Problems per generation "
                                   "chunk (each chunk samples batch_size * num_samples rows).")
 DTYPE = flags.DEFINE_enum("dtype", _DEFAULTS.dtype, ["float32", "bfloat16"], "Parameter dtype.")
@@ -78,7 +82,7 @@ def config_from_flags() -> harness.HarnessConfig:
         temperature=TEMPERATURE.value, top_p=None if TOP_P.value == 1.0 else TOP_P.value,
         top_k=TOP_K.value, max_new_tokens=MAX_NEW_TOKENS.value, limit=LIMIT.value,
         seed=SEED.value, use_chat_template=USE_CHAT_TEMPLATE.value,
-        instruction=INSTRUCTION.value, batch_size=BATCH_SIZE.value, mesh=MESH.value,
+        instruction=INSTRUCTION.value, prompt_format=PROMPT_FORMAT.value, batch_size=BATCH_SIZE.value, mesh=MESH.value,
         dtype=DTYPE.value, data_dir=DATA_DIR.value)
 
 

@@ -75,6 +75,9 @@ class HarnessConfig:
         which other benchmarks are in the list).
       use_chat_template: format questions with the tokenizer's chat template when it has one.
       instruction: appended to every benchmark question (not to ``arith`` prompts).
+      prompt_format: ``"chat"`` (the two settings above), ``"instruction"`` (the plain template
+        with the instruction) or ``"raw"`` (the question as is); see
+        ``data.prompts.format_question``. Evaluate with the format a policy was trained on.
       batch_size: prompts per generation chunk (each chunk is ``batch_size * n`` rows).
       mesh: device mesh ``"data,fsdp,tensor"`` (see ``models.make_mesh``).
       dtype: parameter dtype, ``"float32"`` or ``"bfloat16"``.
@@ -93,6 +96,7 @@ class HarnessConfig:
     seed: int = 0
     use_chat_template: bool = True
     instruction: str = prompts_lib.DEFAULT_INSTRUCTION
+    prompt_format: str = "chat"
     batch_size: int = 32
     mesh: str = "1,-1,1"
     dtype: str = "float32"
@@ -224,11 +228,14 @@ def stop_token_ids(tokenizer, cfg, model_dir: str | None = None) -> tuple[int, .
     return tuple(sorted(ids))
 
 
-def prompt_format(name: str, tokenizer, use_chat_template: bool) -> str:
-    """How ``name``'s prompts are written: ``"arith"``, ``"chat template"`` or ``"plain"``."""
+def prompt_format(name: str, tokenizer, use_chat_template: bool, fmt: str = "chat") -> str:
+    """How ``name``'s prompts are written: ``"arith"``, ``"raw"``, ``"chat template"`` or
+    ``"plain"``, for ``--prompt_format=fmt``."""
     if name == ARITH:
         return "arith"
-    if use_chat_template and getattr(tokenizer, "chat_template", None):
+    if fmt == "raw":
+        return "raw"
+    if fmt == "chat" and use_chat_template and getattr(tokenizer, "chat_template", None):
         return "chat template"
     return "plain"
 
@@ -252,8 +259,8 @@ def load_questions(name: str, *, limit: int | None = None,
 
 def benchmark_prompt_records(name: str, *, tokenizer=None, use_chat_template: bool = True,
                              instruction: str = prompts_lib.DEFAULT_INSTRUCTION,
-                             limit: int | None = None, data_dir: str | None = None
-                             ) -> list[dict]:
+                             limit: int | None = None, data_dir: str | None = None,
+                             prompt_format: str = "chat") -> list[dict]:
     """The first ``limit`` problems of benchmark ``name`` as ``{"id", "prompt", "gold"}``.
 
     ``arith``: the fixed held-out set in the task's format (``limit`` or :data:`ARITH_EVAL_SIZE`
@@ -269,7 +276,7 @@ def benchmark_prompt_records(name: str, *, tokenizer=None, use_chat_template: bo
         return prompts_lib.arith_records("heldout", limit or ARITH_EVAL_SIZE)
     return prompts_lib.to_prompt_records(questions, tokenizer=tokenizer,
                                          use_chat_template=use_chat_template,
-                                         instruction=instruction)
+                                         instruction=instruction, prompt_format=prompt_format)
 
 
 def effective_max_new_tokens(requested: int | None, context: int) -> int:
@@ -394,8 +401,8 @@ def run(config: HarnessConfig, out_dir: str, *, progress: bool = True, log=None)
     tokenizer = load_tokenizer(model_dir)
     records = {name: benchmark_prompt_records(
         name, tokenizer=tokenizer, use_chat_template=config.use_chat_template,
-        instruction=config.instruction, limit=config.limit, data_dir=config.data_dir)
-        for name in benchmarks}
+        instruction=config.instruction, limit=config.limit, data_dir=config.data_dir,
+        prompt_format=config.prompt_format) for name in benchmarks}
 
     mesh = models.make_mesh(config.mesh)
     dtype = jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
@@ -443,7 +450,7 @@ def run(config: HarnessConfig, out_dir: str, *, progress: bool = True, log=None)
                 eos_token_ids=eos_ids, pad_token_id=pad_id, pool=pool, mesh=mesh,
                 batch_size=config.batch_size, skip_too_long=True, on_samples=inner.update)
             inner.close()
-            fmt = prompt_format(name, tokenizer, config.use_chat_template)
+            fmt = prompt_format(name, tokenizer, config.use_chat_template, config.prompt_format)
             summary["benchmarks"][name] = {
                 **result.metrics, "prompt_format": fmt, "seconds": round(time.time() - start, 2),
                 "settings": {**settings, "prompt_format": fmt},

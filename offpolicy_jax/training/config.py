@@ -50,6 +50,7 @@ class RunConfig:
     dataset: str = "arith"
     prompt_field: str = "question"
     answer_field: str = "answer"
+    prompt_format: str = "chat"
     data_dir: str | None = None
     train_size: int = 0
     prompt_selection: str = "stream"

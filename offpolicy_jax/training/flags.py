@@ -22,6 +22,12 @@ PROMPT_FIELD = flags.DEFINE_string("prompt_field", _DEFAULTS.prompt_field,
                                    "JSONL datasets: the field holding the question.")
 ANSWER_FIELD = flags.DEFINE_string("answer_field", _DEFAULTS.answer_field,
                                    "JSONL datasets: the field holding the gold answer.")
+PROMPT_FORMAT = flags.DEFINE_enum("prompt_format", _DEFAULTS.prompt_format,
+                                  ["chat", "instruction", "raw"], "Benchmark and JSONL datasets: "
+                                  "how a question becomes a prompt: the chat template (when the "
+                                  "tokenizer has one) with the \\boxed{} instruction, the plain "
+                                  "'Question: ... Answer:' template with it, or the text as is. "
+                                  "arith prompts are always the task's own format.")
 DATA_DIR = flags.DEFINE_string("data_dir", None, "A folder with your own copies of the benchmark "
                                "files (<name>.jsonl or .jsonl.gz) for --dataset=gsm8k, math500, "
                                "...; default $OFFPOLICY_JAX_DATA, else the copies packaged with "
@@ -140,7 +146,8 @@ def run_config(experiment_name: str) -> RunConfig:
     return RunConfig(
         workdir=WORKDIR.value or f"workdirs/{experiment_name}",
         model=MODEL.value, dataset=DATASET.value, prompt_field=PROMPT_FIELD.value,
-        answer_field=ANSWER_FIELD.value, data_dir=DATA_DIR.value, train_size=TRAIN_SIZE.value,
+        answer_field=ANSWER_FIELD.value, prompt_format=PROMPT_FORMAT.value,
+        data_dir=DATA_DIR.value, train_size=TRAIN_SIZE.value,
         prompt_selection=PROMPT_SELECTION.value, mopps_candidates=MOPPS_CANDIDATES.value,
         mopps_target=MOPPS_TARGET.value, mopps_decay=MOPPS_DECAY.value,
         mopps_range=MOPPS_RANGE.value,

@@ -106,7 +106,8 @@ class Session:
         train_records, eval_records = prompts_lib.load_train_and_eval(
             config.dataset, prompt_field=config.prompt_field, answer_field=config.answer_field,
             eval_size=config.eval_size, seed=config.seed, tokenizer=self.tokenizer,
-            data_dir=config.data_dir, train_size=config.train_size)
+            prompt_format=config.prompt_format, data_dir=config.data_dir,
+            train_size=config.train_size)
         self.selection = selection or selection_lib.make_selection(config)
         self.selection.bind(train_records, config)
         self.pool = rewards.VerifierPool()
