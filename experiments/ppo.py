@@ -61,8 +61,11 @@ def make_algorithm() -> Algorithm:
     if kl_coef:
         forward["ref"] = ("logp",)
         stored = (policies.reference("ref"),)   # the KL penalty's anchor: the initial policy
-    return Algorithm(name="ppo", loss=loss, prepare=targets, forward=forward, policies=stored,
-                     value_head=critic.VALUE_HEAD, needs_groups=False)
+    # GAE reads V before the update (and, with the KL penalty, the old log-probs).
+    prepare_reads = ("old_logp", "old_values") if kl_coef else ("old_values",)
+    return Algorithm(name="ppo", loss=loss, prepare=targets, prepare_reads=prepare_reads,
+                     forward=forward, policies=stored, value_head=critic.VALUE_HEAD,
+                     needs_groups=False)
 
 
 def main(argv):

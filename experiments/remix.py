@@ -143,6 +143,7 @@ def make_algorithm(variant: str, config=None) -> Algorithm:
     old_outputs = ("logp", "values") if ppo else ("logp",)
     return Algorithm(
         name=f"remix_{variant}", loss=loss, prepare=advantages,
+        prepare_reads=("old_values",) if ppo else (),
         forward={"current": ("values",) if ppo else (), "old": old_outputs,
                  "base": ("logp",), "prev": ("logp",)},
         policies=(base, policies.behind("prev", 1)),

@@ -57,7 +57,7 @@ def make_algorithm() -> Algorithm:
         forward = {"old": ("logp",), "ref": ("logp",)}
         stored = (policies.reference("ref"),)
     return Algorithm(name="rloo", loss=loss, prepare=advantages, forward=forward,
-                     policies=stored)
+                     prepare_reads=("old_logp",) if kl_coef else (), policies=stored)
 
 
 def main(argv):

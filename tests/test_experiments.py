@@ -14,8 +14,9 @@ import jax
 import numpy as np
 import pytest
 
+from offpolicy_jax.training.logger import TIMING_KEYS
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-TIMING_KEYS = ("tokens_per_s", "step_s", "rollout_s", "reward_s", "update_s", "eval_s", "wall_s")
 
 # A few seconds per run: 2 layers, short responses, small batches.
 SMOKE_FLAGS = ["--iterations=2", "--batch_size=4", "--group_size=4", "--max_new_tokens=24",

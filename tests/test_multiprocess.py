@@ -20,9 +20,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from offpolicy_jax.training.logger import TIMING_KEYS
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 LOCAL_SH = ROOT / "launch" / "local.sh"
-TIMING_KEYS = ("tokens_per_s", "step_s", "rollout_s", "reward_s", "update_s", "eval_s", "wall_s")
 # Two processes x two devices and one process x four devices run the same global computation on
 # the same samples; only the order of float32 reductions over the device layout differs (e.g. the
 # gradient all-reduce across processes vs across local devices; per-leaf gradients agree to

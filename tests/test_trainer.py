@@ -39,7 +39,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 from offpolicy_jax.training import algorithm as algorithm_lib
 from offpolicy_jax.training import batch as batch_lib
 from offpolicy_jax.training import checkpoint as checkpoint_lib
-from offpolicy_jax.training import loop, policies, stages
+from offpolicy_jax import losses
+from offpolicy_jax.training import loop, policies, stages, trainer
 from offpolicy_jax.training import selection as selection_lib
 from offpolicy_jax.training.algorithm import Algorithm
 from offpolicy_jax.training.batch import Rollouts
@@ -898,3 +899,67 @@ def test_lora_run_trains_only_adapters_resumes_exactly_and_exports(tiny_model, t
                     str(tmp_path / "eval"), progress=False)
     for a, b in zip(jax.tree.leaves(caught.value.args[0]), jax.tree.leaves(merged)):
         np.testing.assert_array_equal(a, b)
+
+
+def _single_update_algorithm() -> Algorithm:
+    """A clipped objective (as GRPO's) whose metrics show the old policy it was given."""
+
+    def loss(inputs, info):
+        del info
+        advantages = inputs["rewards"] - 0.5
+        total, metrics = losses.ppo_clip(inputs["logp"], inputs["old_logp"], advantages,
+                                         inputs["mask"])
+        gap = jnp.max(jnp.abs(inputs["logp"] - inputs["old_logp"]) * inputs["mask"])
+        return total, {**metrics, "old_gap": gap}
+
+    return Algorithm(name="single_update", loss=loss, forward={"old": ("logp",)},
+                     reward_fn=_reward, needs_groups=False)
+
+
+def _single_update_config(workdir, model) -> RunConfig:
+    return dataclasses.replace(_config(workdir, model), iterations=1, num_minibatches=1)
+
+
+def test_single_update_takes_the_old_policy_from_its_own_forward(tiny_model, tmp_path):
+    """One update per batch: no separate old-policy pass; the old log-probs are the current
+    ones exactly (ratio 1), not a second forward's equal-within-round-off copy."""
+    config = _single_update_config(tmp_path, tiny_model)
+    algorithm = _single_update_algorithm()
+    assert trainer.old_outputs_in_update(algorithm, config)
+    assert not trainer.old_outputs_in_update(algorithm,
+                                             dataclasses.replace(config, num_minibatches=2))
+    assert not trainer.old_outputs_in_update(algorithm,
+                                             dataclasses.replace(config, rollout_correction="tis"))
+    assert not trainer.old_outputs_in_update(
+        dataclasses.replace(algorithm, prepare=lambda inputs, info: {},
+                            prepare_reads=("old_logp",)), config)
+    loop.run(config, algorithm)
+    record = _metrics(tmp_path)[1]
+    assert record["train/old_gap"] == 0.0 and record["train/ratio_max"] == 1.0
+    assert record["train/ratio_min"] == 1.0
+
+
+@pytest.mark.slow
+def test_single_update_matches_the_run_with_a_separate_old_pass(tiny_model, tmp_path,
+                                                                monkeypatch):
+    loop.run(_single_update_config(tmp_path / "fused", tiny_model), _single_update_algorithm())
+    monkeypatch.setattr(trainer, "old_outputs_in_update", lambda algorithm, config: False)
+    loop.run(_single_update_config(tmp_path / "separate", tiny_model),
+             _single_update_algorithm())
+    fused, separate = _metrics(tmp_path / "fused"), _metrics(tmp_path / "separate")
+    assert separate[1]["train/old_gap"] < 1e-5     # the two forwards agree to round-off
+    for key in ("train/loss", "train/pg_loss", "reward_mean", "eval/pass@1"):
+        np.testing.assert_allclose(fused[1][key], separate[1][key], rtol=1e-5, atol=1e-7)
+    for a, b in zip(jax.tree.leaves(_params_at(tmp_path / "fused", 1)),
+                    jax.tree.leaves(_params_at(tmp_path / "separate", 1))):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_prepare_must_declare_the_old_outputs_it_reads():
+    with pytest.raises(ValueError, match=r"prepare_reads \['old_values'\]"):
+        Algorithm(name="x", loss=None, forward={"old": ("logp",)}, prepare_reads=("old_values",))
+    inputs = trainer.PrepareInputs({"mask": 1}, {"old_logp"}, "x")
+    assert inputs["mask"] == 1 and "old_logp" not in inputs
+    for read in (lambda: inputs["old_logp"], lambda: inputs.get("old_logp")):
+        with pytest.raises(KeyError, match="x: prepare read 'old_logp'.*prepare_reads"):
+            read()

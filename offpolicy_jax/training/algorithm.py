@@ -13,7 +13,10 @@ An :class:`Algorithm` is plain data plus pure functions, so an experiment file r
 * ``prepare(inputs, info) -> dict`` runs on the host once per rollout batch, after the old and
   stored policies' outputs are known, with the *whole* batch (group statistics are never cut by a
   minibatch). It returns per-row arrays (``[N]`` or ``[N, R]``) added to the loss inputs, e.g.
-  ``advantages``.
+  ``advantages``. ``prepare_reads`` names the old policy's outputs it reads (GAE reads
+  ``old_values``): when a batch makes a single update, the trainer otherwise takes the old
+  policy's outputs from that update's own forward pass (before the update the old policy *is*
+  the current one), under stop-gradient, instead of running a separate forward for them.
 * ``loss(inputs, info) -> (loss, metrics)`` runs inside the jitted train step on a minibatch.
 * ``minibatch_unit`` says which rows stay together when a batch is split: ``"row"``, ``"group"``
   (every response of a prompt: group statistics inside the loss) or ``"pair"`` (rows 2j and 2j+1:
@@ -89,6 +92,8 @@ class Algorithm:
       forward: ``{policy: outputs}``: ``"current"``, ``"old"`` or a stored policy's name, each
         with a tuple from ``OUTPUTS``. ``logp`` under ``"current"`` is always computed.
       prepare: host function ``(inputs, info) -> dict`` of per-row arrays for the loss, or None.
+      prepare_reads: the old policy's forward outputs ``prepare`` reads, as loss-input names
+        (``("old_values",)``); they are always computed before the update.
       policies: stored policies (``training.policies``) the forward outputs refer to.
       value_head: the critic, needed for a ``values`` output.
       minibatch_unit: "row", "group" or "pair" (see the module docstring).
@@ -103,6 +108,7 @@ class Algorithm:
     loss: Callable[[dict, StepInfo], tuple]
     forward: dict = dataclasses.field(default_factory=dict)
     prepare: Callable[[dict, StepInfo], dict] | None = None
+    prepare_reads: tuple = ()
     policies: tuple = ()
     value_head: ValueHead | None = None
     minibatch_unit: str = "row"
@@ -124,6 +130,12 @@ class Algorithm:
                                  f"(choose from {OUTPUTS})")
             if "values" in outputs and self.value_head is None:
                 raise ValueError(f"{self.name}: a 'values' output needs a value_head")
+        declared = {input_name(policy, output) for policy, outputs in self.forward.items()
+                    if policy != "current" for output in outputs}
+        undeclared = sorted(set(self.prepare_reads) - declared)
+        if undeclared:
+            raise ValueError(f"{self.name}: prepare_reads {undeclared} are not forward outputs of "
+                             f"the old or a stored policy (declared: {sorted(declared)})")
         if self.minibatch_unit not in MINIBATCH_UNITS:
             raise ValueError(f"{self.name}: minibatch_unit must be one of {MINIBATCH_UNITS}, "
                              f"got {self.minibatch_unit!r}")

@@ -12,7 +12,8 @@ import numpy as np
 
 # Metrics that measure the machine, not the run: excluded when comparing a resumed run with an
 # uninterrupted one.
-TIMING_KEYS = ("tokens_per_s", "step_s", "rollout_s", "reward_s", "update_s", "eval_s", "wall_s")
+TIMING_KEYS = ("tokens_per_s", "step_s", "rollout_s", "reward_s", "prepare_s", "update_s",
+               "eval_s", "wall_s")
 
 
 def to_python(value):

@@ -233,10 +233,15 @@ def make_forward_fn(cfg, algorithm: Algorithm, outputs: tuple[str, ...], tempera
     return forward
 
 
-def make_loss_fn(cfg, algorithm: Algorithm, config: RunConfig):
+def make_loss_fn(cfg, algorithm: Algorithm, config: RunConfig, *, old_from_current=False):
     """``(params, batch, rng, iteration) -> (loss, metrics)``: the current policy's forward
-    outputs, then the algorithm's loss; adds the mean response entropy to the metrics."""
-    outputs = algorithm.outputs("current")
+    outputs, then the algorithm's loss; adds the mean response entropy to the metrics.
+
+    ``old_from_current``: the batch makes a single update, so the old policy's outputs
+    (``old_logp``, ...) are the current ones under stop-gradient, taken from this forward."""
+    old_outputs = algorithm.outputs("old") if old_from_current else ()
+    outputs = tuple(o for o in algorithm_lib.OUTPUTS
+                    if o in algorithm.outputs("current") or o in old_outputs)
     remat = remat_policy(config.remat)
 
     def loss_fn(params, batch, rng, iteration):
@@ -256,6 +261,9 @@ def make_loss_fn(cfg, algorithm: Algorithm, config: RunConfig):
             inputs["entropy"] = current["entropy"]
         if "values" in outputs:
             inputs["values"] = algorithm.value_head.apply(params, current["hidden"])
+        for name in old_outputs:
+            inputs[algorithm_lib.input_name("old", name)] = jax.lax.stop_gradient(
+                inputs["logp"] if name == "logp" else inputs[name])
         info = StepInfo(iteration=iteration, rng=rng, group_size=config.group_size,
                         seed=config.seed)
         loss, metrics = algorithm.loss(inputs, info)
@@ -266,6 +274,20 @@ def make_loss_fn(cfg, algorithm: Algorithm, config: RunConfig):
         return loss, metrics
 
     return loss_fn
+
+
+def old_outputs_in_update(algorithm: Algorithm, config: RunConfig) -> bool:
+    """Whether the old policy's outputs come from the update's own forward pass.
+
+    With one optimizer update per batch (``--num_passes`` x ``--num_minibatches`` = 1) the old
+    policy is the current one until that update is applied, so its outputs are the current
+    outputs under stop-gradient: the separate forward over the batch is redundant (TRL's GRPO
+    skips it the same way). It is still needed when ``prepare`` reads them
+    (``Algorithm.prepare_reads``) or the rollout correction compares them with the sampler's.
+    """
+    return ("old" in algorithm.forward and config.num_passes * config.num_minibatches == 1
+            and config.rollout_correction == "none"
+            and not any(name.startswith("old_") for name in algorithm.prepare_reads))
 
 
 def correct_gradients(current: dict, weights) -> dict:
@@ -323,8 +345,9 @@ class Learner:
         state = state_lib.create_train_state(params, optimizer, rng=config.seed)
         state_sharding = step_lib.state_shardings(state, param_specs, mesh)
         self.state = jax.device_put(state, state_sharding)
+        self.old_in_update = old_outputs_in_update(algorithm, config)
         self.train_step = step_lib.make_train_step(
-            make_loss_fn(cfg, algorithm, config), optimizer,
+            make_loss_fn(cfg, algorithm, config, old_from_current=self.old_in_update), optimizer,
             num_microbatches=config.num_microbatches, mesh=mesh, state_sharding=state_sharding,
             learning_rate_fn=optim.make_schedule(opt_config),
             params_fn=self.adapted and self.adapted.params_fn,
@@ -336,7 +359,7 @@ class Learner:
         # compile each instead of one per policy).
         by_outputs, self.forward = {}, {}
         for policy in ("old", *(p.name for p in algorithm.policies)):
-            outputs = algorithm.outputs(policy)
+            outputs = () if policy == "old" and self.old_in_update else algorithm.outputs(policy)
             if policy == "old" and config.rollout_correction != "none" and "logp" not in outputs:
                 # The correction compares the trainer's policy with the sampler's.
                 outputs = ("logp", *outputs)
@@ -369,7 +392,8 @@ class Learner:
         self.policies.after_updates(iteration, self.state.params)
         record = self.metrics(rollouts, step_metrics, iteration)
         record.update({
-            "rollout_s": t_rollout - t0, "update_s": t_update - t_prepare,
+            "rollout_s": t_rollout - t0, "prepare_s": t_prepare - t_rollout,
+            "update_s": t_update - t_prepare,
             "step_s": time.time() - t0,
             "tokens_per_s": float(np.sum(rollouts.lengths) * self.config.num_passes)
             / max(t_update - t_prepare, 1e-9),
@@ -418,7 +442,10 @@ class Learner:
                             seed=self.config.seed,
                             rng=jax.random.fold_in(jax.random.PRNGKey(self.config.seed),
                                                    iteration))
-            targets = self.algorithm.prepare(batch, info)
+            withheld = ({algorithm_lib.input_name("old", o) for o in self.algorithm.outputs("old")}
+                        if self.old_in_update else set())
+            targets = self.algorithm.prepare(PrepareInputs(batch, withheld,
+                                                           self.algorithm.name), info)
             batch.update({k: np.asarray(v) for k, v in targets.items()})
         return batch
 
@@ -524,6 +551,29 @@ class Learner:
         self.sampling_policy.load_state_dict(meta.get("sampling_policy", {}),
                                              _with_prefix(arrays, "sampling_policy/"))
         return self.session.resumed(meta)
+
+
+class PrepareInputs(dict):
+    """The batch as ``prepare`` sees it: reading an old-policy output that this run leaves to
+    the update's own forward (``withheld``) is an error naming the fix, not a silent None."""
+
+    def __init__(self, batch: dict, withheld: set, algorithm_name: str):
+        super().__init__(batch)
+        self.withheld, self.algorithm_name = withheld, algorithm_name
+
+    def _refuse(self, key):
+        raise KeyError(f"{self.algorithm_name}: prepare read {key!r}, which a single-update run "
+                       f"computes inside the update; declare it in Algorithm.prepare_reads")
+
+    def __getitem__(self, key):
+        if key in self.withheld:
+            self._refuse(key)
+        return super().__getitem__(key)
+
+    def get(self, key, default=None):
+        if key in self.withheld:
+            self._refuse(key)
+        return super().get(key, default)
 
 
 def zero_gradient_group_fraction(rewards: np.ndarray, group_size: int) -> float:
