@@ -100,7 +100,6 @@ def make_algorithm(variant: str) -> Algorithm:
         return out
 
     def loss(inputs, info):
-        del info
         logp, old_logp, advantages, mask = (inputs["logp"], inputs["old_logp"],
                                             inputs["advantages"], inputs["mask"])
         clip = {"eps_low": eps_low, "eps_high": eps_high}
@@ -112,6 +111,9 @@ def make_algorithm(variant: str) -> Algorithm:
             return objective(logp, old_logp, inputs["behaviour_logp"], advantages, mask,
                              behaviour_weight_cap=cap, **clip)
         extra = {"informative": inputs["informative"]} if variant == "dapo" else {}
+        if variant == "dr_grpo":
+            # L_max is the response budget, not the (trimmed) width of this batch.
+            extra["max_len"] = info.max_new_tokens
         return objective(logp, old_logp, advantages, mask, ref_logp=inputs.get("ref_logp"),
                          kl_coef=kl_coef, **clip, **extra)
 

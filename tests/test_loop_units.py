@@ -118,3 +118,58 @@ def test_algorithm_rejects_undeclared_policies_and_unknown_outputs():
         _algorithm(forward={"old": ("values",)})
     with pytest.raises(ValueError, match="minibatch_unit must be one of"):
         _algorithm(minibatch_unit="token")
+
+
+@pytest.mark.parametrize("longest,budget,width", [(1, 48, 12), (12, 48, 12), (13, 48, 24),
+                                                  (37, 48, 48), (48, 48, 48), (110, 256, 128),
+                                                  (2, 5, 2), (3, 5, 4), (5, 5, 5)])
+def test_response_bucket(longest, budget, width):
+    assert rollout.response_bucket(longest, budget) == width
+
+
+@pytest.mark.parametrize("longest", [0, 49])
+def test_response_bucket_refuses_lengths_outside_the_budget(longest):
+    with pytest.raises(ValueError, match=f"{longest} tokens"):
+        rollout.response_bucket(longest, 48)
+
+
+def test_update_at_the_trimmed_width_equals_the_padded_one():
+    """The loss and its gradient on a batch cut after its longest response equal those on the
+    batch padded to the whole budget (float32 round-off), Dr.GRPO's L_max included."""
+    import jax
+    import jax.numpy as jnp
+
+    from offpolicy_jax import losses, models
+
+    cfg = models.ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1,
+                             num_heads=4, num_kv_heads=2, head_dim=8)
+    params = models.init_params(cfg, jax.random.key(3))
+    rng = np.random.default_rng(0)
+    budget, lengths = 16, np.array([3, 7, 2, 5])
+    prompts = [list(rng.integers(1, 64, n)) for n in (4, 2, 5, 3)]
+    responses = rng.integers(1, 64, (4, budget))
+    old_logp = rng.normal(-4.0, 0.1, (4, budget)).astype(np.float32)
+
+    def loss(inputs, info):
+        clipped, _ = losses.ppo_clip(inputs["logp"], inputs["old_logp"], inputs["advantages"],
+                                     inputs["mask"])
+        dr, _ = losses.dr_grpo(inputs["logp"], inputs["old_logp"], inputs["advantages"],
+                               inputs["mask"], max_len=info.max_new_tokens)
+        return clipped + dr, {}
+
+    config = RunConfig(workdir="unused", max_new_tokens=budget, group_size=2, remat="none")
+    loss_fn = trainer.make_loss_fn(cfg, Algorithm(name="clip", loss=loss), config)
+
+    def value_and_grad(width):
+        packed = rollout.pack_sequences(prompts, responses[:, :width], lengths, pad_id=0)
+        batch = {**packed.model_inputs(), "old_logp": old_logp[:, :width],
+                 "advantages": np.array([1.0, -1.0, 0.5, -0.5], np.float32)}
+        return jax.jit(jax.value_and_grad(lambda p, b: loss_fn(p, b, jax.random.key(0),
+                                                               jnp.int32(1))[0]))(params, batch)
+
+    width = rollout.response_bucket(int(lengths.max()), budget)
+    assert width == 8 and budget == 16
+    (trimmed, trimmed_grad), (padded, padded_grad) = value_and_grad(width), value_and_grad(budget)
+    np.testing.assert_allclose(trimmed, padded, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(trimmed_grad), jax.tree.leaves(padded_grad)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8)

@@ -55,12 +55,16 @@ class StepInfo:
       rng: a PRNG key: per optimizer update inside the loss, per iteration in ``prepare``.
       group_size: responses per prompt (static).
       seed: the run's ``--seed`` (static).
+      max_new_tokens: the response budget ``--max_new_tokens`` (static). A batch's ``[N, R]``
+        arrays may be narrower (the trainer cuts the padding after the longest response), so a
+        constant normaliser such as Dr.GRPO's L_max reads it here, not from a shape.
     """
 
     iteration: Any
     rng: Any
     group_size: int = flax.struct.field(pytree_node=False)
     seed: int = flax.struct.field(pytree_node=False, default=0)
+    max_new_tokens: int | None = flax.struct.field(pytree_node=False, default=None)
 
     def host_rng(self, *salt: int) -> np.random.Generator:
         """A numpy generator determined by (seed, iteration, salt): the same after a resume."""

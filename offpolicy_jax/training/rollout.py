@@ -56,6 +56,26 @@ class PackedBatch:
                 "positions": self.positions, "mask": self.response_mask}
 
 
+def response_bucket(longest: int, budget: int, parts: int = 4) -> int:
+    """The response width R' a batch is trained at: ``longest`` rounded up to a multiple of
+    ``ceil(budget / parts)``, at most ``budget``.
+
+    Rows are sampled into a ``budget``-wide buffer (``--max_new_tokens``), but every token after
+    a batch's longest response is padding in every row, and the forward passes over it cost as
+    much as real tokens. Cutting them keeps the results (causal attention: no position reads a
+    later one) and, with at most ``parts`` widths, bounds the number of compiled shapes; the
+    padding left is under ``budget / parts`` positions past the longest row plus what shorter
+    rows leave. Four parts: the embedded task's batches (longest 42-48 of 48) stay at one shape,
+    so its runs compile nothing new; the long-tailed workload of ``benchmarks/`` (longest ~110 of
+    256) trains at 128.
+    """
+    if not 0 < longest <= budget:
+        raise ValueError(f"the longest response has {longest} tokens; need 0 < longest <= the "
+                         f"response budget {budget}")
+    quantum = -(-budget // parts)
+    return min(budget, -(-longest // quantum) * quantum)
+
+
 def pack_sequences(prompt_tokens: list[list[int]], response_tokens: np.ndarray,
                    response_lengths: np.ndarray, *, pad_id: int,
                    prompt_bucket: int | None = None) -> PackedBatch:

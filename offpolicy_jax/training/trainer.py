@@ -19,6 +19,7 @@ and ends with the same parameters and the same logged metrics as a run that neve
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -214,13 +215,13 @@ class Session:
 # The RL learner: state, jitted functions, stored policies, rollout pipeline.
 
 
-def make_forward_fn(cfg, algorithm: Algorithm, outputs: tuple[str, ...], temperature: float,
-                    num_response: int):
+def make_forward_fn(cfg, algorithm: Algorithm, outputs: tuple[str, ...], temperature: float):
     """Jitted no-gradient forward outputs (``logp``, ``vocab_mean``, ``values``, ``entropy``) of a
-    packed batch under some parameters (the old policy, a stored policy)."""
+    packed batch under some parameters (the old policy, a stored policy); ``num_response`` (R,
+    static) is the batch's response width."""
 
-    @jax.jit
-    def forward(params, batch):
+    @functools.partial(jax.jit, static_argnames="num_response")
+    def forward(params, batch, num_response):
         out = rollout.response_log_probs(
             cfg, params, batch["tokens"], batch["attention_mask"], batch["positions"],
             num_response=num_response, temperature=temperature,
@@ -247,7 +248,7 @@ def make_loss_fn(cfg, algorithm: Algorithm, config: RunConfig, *, old_from_curre
     def loss_fn(params, batch, rng, iteration):
         current = rollout.response_log_probs(
             cfg, params, batch["tokens"], batch["attention_mask"], batch["positions"],
-            num_response=config.max_new_tokens, temperature=config.temperature,
+            num_response=batch["mask"].shape[1], temperature=config.temperature,
             with_vocab_mean="vocab_mean" in outputs, with_entropy=True,
             with_hidden="values" in outputs, remat=remat)
         if "correction_weights" in batch:
@@ -265,7 +266,7 @@ def make_loss_fn(cfg, algorithm: Algorithm, config: RunConfig, *, old_from_curre
             inputs[algorithm_lib.input_name("old", name)] = jax.lax.stop_gradient(
                 inputs["logp"] if name == "logp" else inputs[name])
         info = StepInfo(iteration=iteration, rng=rng, group_size=config.group_size,
-                        seed=config.seed)
+                        seed=config.seed, max_new_tokens=config.max_new_tokens)
         loss, metrics = algorithm.loss(inputs, info)
         mask = batch["mask"]
         metrics = dict(metrics)
@@ -364,8 +365,7 @@ class Learner:
                 # The correction compares the trainer's policy with the sampler's.
                 outputs = ("logp", *outputs)
             if outputs and outputs not in by_outputs:
-                by_outputs[outputs] = make_forward_fn(cfg, algorithm, outputs, config.temperature,
-                                                      config.max_new_tokens)
+                by_outputs[outputs] = make_forward_fn(cfg, algorithm, outputs, config.temperature)
             if outputs:
                 self.forward[policy] = by_outputs[outputs]
         self.pipeline = stages.RolloutPipeline(session.selection, session.sampler,
@@ -414,10 +414,14 @@ class Learner:
     def prepare(self, rollouts: Rollouts, iteration: int) -> dict:
         """The training batch: packed rows, the old and stored policies' forward outputs, and the
         algorithm's targets, all host numpy ``[N, ...]``."""
-        packed = rollout.pack_sequences(rollouts.prompts(), rollouts.tokens, rollouts.lengths,
-                                        pad_id=self.session.sampler.pad_id)
+        # Trained at the width of the longest response (bucketed), not the sampling budget.
+        width = rollout.response_bucket(int(np.max(rollouts.lengths)),
+                                        self.config.max_new_tokens)
+        self.response_width = width
+        packed = rollout.pack_sequences(rollouts.prompts(), rollouts.tokens[:, :width],
+                                        rollouts.lengths, pad_id=self.session.sampler.pad_id)
         batch = packed.model_inputs()
-        batch.update(behaviour_logp=rollouts.behaviour_logp, rewards=rollouts.rewards,
+        batch.update(behaviour_logp=rollouts.behaviour_logp[:, :width], rewards=rollouts.rewards,
                      group_index=rollouts.group_index, policy_version=rollouts.policy_version)
         # Before any update: the old policy is the current one; stored policies as of now.
         scored_with = {"old": self.state.params,
@@ -426,7 +430,7 @@ class Learner:
             {k: batch[k] for k in ("tokens", "attention_mask", "positions")}, self.batch_sharding)
         for policy, forward in self.forward.items():
             outputs = distributed.to_host(forward(self.policy_params(scored_with[policy]),
-                                                  placed))
+                                                  placed, num_response=width))
             batch.update({algorithm_lib.input_name(policy, k): np.asarray(v)
                           for k, v in outputs.items()})
         if self.config.rollout_correction != "none":
@@ -439,7 +443,7 @@ class Learner:
                                        for k, v in diagnostics.items()}
         if self.algorithm.prepare is not None:
             info = StepInfo(iteration=iteration, group_size=self.config.group_size,
-                            seed=self.config.seed,
+                            seed=self.config.seed, max_new_tokens=self.config.max_new_tokens,
                             rng=jax.random.fold_in(jax.random.PRNGKey(self.config.seed),
                                                    iteration))
             withheld = ({algorithm_lib.input_name("old", o) for o in self.algorithm.outputs("old")}
@@ -481,6 +485,11 @@ class Learner:
         record.update({
             "reward_mean": float(np.mean(rollouts.rewards)),
             "response_length": float(np.mean(rollouts.lengths)),
+            # What the update's forward passes compute: the batch's response width, and the
+            # share of those positions that are real tokens (the rest is padding).
+            "response_width": self.response_width,
+            "useful_token_fraction": float(np.sum(rollouts.lengths))
+            / (len(rollouts.lengths) * self.response_width),
             "rollouts": self.session.sampler.generated,
             "staleness_mean": float(np.mean(staleness)),
             "staleness_max": int(np.max(staleness)),
