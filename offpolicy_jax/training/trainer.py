@@ -375,6 +375,7 @@ class Learner:
             (policies.behind("sampler", config.rollout_lag),) if config.rollout_lag else (),
             params)
         self.correction_metrics = {}
+        self.response_width = config.max_new_tokens   # of the last batch (Learner.prepare)
         self.guard = step_lib.NonFiniteGuard(config.max_nonfinite_steps)
 
     # -- one iteration ---------------------------------------------------------------------------
