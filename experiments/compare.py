@@ -21,7 +21,7 @@ Command (embedded default, 2 CPU cores; measured 24 minutes on an idle machine):
 
 Methods: grpo, topr, remix, rover, arpo, rloo (default), ppo, dapo, dr_grpo, gspo, cispo,
 decoupled_ppo, expert_iteration, grpo_dynamic (DAPO's dynamic sampling), grpo_mopps and
-topr_mopps (MoPPS prompt selection).
+topr_mopps (MoPPS prompt selection), dpo, spin and veripo (preference and self-play training).
 
 Bounded staleness: ``--rollout_lags=0,2,4,8`` runs every method at each ``--rollout_lag`` (rows
 ``<method>_lag<k>``) and adds a method × lag table of final pass@1 and ``staleness.png``:
@@ -67,6 +67,14 @@ METHODS = {
     "cispo": ("grpo", ["--variant=cispo"]),
     "decoupled_ppo": ("grpo", ["--variant=decoupled_ppo"]),
     "expert_iteration": ("expert_iteration", ["--batches_per_iteration=8"]),
+    # Preference and self-play training (README, "Preference and self-play training"). DPO draws
+    # one dataset of --offline_prompts x --group_size responses (2,048 rollouts at its defaults),
+    # then trains on its pairs until the plan's --iterations cap; SPIN samples one response per
+    # demonstration per SPIN iteration (768 in all) and ends with its schedule; neither reaches
+    # the budget. VerIPO's GRPO stages spend it (its DPO stages sample nothing).
+    "dpo": ("dpo", []),
+    "spin": ("spin", []),
+    "veripo": ("veripo", []),
 }
 DEFAULT_METHODS = ["grpo", "topr", "remix", "rover", "arpo", "rloo"]
 

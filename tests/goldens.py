@@ -48,6 +48,11 @@ RUNS = [
     ("rloo", "rloo", []),
     ("rloo_kl", "rloo", ["--kl_coef=0.03"]),
     ("expert_iteration", "expert_iteration", ["--batches_per_iteration=2"]),
+    # 4 iterations cap SPIN's schedule (its second SPIN iteration starts at 3) and VerIPO's loop
+    # (GRPO, GRPO, then DPO).
+    ("dpo", "dpo", ["--offline_prompts=32"]),
+    ("spin", "spin", ["--num_demonstrations=16", "--batch_size=8", "--spin_epochs=1"]),
+    ("veripo", "veripo", ["--grpo_iterations=2"]),
 ]
 
 

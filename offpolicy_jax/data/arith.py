@@ -23,9 +23,11 @@ sampled answers to be right often but not always (pass@1 well below pass@8), whi
 for RL.
 """
 
+import collections
 import dataclasses
 import hashlib
 import random
+import re
 from collections.abc import Iterator
 
 SPLITS = ("train", "heldout")
@@ -119,6 +121,83 @@ class Problem:
 def format_prompt(expression: str) -> str:
     """The prompt for an expression: ``"Q: <expression>\\nA: "`` (the response follows)."""
     return f"Q: {expression}\nA: "
+
+
+def expression_of(prompt: str) -> str:
+    """The expression of a prompt made by :func:`format_prompt` (inverse of it).
+
+    Raises:
+      ValueError: when ``prompt`` is not an arith prompt.
+    """
+    if not (prompt.startswith("Q: ") and prompt.endswith("\nA: ")):
+        raise ValueError(f"not an arith prompt ('Q: <expression>\\nA: '): {prompt!r}")
+    return prompt[len("Q: "):-len("\nA: ")]
+
+
+# ---------------------------------------------------------------------------------------------
+# Checking a response's working, not only its answer.
+
+_STEP = re.compile(r"(-?\d+)([+\-*])(-?\d+)=(-?\d+)")
+_ANSWER = re.compile(r"\\boxed\{(-?\d+)\}")
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkingCheck:
+    """What :func:`check_working` found in a response.
+
+    Attributes:
+      well_formed: the response is ``"<step>, <step>, .... \\boxed{<int>}"`` with every step
+        ``a op b=c`` (integers, op in ``+ - *``), the task's response format.
+      steps_correct: every step's result is right (``a op b`` equals ``c``).
+      grounded: every step's operands are numbers of the problem or results of earlier steps,
+        each used once, and the working uses every number of the problem (nothing skipped,
+        nothing invented).
+      consistent: the boxed answer is the last step's result.
+    """
+
+    well_formed: bool
+    steps_correct: bool = False
+    grounded: bool = False
+    consistent: bool = False
+
+    @property
+    def valid(self) -> bool:
+        """A sound working: every check passes."""
+        return self.well_formed and self.steps_correct and self.grounded and self.consistent
+
+
+def check_working(expression: str, response: str) -> WorkingCheck:
+    """Checks the working of a response to ``expression``, beyond its final answer.
+
+    The process check of VerIPO's rollout-aware verifier on the embedded task: a response whose
+    answer is right can still have a wrong step that a later slip cancels, skip a step, or box
+    an answer its own working does not reach; one whose working is sound and whose answer is
+    wrong computed the wrong expression. Evaluation order is free (any order the operands allow).
+
+    Args:
+      expression: the problem, e.g. ``"12+7*3"``.
+      response: the model's response, e.g. ``"7*3=21, 12+21=33. \\boxed{33}"``.
+    """
+    working, separator, answer = response.strip().rpartition(". ")
+    answer_match = _ANSWER.fullmatch(answer)
+    pieces = working.split(", ")
+    matches = [_STEP.fullmatch(piece) for piece in pieces]
+    if not separator or answer_match is None or not all(matches):
+        return WorkingCheck(well_formed=False)
+    steps = [(int(m[1]), m[2], int(m[3]), int(m[4])) for m in matches]
+    steps_correct = all(_APPLY[op](a, b) == c for a, op, b, c in steps)
+    # The numbers available: the problem's literals, then each step's result; each used once.
+    available = collections.Counter(int(n) for n in re.findall(r"\d+", expression))
+    grounded = True
+    for a, _, b, c in steps:
+        for operand in (a, b):
+            if available[operand] < 1:
+                grounded = False
+            available[operand] -= 1
+        available[c] += 1
+    grounded = grounded and +available == collections.Counter([steps[-1][3]])
+    return WorkingCheck(well_formed=True, steps_correct=steps_correct, grounded=grounded,
+                        consistent=int(answer_match[1]) == steps[-1][3])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -21,6 +21,8 @@ An :class:`Algorithm` is plain data plus pure functions, so an experiment file r
 * ``minibatch_unit`` says which rows stay together when a batch is split: ``"row"``, ``"group"``
   (every response of a prompt: group statistics inside the loss) or ``"pair"`` (rows 2j and 2j+1:
   preference pairs).
+* ``evaluate_after`` names iterations after which the held-out set is evaluated besides the
+  run's own schedule (``--eval_every``...): the end of each of SPIN's iterations.
 * ``stages``, ``reward_fn`` and ``selection`` configure the rollout pipeline
   (``training.stages``): replay or mixing stages in order, the reward of a response (default: the
   math verifier), and how prompts are chosen (default: ``--prompt_selection``, the shuffled
@@ -106,6 +108,7 @@ class Algorithm:
       reward_fn: ``(records, responses, pool) -> rewards [n]`` (see ``stages.verifier_reward``);
         None: the math verifier.
       selection: the prompt-selection stage; None: the one ``--prompt_selection`` names.
+      evaluate_after: iterations after which to evaluate besides ``--eval_every`` and the end.
     """
 
     name: str
@@ -120,6 +123,7 @@ class Algorithm:
     stages: tuple = ()
     reward_fn: Callable | None = None
     selection: Any = None
+    evaluate_after: tuple = ()
 
     def __post_init__(self):
         known = {"current", "old", *(p.name for p in self.policies)}

@@ -67,6 +67,12 @@ class Checkpointer:
         arrays = jax.tree.map(lambda x: jax.device_get(x), arrays)
         return restored["state"], dict(restored["meta"]), arrays
 
+    def read_meta(self, step: int) -> dict:
+        """The JSON record of checkpoint ``step`` alone (e.g. which stage a multi-stage loop was
+        in, before restoring that stage's train state)."""
+        restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        return dict(restored["meta"])
+
     def read_state(self, step: int):
         """The raw state pytree of checkpoint ``step`` (host arrays, no target structure needed):
         for inspection, comparison and export."""

@@ -35,7 +35,8 @@ class RunConfig:
     """The shared run settings (one field per shared flag; see ``training.flags``).
 
     Counting: an *iteration* samples (or replays) one rollout batch of ``batch_size`` prompts ×
-    ``group_size`` responses and trains on it: ``num_passes`` passes over the batch, each split
+    ``group_size`` responses (a preference method's: ``batch_size`` pairs of responses, rows 2j
+    and 2j + 1) and trains on it: ``num_passes`` passes over the batch, each split
     into ``num_minibatches`` optimizer updates, each accumulated over ``num_microbatches`` slices.
     ``TrainState.step`` counts the optimizer updates. *Rollouts* count the freshly sampled
     responses (replayed ones are not counted); a run ends after ``iterations`` iterations or, with
@@ -165,8 +166,9 @@ class RunConfig:
             lora.LoraConfig(self.lora_rank, self.lora_alpha, lora.parse_targets(self.lora_targets))
 
     def _algorithm_checks(self, algorithm) -> list:
-        rows = self.batch_size * self.group_size
         unit = algorithm.minibatch_unit
+        # A batch of preference pairs holds --batch_size pairs; any other, --batch_size groups.
+        rows = 2 * self.batch_size if unit == "pair" else self.batch_size * self.group_size
         unit_rows = _UNIT_ROWS[unit](self.group_size)
         units = rows // unit_rows if rows % unit_rows == 0 else 0
         # Microbatches split a minibatch too, and must not cut a unit either.

@@ -17,7 +17,10 @@ TIMING_KEYS = ("tokens_per_s", "step_s", "rollout_s", "reward_s", "prepare_s", "
 
 
 def to_python(value):
-    """A JSON-friendly float/int from a numpy/JAX scalar (NaN and inf become strings)."""
+    """A JSON-friendly float/int from a numpy/JAX scalar (NaN and inf become strings); a string
+    (a label, e.g. VerIPO's stage) stays as it is and goes to metrics.jsonl only."""
+    if isinstance(value, str):
+        return value
     value = np.asarray(value)
     if value.dtype.kind in "iub":
         return int(value)

@@ -37,7 +37,8 @@ def run(config: RunConfig, algorithm: Algorithm) -> dict:
         rollouts_before = meta["rollouts"]
         record = learner.iteration(meta["iteration"] + 1)
         meta.update(iteration=meta["iteration"] + 1, rollouts=record["rollouts"])
-        if session.evaluation_due(meta, rollouts_before):
+        if session.evaluation_due(meta, rollouts_before) or \
+                meta["iteration"] in algorithm.evaluate_after:
             record.update(session.evaluate(learner.merged_policy()))
         session.log(record, meta)
         if session.checkpoint_due(meta):

@@ -8,6 +8,12 @@ An algorithm declares the stored policies its loss compares against; the trainer
                            i − k < 1 (k = 1: ReMix's π_{k−1}, updated every iteration)
     reset_after(name, T)   the initial policy up to iteration T, then the policy after iteration
                            T's updates, fixed from then on (ReMix's policy reincarnation at T)
+    snapshots(name, starts) the policy at the start of the latest of the iterations ``starts``
+                           that is <= i, the initial policy before the first (SPIN's opponent:
+                           one snapshot per SPIN iteration of several trainer iterations)
+
+A loop of several stages (VerIPO) restarts a store from the policy at a stage's start
+(:meth:`PolicyStore.restart`): every stored policy becomes that policy.
 
 The copies are device arrays with the policy's shardings. Copies still equal to the initial policy
 share one array and are not written to checkpoints (they are rebuilt from the model on resume),
@@ -25,7 +31,7 @@ import numpy as np
 
 from offpolicy_jax import distributed
 
-_RULES = ("never", "behind", "reset_after")
+_RULES = ("never", "behind", "reset_after", "snapshots")
 _INITIAL = "initial"
 
 
@@ -35,14 +41,17 @@ class StoredPolicy:
 
     Attributes:
       name: the key prefix of its forward outputs (``ref`` gives ``ref_logp``).
-      rule: "never", "behind" (``iterations`` behind the current iteration's start) or
-        "reset_after" (becomes the policy after iteration ``iterations``).
-      iterations: k for "behind", T for "reset_after"; unused for "never".
+      rule: "never", "behind" (``iterations`` behind the current iteration's start),
+        "reset_after" (becomes the policy after iteration ``iterations``) or "snapshots"
+        (becomes the current policy at the start of each iteration in ``starts``).
+      iterations: k for "behind", T for "reset_after"; unused otherwise.
+      starts: the increasing iterations (>= 1) at whose start "snapshots" copies the policy.
     """
 
     name: str
     rule: str = "never"
     iterations: int = 0
+    starts: tuple = ()
 
     def __post_init__(self):
         if self.rule not in _RULES:
@@ -54,6 +63,11 @@ class StoredPolicy:
         if self.rule == "reset_after" and self.iterations < 0:
             raise ValueError(f"stored policy {self.name!r}: reset_after(T) needs T >= 0, got "
                              f"{self.iterations}")
+        if self.rule == "snapshots" and (
+                not self.starts or self.starts[0] < 1
+                or any(b <= a for a, b in zip(self.starts, self.starts[1:]))):
+            raise ValueError(f"stored policy {self.name!r}: snapshots(starts) needs increasing "
+                             f"iterations >= 1, got {self.starts}")
         if not self.name.isidentifier() or self.name in ("old", "current"):
             raise ValueError(f"stored policy name {self.name!r} must be an identifier other "
                              f"than 'old' and 'current' (those name the trainer's own policies)")
@@ -72,6 +86,12 @@ def behind(name: str, iterations: int = 1) -> StoredPolicy:
 def reset_after(name: str, iteration: int) -> StoredPolicy:
     """The initial policy until iteration ``iteration``'s updates are done, then that policy."""
     return StoredPolicy(name, "reset_after", iteration)
+
+
+def snapshots(name: str, starts) -> StoredPolicy:
+    """The policy at the start of the latest iteration of ``starts`` that is <= the current one
+    (the initial policy before the first)."""
+    return StoredPolicy(name, "snapshots", starts=tuple(int(s) for s in starts))
 
 
 def _copy(params):
@@ -119,6 +139,10 @@ class PolicyStore:
                 # Iteration 1 starts from the initial policy: share that copy.
                 tag = _INITIAL if iteration == 1 else iteration
                 slots.append((self._initial if tag == _INITIAL else _copy(params), tag))
+            elif policy.rule == "snapshots" and iteration in policy.starts:
+                tag = _INITIAL if iteration == 1 else iteration
+                slots.append((self._initial if tag == _INITIAL else _copy(params), tag))
+                current[policy.name] = slots[0][0]
         return current
 
     def after_updates(self, iteration: int, params) -> None:
@@ -127,6 +151,17 @@ class PolicyStore:
             if policy.rule == "reset_after" and policy.iterations == iteration:
                 self._slots[policy.name] = collections.deque([(_copy(params), iteration)],
                                                              maxlen=1)
+
+    def restart(self, params, iteration: int) -> None:
+        """Every stored policy becomes ``params``, the policy at the start of ``iteration`` (a new
+        stage of a multi-stage loop: its reference is the policy the stage starts from). One copy
+        is shared by all slots and written to checkpoints under that iteration."""
+        if not self.policies:
+            return
+        copy = _copy(params)
+        for name, slots in self._slots.items():
+            self._slots[name] = collections.deque([(copy, iteration)] * slots.maxlen,
+                                                  maxlen=slots.maxlen)
 
     # -- checkpointing ---------------------------------------------------------------------------
 

@@ -65,9 +65,10 @@ class RolloutSampler:
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)
 
-    def sample(self, params, records: list[dict], seed_index: int, policy_version: int
-               ) -> Rollouts:
-        """``group_size`` responses per record from ``params``, scored by the reward function.
+    def sample(self, params, records: list[dict], seed_index: int, policy_version: int,
+               num_samples: int | None = None) -> Rollouts:
+        """``num_samples`` (default ``group_size``) responses per record from ``params``, scored
+        by the reward function.
 
         ``seed_index`` picks the sampling key, ``fold_in(PRNGKey(seed), seed_index)`` (the RL
         iteration for online batches); ``policy_version`` is stamped on every row."""
@@ -78,7 +79,8 @@ class RolloutSampler:
             temperature=config.temperature, top_k=config.top_k, top_p=config.top_p,
             eos_token_ids=self.eos_ids,
             seed=jax.random.fold_in(jax.random.PRNGKey(config.seed), seed_index),
-            num_samples=config.group_size, mesh=self.mesh, pad_token_id=self.pad_id)
+            num_samples=num_samples or config.group_size, mesh=self.mesh,
+            pad_token_id=self.pad_id)
         tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
         group_index = np.asarray(out.prompt_index)
         self.generated += tokens.shape[0]
@@ -192,7 +194,7 @@ class Stage:
 class RolloutPipeline:
     """Selection, generation with rewards, then the stages in order (see the module docstring)."""
 
-    def __init__(self, selection: PromptStream, sampler: RolloutSampler, stages=()):
+    def __init__(self, selection: PromptStream, sampler: RolloutSampler, stages=(), config=None):
         names = [selection.name] + [s.name for s in stages]
         if len(set(names)) != len(names):
             raise ValueError(f"rollout stage names must be distinct (they prefix metrics and "
@@ -200,13 +202,16 @@ class RolloutPipeline:
         self.selection = selection
         self.sampler = sampler
         self.stages = tuple(stages)
+        # The settings of the learner this pipeline feeds (its --batch_size), by default the
+        # sampler's; a stage of a multi-stage loop may train with its own (VerIPO's DPO stage).
+        self.config = config or sampler.config
 
     def collect(self, params, iteration: int, policy_version: int | None = None) -> Rollouts:
         """This iteration's training batch; fresh rows sample from ``params``, the policy of
         version ``policy_version`` (default ``iteration − 1``, the current policy; older with
         ``--rollout_lag``)."""
         version = iteration - 1 if policy_version is None else policy_version
-        wanted = self.sampler.config.batch_size
+        wanted = self.config.batch_size
         for stage in self.stages:
             wanted = stage.fresh_prompts(wanted, iteration)
         records = self.selection.select(wanted, iteration)
@@ -215,7 +220,7 @@ class RolloutPipeline:
         self.selection.observe(records, fresh, iteration)
         step = StageStep(iteration=iteration, params=params, policy_version=version,
                          records=records, fresh=fresh, sampler=self.sampler,
-                         selection=self.selection, config=self.sampler.config)
+                         selection=self.selection, config=self.config)
         rollouts = fresh
         for stage in self.stages:
             rollouts = stage.process(rollouts, step)
@@ -416,32 +421,15 @@ class OfflineDataset(Stage):
         del wanted, iteration
         return 0
 
-    def _build(self, step: StageStep) -> None:
-        parts, drawn = [], 0
-        while drawn < self.num_prompts:
-            records = step.selection.select(min(self.num_prompts - drawn,
-                                                step.config.batch_size), step.iteration)
-            # Seed indices far above any iteration number keep these draws independent of the
-            # online ones (fold_in needs a non-negative index).
-            parts.append(step.sampler.sample(step.params, records,
-                                             seed_index=(1 << 30) + len(parts), policy_version=0))
-            drawn += len(records)
-        self.dataset = batch_lib.concat(parts, step.sampler.pad_id)
-
     def process(self, rollouts: Rollouts | None, step: StageStep) -> Rollouts:
         del rollouts
         if self.dataset is None:
-            self._build(step)
-        group_size, config = step.config.group_size, step.config
-        num_groups = self.dataset.num_groups(group_size)
-        groups = []
-        for _ in range(config.batch_size):
-            epoch, position = divmod(self.cursor, num_groups)
-            order = np.random.default_rng([config.seed, epoch]).permutation(num_groups)
-            groups.append(order[position])
-            self.cursor += 1
-        self.epoch = epoch
-        return self.dataset.take_groups(groups, group_size)
+            self.dataset = draw_groups(step, self.num_prompts)
+        config = step.config
+        units, self.cursor, self.epoch = next_units(
+            self.dataset.num_groups(config.group_size), self.cursor, config.batch_size,
+            (config.seed,))
+        return self.dataset.take_groups(units, config.group_size)
 
     def metrics(self) -> dict:
         return {"epoch": self.epoch}
@@ -453,6 +441,37 @@ class OfflineDataset(Stage):
     def load_state_dict(self, meta: dict, arrays: dict) -> None:
         self.cursor = meta.get("cursor", 0)
         self.dataset = Rollouts.from_dict(arrays) if arrays else None
+
+
+def draw_groups(step: StageStep, num_prompts: int) -> Rollouts:
+    """``num_prompts`` prompts of the selection × ``--group_size`` responses from ``step.params``
+    (version 0), drawn ``--batch_size`` prompts at a time: the offline dataset of TOPR's setting,
+    the same for every method that draws one with the same seed and settings."""
+    parts, drawn = [], 0
+    while drawn < num_prompts:
+        records = step.selection.select(min(num_prompts - drawn, step.config.batch_size),
+                                        step.iteration)
+        # Seed indices far above any iteration number keep these draws independent of the
+        # online ones (fold_in needs a non-negative index).
+        parts.append(step.sampler.sample(step.params, records, seed_index=(1 << 30) + len(parts),
+                                         policy_version=0))
+        drawn += len(records)
+    return batch_lib.concat(parts, step.sampler.pad_id)
+
+
+def next_units(num_units: int, cursor: int, count: int, salt: tuple
+               ) -> tuple[np.ndarray, int, int]:
+    """The next ``count`` units of a dataset replayed in order, its unit order reshuffled every
+    epoch by ``default_rng([*salt, epoch])``: ``(unit indices, new cursor, epoch of the last)``.
+    ``cursor`` counts the units taken so far; a batch may run on into the next epoch."""
+    units, epoch, order = [], None, None
+    for _ in range(count):
+        current, position = divmod(cursor, num_units)
+        if current != epoch:
+            epoch, order = current, np.random.default_rng([*salt, current]).permutation(num_units)
+        units.append(order[position])
+        cursor += 1
+    return np.asarray(units, np.int64), cursor, epoch
 
 
 class DynamicSampling(Stage):

@@ -128,8 +128,10 @@ class Session:
         self.bar = None
 
     def evaluate(self, params) -> dict:
-        """Held-out pass@1 (mean over ``eval_samples`` samples per prompt) and
-        pass@eval_samples, with the same code as ``python -m offpolicy_jax.eval``."""
+        """Held-out pass@1 (mean over ``eval_samples`` samples per prompt) with its standard
+        error over the prompts (``eval/pass@1_se``: the per-prompt accuracies' standard deviation
+        / √prompts) and pass@eval_samples, with the same code as
+        ``python -m offpolicy_jax.eval``."""
         config = self.config
         result = runner.evaluate_prompts(
             self.cfg, params, self.tokenizer, self.eval_prompts, self.eval_golds,
@@ -137,8 +139,12 @@ class Session:
             max_new_tokens=config.max_new_tokens, temperature=config.eval_temperature,
             seed=config.seed + 1, eos_token_ids=self.sampler.eos_ids,
             pad_token_id=self.sampler.pad_id, pool=self.pool, mesh=self.mesh)
-        return {f"eval/{k}": v for k, v in result.metrics.items()
-                if k.startswith(("pass@", "maj@", "mean_length", "no_answer"))}
+        per_prompt = np.mean(result.correct, axis=1)
+        standard_error = (float(np.std(per_prompt, ddof=1) / np.sqrt(len(per_prompt)))
+                          if len(per_prompt) > 1 else 0.0)
+        return {"eval/pass@1_se": standard_error,
+                **{f"eval/{k}": v for k, v in result.metrics.items()
+                   if k.startswith(("pass@", "maj@", "mean_length", "no_answer"))}}
 
     def finished(self, meta: dict) -> bool:
         """After ``--iterations`` iterations, or once the fresh rollouts reach
@@ -318,10 +324,21 @@ class Learner:
     and forward functions, the stored policies and the rollout pipeline. Batches are host numpy,
     identical on every process; each process places only its devices' rows (a multi-process jit
     refuses numpy inputs) and reads forward outputs back whole.
+
+    A loop of several stages (``experiments/veripo.py``: GRPO, then DPO, repeated) keeps one
+    learner per stage, each with its own ``config`` (batch size, learning rate), and hands the
+    policy from one to the next: ``params = a.suspend()`` drops ``a``'s train state,
+    ``b.start_from(params, iteration)`` gives ``b`` a fresh optimizer state and restarts its
+    stored policies there (a stage's reference is the policy it starts from).
+
+    Args:
+      session: the run's session.
+      algorithm: the method.
+      config: this learner's settings; default the session's.
     """
 
-    def __init__(self, session: Session, algorithm: Algorithm):
-        config, mesh, cfg = session.config, session.mesh, session.cfg
+    def __init__(self, session: Session, algorithm: Algorithm, config: RunConfig | None = None):
+        config, mesh, cfg = config or session.config, session.mesh, session.cfg
         self.session, self.algorithm, self.config = session, algorithm, config
         params = models.shard_params(session.params, mesh)
         # With the mesh: a dimension its axes do not divide (2 key/value heads on tensor=4) is
@@ -342,14 +359,15 @@ class Learner:
         opt_config = optim.OptimizerConfig(name=config.optimizer,
                                            learning_rate=config.learning_rate,
                                            grad_clip=config.grad_clip)
-        optimizer = optim.make_optimizer(opt_config)
-        state = state_lib.create_train_state(params, optimizer, rng=config.seed)
-        state_sharding = step_lib.state_shardings(state, param_specs, mesh)
-        self.state = jax.device_put(state, state_sharding)
+        self.optimizer = optim.make_optimizer(opt_config)
+        state = state_lib.create_train_state(params, self.optimizer, rng=config.seed)
+        self.state_sharding = step_lib.state_shardings(state, param_specs, mesh)
+        self.state = jax.device_put(state, self.state_sharding)
         self.old_in_update = old_outputs_in_update(algorithm, config)
         self.train_step = step_lib.make_train_step(
-            make_loss_fn(cfg, algorithm, config, old_from_current=self.old_in_update), optimizer,
-            num_microbatches=config.num_microbatches, mesh=mesh, state_sharding=state_sharding,
+            make_loss_fn(cfg, algorithm, config, old_from_current=self.old_in_update),
+            self.optimizer, num_microbatches=config.num_microbatches, mesh=mesh,
+            state_sharding=self.state_sharding,
             learning_rate_fn=optim.make_schedule(opt_config),
             params_fn=self.adapted and self.adapted.params_fn,
             frozen_sharding=self.adapted and self.adapted.base_sharding)
@@ -369,7 +387,7 @@ class Learner:
             if outputs:
                 self.forward[policy] = by_outputs[outputs]
         self.pipeline = stages.RolloutPipeline(session.selection, session.sampler,
-                                               algorithm.stages)
+                                               algorithm.stages, config=config)
         # --rollout_lag=k: the sampler's policy is a stored copy k iterations behind.
         self.sampling_policy = policies.PolicyStore(
             (policies.behind("sampler", config.rollout_lag),) if config.rollout_lag else (),
@@ -377,6 +395,21 @@ class Learner:
         self.correction_metrics = {}
         self.response_width = config.max_new_tokens   # of the last batch (Learner.prepare)
         self.guard = step_lib.NonFiniteGuard(config.max_nonfinite_steps)
+
+    # -- stages of a multi-stage loop ------------------------------------------------------------
+
+    def suspend(self):
+        """Hands the policy over: returns the trainable parameters and drops the train state
+        (and with it the optimizer state) until :meth:`start_from`."""
+        params, self.state = self.state.params, None
+        return params
+
+    def start_from(self, params, iteration: int) -> None:
+        """Continues from ``params`` (another learner's, see :meth:`suspend`) at the start of
+        ``iteration``: a fresh optimizer state, and every stored policy restarted at ``params``."""
+        state = state_lib.create_train_state(params, self.optimizer, rng=self.config.seed)
+        self.state = jax.device_put(state, self.state_sharding)
+        self.policies.restart(params, iteration)
 
     # -- one iteration ---------------------------------------------------------------------------
 
@@ -495,12 +528,14 @@ class Learner:
             "staleness_mean": float(np.mean(staleness)),
             "staleness_max": int(np.max(staleness)),
             "stale_fraction": float(np.mean(staleness > 0)),
-            "zero_gradient_group_fraction": zero_gradient_group_fraction(
-                rollouts.rewards, self.config.group_size),
             "skipped_steps": self.skipped_steps,
             **self.correction_metrics,
             **self.pipeline.metrics(),
         })
+        if self.algorithm.minibatch_unit != "pair":
+            # Rows of a pair batch are not groups (a pair's rewards differ by construction).
+            record["zero_gradient_group_fraction"] = zero_gradient_group_fraction(
+                rollouts.rewards, self.config.group_size)
         return record
 
     def policy_params(self, trainable=None):
