@@ -631,7 +631,7 @@ def _spin_run(workdir, model, seen):
         return {}
 
     probe = dataclasses.replace(
-        spin, prepare=prepare, reward_fn=_reward,
+        spin, prepare=prepare, prepare_reads=("old_logp",), reward_fn=_reward,
         forward={**spin.forward, "old": ("logp",), "init": ("logp",)},
         policies=spin.policies + (policies.reference("init"),))
     config = RunConfig(workdir=str(workdir), model=model, iterations=schedule.total,
