@@ -92,3 +92,9 @@ def abstract_like(tree):
         return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
 
     return jax.tree.map(to_abstract, tree)
+
+
+def with_prefix(arrays: dict, prefix: str) -> dict:
+    """The entries of ``arrays`` whose key starts with ``prefix``, with it removed (the arrays a
+    part of the run saved under its own prefix)."""
+    return {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}

@@ -39,6 +39,7 @@ from offpolicy_jax import losses
 from offpolicy_jax.data import arith
 from offpolicy_jax.losses import common
 from offpolicy_jax.training import batch as batch_lib
+from offpolicy_jax.training import checkpoint as checkpoint_lib
 from offpolicy_jax.training import policies, stages
 from offpolicy_jax.training.algorithm import Algorithm
 from offpolicy_jax.training.batch import Rollouts
@@ -423,8 +424,8 @@ class SelfPlayPairs(PairDataset):
         return meta, arrays
 
     def load_state_dict(self, meta: dict, arrays: dict) -> None:
-        super().load_state_dict(meta, _with_prefix(arrays, "pairs/"))
-        previous = _with_prefix(arrays, "previous/")
+        super().load_state_dict(meta, checkpoint_lib.with_prefix(arrays, "pairs/"))
+        previous = checkpoint_lib.with_prefix(arrays, "previous/")
         self.previous = Rollouts.from_dict(previous) if previous else None
 
 
@@ -461,9 +462,6 @@ class RolloutCollector(stages.Stage):
         self.pad_id = meta["pad_id"]
         self.parts = [Rollouts.from_dict(arrays)] if arrays else []
 
-
-def _with_prefix(arrays: dict, prefix: str) -> dict:
-    return {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
 
 
 # ---------------------------------------------------------------------------------------------

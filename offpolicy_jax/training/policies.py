@@ -136,14 +136,16 @@ class PolicyStore:
             slots = self._slots[policy.name]
             current[policy.name] = slots[0][0]
             if policy.rule == "behind":
-                # Iteration 1 starts from the initial policy: share that copy.
-                tag = _INITIAL if iteration == 1 else iteration
-                slots.append((self._initial if tag == _INITIAL else _copy(params), tag))
+                slots.append(self._start_of(iteration, params))
             elif policy.rule == "snapshots" and iteration in policy.starts:
-                tag = _INITIAL if iteration == 1 else iteration
-                slots.append((self._initial if tag == _INITIAL else _copy(params), tag))
+                slots.append(self._start_of(iteration, params))
                 current[policy.name] = slots[0][0]
         return current
+
+    def _start_of(self, iteration: int, params) -> tuple:
+        """The slot of the policy at the start of ``iteration``: iteration 1 starts from the
+        initial policy, whose copy is shared."""
+        return (self._initial, _INITIAL) if iteration == 1 else (_copy(params), iteration)
 
     def after_updates(self, iteration: int, params) -> None:
         """Applies the "reset_after" rules: ``params`` is the policy after this iteration."""

@@ -28,6 +28,7 @@ import numpy as np
 
 from offpolicy_jax import distributed, replay, rewards, sampling
 from offpolicy_jax.training import batch as batch_lib
+from offpolicy_jax.training import checkpoint as checkpoint_lib
 from offpolicy_jax.training.batch import Rollouts
 
 
@@ -249,9 +250,8 @@ class RolloutPipeline:
                              f"{sorted(k for k in meta if k != 'generated')})")
         self.sampler.generated = meta["generated"]
         for part in self._parts():
-            prefix = f"{part.name}/"
-            part.load_state_dict(meta[part.name], {k[len(prefix):]: v for k, v in arrays.items()
-                                                   if k.startswith(prefix)})
+            part.load_state_dict(meta[part.name],
+                                 checkpoint_lib.with_prefix(arrays, f"{part.name}/"))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -585,8 +585,8 @@ class Learner:
             return self.session.start({}, self.merged_policy())
         self.state, meta, arrays = self.session.checkpointer.restore(
             latest, checkpoint_lib.abstract_like(self.state))
-        self.pipeline.load_state_dict(meta["pipeline"], _with_prefix(arrays, "rollouts/"))
-        self.policies.load_state_dict(meta["policies"], _with_prefix(arrays, "policies/"))
+        self.pipeline.load_state_dict(meta["pipeline"], checkpoint_lib.with_prefix(arrays, "rollouts/"))
+        self.policies.load_state_dict(meta["policies"], checkpoint_lib.with_prefix(arrays, "policies/"))
         # Checkpoints from before --rollout_lag existed have no sampling policy (and no lag).
         saved_lag = len(meta.get("sampling_policy", {}).get("sampler", ()))
         if saved_lag != self.config.rollout_lag:
@@ -594,7 +594,7 @@ class Learner:
                              f"--rollout_lag={saved_lag}; resume it with the same value, not "
                              f"{self.config.rollout_lag}")
         self.sampling_policy.load_state_dict(meta.get("sampling_policy", {}),
-                                             _with_prefix(arrays, "sampling_policy/"))
+                                             checkpoint_lib.with_prefix(arrays, "sampling_policy/"))
         return self.session.resumed(meta)
 
 
@@ -626,7 +626,3 @@ def zero_gradient_group_fraction(rewards: np.ndarray, group_size: int) -> float:
     of their responses (what prompt selection and dynamic sampling try to avoid)."""
     grouped = np.asarray(rewards).reshape(-1, group_size)
     return float(np.mean(grouped.max(axis=1) == grouped.min(axis=1)))
-
-
-def _with_prefix(arrays: dict, prefix: str) -> dict:
-    return {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
