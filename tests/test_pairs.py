@@ -484,28 +484,9 @@ def test_pairwise_losses_split_a_pair_batch():
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    """A tiny random Qwen2-style checkpoint with tiny-arith's tokenizer (as in test_trainer)."""
-    from offpolicy_jax import models, tiny_arith
-    from offpolicy_jax.data import tokenizer as tokenizer_lib
-    directory = str(tmp_path_factory.mktemp("tiny_model"))
-    tokenizer_lib.build_char_tokenizer(directory)
-    tokenizer = models.load_tokenizer(directory)
-    recipe = tiny_arith.TinyArithRecipe(hidden_size=64, intermediate_size=128, num_layers=2,
-                                        num_heads=4, num_kv_heads=2)
-    cfg = tiny_arith.model_config(len(tokenizer), recipe)
-    rng = np.random.default_rng(0)
-
-    def draw(path, leaf):
-        if "norm" in jax.tree_util.keystr(path):
-            return np.ones(leaf.shape, np.float32)
-        return (0.02 * rng.standard_normal(leaf.shape)).astype(np.float32)
-
-    params = jax.tree_util.tree_map_with_path(draw, models.param_shapes(cfg))
-    cfg = dataclasses.replace(cfg, eos_token_id=tokenizer.eos_token_id,
-                              bos_token_id=tokenizer.bos_token_id)
-    models.save_hf_checkpoint(directory, cfg, params)
-    return directory
+def tiny_model(random_tiny_model):
+    """The tiny random checkpoint of ``conftest.random_tiny_model``."""
+    return random_tiny_model
 
 
 def _reward(records, responses, pool):

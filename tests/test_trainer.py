@@ -549,35 +549,10 @@ def test_pipeline_refuses_a_checkpoint_without_a_stage():
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    """A tiny random Qwen2-style checkpoint with tiny-arith's character tokenizer, saved as a
-    Hugging Face checkpoint and loaded through ``--model=<dir>`` like a real model.
-
-    No SFT warm start (the fake algorithm needs a sampler, not a solver), and the weights are
-    drawn with numpy over ``models.param_shapes`` (normal(0.02), unit norms, as ``init_params``
-    does) because compiling the flax initialiser would cost more than the rest of the setup."""
-    import dataclasses
-
-    from offpolicy_jax import models, tiny_arith
-    from offpolicy_jax.data import tokenizer as tokenizer_lib
-    directory = str(tmp_path_factory.mktemp("tiny_model"))
-    tokenizer_lib.build_char_tokenizer(directory)
-    tokenizer = models.load_tokenizer(directory)
-    recipe = tiny_arith.TinyArithRecipe(hidden_size=64, intermediate_size=128, num_layers=2,
-                                        num_heads=4, num_kv_heads=2)
-    cfg = tiny_arith.model_config(len(tokenizer), recipe)
-    rng = np.random.default_rng(0)
-
-    def draw(path, leaf):
-        if "norm" in jax.tree_util.keystr(path):
-            return np.ones(leaf.shape, np.float32)
-        return (0.02 * rng.standard_normal(leaf.shape)).astype(np.float32)
-
-    params = jax.tree_util.tree_map_with_path(draw, models.param_shapes(cfg))
-    cfg = dataclasses.replace(cfg, eos_token_id=tokenizer.eos_token_id,
-                              bos_token_id=tokenizer.bos_token_id)
-    models.save_hf_checkpoint(directory, cfg, params)
-    return directory
+def tiny_model(random_tiny_model):
+    """The tiny random checkpoint of ``conftest.random_tiny_model`` (no SFT warm start: the fake
+    algorithm needs a sampler, not a solver)."""
+    return random_tiny_model
 
 
 # 8 prompts x 2 responses = 16 rows in 2 minibatches of 8: the batch splits over the 8 fake
