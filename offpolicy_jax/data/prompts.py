@@ -233,7 +233,8 @@ def load_train_and_eval(dataset: str, *, prompt_field: str = "question",
                         answer_field: str = "answer", eval_size: int = 64, seed: int = 0,
                         tokenizer=None, use_chat_template: bool = True,
                         instruction: str = DEFAULT_INSTRUCTION, prompt_format: str = "chat",
-                        data_dir: str | None = None, arith_config: arith.ArithConfig = arith.ArithConfig(),
+                        data_dir: str | None = None,
+                        arith_config: arith.ArithConfig = arith.ArithConfig(),
                         num_arith_train: int = ARITH_NUM_TRAIN, train_size: int = 0
                         ) -> tuple[list[dict], list[dict]]:
     """Training and held-out prompt records for ``--dataset``.
