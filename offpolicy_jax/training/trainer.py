@@ -585,8 +585,10 @@ class Learner:
             return self.session.start({}, self.merged_policy())
         self.state, meta, arrays = self.session.checkpointer.restore(
             latest, checkpoint_lib.abstract_like(self.state))
-        self.pipeline.load_state_dict(meta["pipeline"], checkpoint_lib.with_prefix(arrays, "rollouts/"))
-        self.policies.load_state_dict(meta["policies"], checkpoint_lib.with_prefix(arrays, "policies/"))
+        self.pipeline.load_state_dict(meta["pipeline"],
+                                      checkpoint_lib.with_prefix(arrays, "rollouts/"))
+        self.policies.load_state_dict(meta["policies"],
+                                      checkpoint_lib.with_prefix(arrays, "policies/"))
         # Checkpoints from before --rollout_lag existed have no sampling policy (and no lag).
         saved_lag = len(meta.get("sampling_policy", {}).get("sampler", ()))
         if saved_lag != self.config.rollout_lag:
