@@ -23,19 +23,47 @@ Modes:
   ``--group_size`` responses is sampled from the initial policy, then the policy is trained on it
   for ``--iterations`` iterations (each takes the next ``--batch_size`` prompts' groups; μ is fixed).
 
+Tasks:
+* ``--task=solve`` (default): the policy learns to solve the problems (everything above).
+* ``--task=verifier``: TOPR's generative verifier (§5, Table 2: accuracy 32.6 % -> 70.9 % on
+  GSM8K). The offline dataset holds (problem, solution, verdict) triples drawn from the initial
+  policy: ``--group_size`` solutions per problem, ``--verifier_solutions`` of them per problem
+  rated by ``--group_size`` sampled verifications each (``training.stages.SelfVerification``;
+  the prompt as in ``rise.py``: the compact format on the embedded task, the RISE template on real
+  checkpoints). A verdict whose rating matches the solution's true outcome (correct / wrong / no
+  answer) is a positive (R = +1, SFT weight), any other a negative (R = -1, truncated importance
+  weight). Each evaluation reports the verifier's accuracy on one fixed set of held-out
+  (problem, solution) pairs, the initial policy's held-out samples (``eval/verify_accuracy``;
+  the final JSON line has ``verify_accuracy_before`` / ``_after``). Defaults: ``--mode=offline``
+  (the paper's), ``--model=tiny-arith-verify`` and ``--max_new_tokens=64`` unless given. With
+  ``--mode=online`` each iteration verifies solutions freshly sampled from the current policy.
+
+    python experiments/topr.py --task=verifier
+
 Departures from the paper (commented where set, see ``EMBEDDED_DEFAULTS``): rewards are the
 verifier's {0, 1} mapped to {-1, +1}; AdamW at a learning rate suited to a 0.8M-parameter model
 instead of Adafactor at 5e-7 on Llama-3-8B; a negative baseline c; 8 samples per prompt instead of
-16/32.
+16/32. The verifier's verdict is a rating on RISE's scale (1 / -0.5 / -1) rather than the paper's
+yes/no.
 """
 
 import numpy as np
 from absl import app, flags
 
-from offpolicy_jax import losses, tiny_arith
+from offpolicy_jax import losses, tiny_arith, verification
 from offpolicy_jax.training import flags as shared_flags
 from offpolicy_jax.training import loop, stages
 from offpolicy_jax.training.algorithm import Algorithm
+
+TASK = flags.DEFINE_enum("task", "solve", ["solve", "verifier"], "Train the policy to solve the "
+                         "problems, or TOPR's generative verifier: to rate solutions (§5).")
+VERIFIER_SELECTION = flags.DEFINE_enum("verifier_selection", "spread", ["spread", "balanced"],
+                                       "--task=verifier: which solutions are rated, spread over "
+                                       "the problems, or half correct and half not as far as "
+                                       "there are (see rise.py --verify_selection).")
+VERIFIER_SOLUTIONS = flags.DEFINE_integer("verifier_solutions", 2, "--task=verifier: solutions "
+                                          "rated per problem (of --group_size sampled), each "
+                                          "by --group_size verifications.")
 
 MODE = flags.DEFINE_enum("mode", "online", ["online", "offline"], "Online (resample every "
                          "iteration) or offline (one dataset from the initial policy).")
@@ -51,7 +79,8 @@ NEGATIVE_REWARD = flags.DEFINE_float("negative_reward", -1.0, "Reward of a wrong
                                      "uses R in {+1, -1}; the verifier gives 1 for correct).")
 
 
-def make_algorithm() -> Algorithm:
+def make_algorithm(dataset: str = "arith", batch_size: int = 0,
+                   prompt_format: str = "chat") -> Algorithm:
     negative_reward = NEGATIVE_REWARD.value
     baseline = BASELINE.value
     ratio_level = RATIO_LEVEL.value
@@ -67,6 +96,8 @@ def make_algorithm() -> Algorithm:
         return losses.topr(inputs["logp"], inputs["behaviour_logp"], inputs["advantages"],
                            inputs["mask"], baseline=baseline, ratio_level=ratio_level)
 
+    if TASK.value == "verifier":
+        return verifier_algorithm(loss, signed_rewards, dataset, batch_size, prompt_format)
     # The offline setting replaces every iteration's fresh batch by the next groups of one dataset
     # sampled from the initial policy.
     replay = (stages.OfflineDataset(num_prompts=OFFLINE_PROMPTS.value),) \
@@ -75,9 +106,51 @@ def make_algorithm() -> Algorithm:
                      stages=replay)
 
 
+def verifier_algorithm(loss, signed_rewards, dataset: str, batch_size: int,
+                       prompt_format: str) -> Algorithm:
+    """TOPR on verification rows only: offline, a dataset of verifications of the initial
+    policy's solutions; online, verifications of each iteration's fresh solutions."""
+    template = verification.COMPACT if dataset == "arith" else verification.PAPER
+
+    def make_prompt(record, solution, tokenizer):
+        return verification.verification_prompt(record, solution, template=template,
+                                                tokenizer=tokenizer,
+                                                use_chat_template=prompt_format == "chat")
+
+    per_problem = VERIFIER_SOLUTIONS.value
+    # Online: each iteration rates per_problem solutions of each of its batch_size problems.
+    verifier = stages.SelfVerification(per_problem * batch_size, make_prompt,
+                                       keep_solutions=False, selection=VERIFIER_SELECTION.value)
+    if MODE.value == "offline":
+        def sample(step, records, seed_index):
+            """Solutions of ``records`` from the initial policy, then the verifications of
+            ``per_problem`` of each problem's solutions (the dataset's rows)."""
+            solutions = step.sampler.sample(step.params, records, seed_index=seed_index,
+                                            policy_version=0)
+            rng = np.random.default_rng([step.config.seed, seed_index, 17])
+            # Verification keys: another branch above the solutions' (1 << 30) + k.
+            return verifier.verify(step, solutions, records, per_problem * len(records),
+                                   seed_index + (1 << 20), rng)
+
+        pipeline = (stages.OfflineDataset(num_prompts=OFFLINE_PROMPTS.value, sample=sample),)
+    else:
+        pipeline = (verifier,)
+    evaluation = verification.HeldOutVerification(make_prompt, solutions="initial")
+    # Solutions are scored by outcome (correct / wrong / no answer): their rating is the gold of
+    # their verifications.
+    return Algorithm(name="topr_verifier", loss=loss, prepare=signed_rewards,
+                     needs_groups=False, stages=pipeline, evaluation=evaluation,
+                     reward_fn=verification.make_outcome_reward(verifier.reward))
+
+
 def main(argv):
     del argv
-    loop.run(shared_flags.run_config("topr"), make_algorithm())
+    if TASK.value == "verifier":
+        for name, value in VERIFIER_DEFAULTS.items():
+            if not flags.FLAGS[name].present:
+                flags.FLAGS[name].value = value
+    config = shared_flags.run_config("topr" if TASK.value == "solve" else "topr_verifier")
+    loop.run(config, make_algorithm(config.dataset, config.batch_size, config.prompt_format))
 
 
 # Defaults for the embedded tiny-arith task on 2 CPU cores, each a departure from the paper's
@@ -94,6 +167,11 @@ EMBEDDED_DEFAULTS = {
     "iterations": 200,
     "eval_size": 256,        # 256 held-out prompts x 8 samples: pass@1 standard error ~2 points
 }
+
+
+# --task=verifier, unless given: the paper's offline setting, the embedded model that has seen
+# verification demonstrations, and room for a check of three steps (up to 62 characters).
+VERIFIER_DEFAULTS = {"mode": "offline", "model": tiny_arith.VERIFY_ALIAS, "max_new_tokens": 64}
 
 
 if __name__ == "__main__":

@@ -92,6 +92,88 @@ def build(directory: str, recipe: TinyArithRecipe = TinyArithRecipe(), *, log_fn
     return directory
 
 
+VERIFY_ALIAS = "tiny-arith-verify"
+
+
+@dataclasses.dataclass(frozen=True)
+class TinyArithVerifyRecipe:
+    """``tiny-arith-verify``: ``tiny-arith`` fine-tuned further on solving *and* verification
+    demonstrations (``data.arith.verification_demonstrations``), so the embedded model can check
+    its own solutions (RISE, TOPR's generative verifier). ``tiny-arith`` itself is untouched.
+
+    Changing any field (or the base recipe) rebuilds the cached model.
+
+    Attributes:
+      base: the ``tiny-arith`` recipe it starts from (built first if needed).
+      solve_examples: solving demonstrations in the mix (slipping at the base recipe's rate), so
+        the solving skill is kept while verification is learned.
+      verify_examples: verification demonstrations in the mix.
+      solution_slip_probability: per-step slips of the solutions to verify (0.25: about half of
+        them are wrong).
+      check_slip_probability: per-step slips of the checker in the demonstrations: an imperfect
+        verifier to start from, which RL can improve.
+      no_answer_fraction: solutions cut off before their boxed answer (rated -1).
+    """
+
+    version: int = 1
+    base: TinyArithRecipe = TinyArithRecipe()
+    solve_examples: int = 10_000
+    verify_examples: int = 10_000
+    sft_steps: int = 300
+    sft_batch_size: int = 64
+    sft_learning_rate: float = 1e-3
+    solution_slip_probability: float = 0.25
+    check_slip_probability: float = 0.1
+    no_answer_fraction: float = 0.05
+    seed: int = 1
+
+
+def verify_examples(recipe: TinyArithVerifyRecipe) -> list[tuple[str, str]]:
+    """The fine-tuning mix of ``recipe``: solving demonstrations, then verification ones."""
+    solve = arith.demonstrations(recipe.solve_examples, seed=recipe.seed,
+                                 slip_probability=recipe.base.slip_probability)
+    verify = arith.verification_demonstrations(
+        recipe.verify_examples, seed=recipe.seed,
+        solution_slip_probability=recipe.solution_slip_probability,
+        check_slip_probability=recipe.check_slip_probability,
+        no_answer_fraction=recipe.no_answer_fraction)
+    return solve + verify
+
+
+def build_verify(directory: str, recipe: TinyArithVerifyRecipe = TinyArithVerifyRecipe(), *,
+                 base_dir: str | None = None, cache_dir: str | None = None,
+                 log_fn=print) -> str:
+    """Fine-tunes the base model (``base_dir``, default the cached ``recipe.base`` build) on
+    ``verify_examples(recipe)`` and saves it with its tokenizer in ``directory``."""
+    base_dir = base_dir or ensure(cache_dir, recipe.base, log_fn=log_fn)
+    tokenizer_lib.build_char_tokenizer(directory)
+    tokenizer = models.load_tokenizer(directory)
+    cfg, params = models.load_hf_checkpoint(base_dir, dtype=jnp.float32)
+    examples = verify_examples(recipe)
+    log_fn(f"{VERIFY_ALIAS}: fine-tuning {base_dir} on {len(examples)} solving and verification "
+           f"demonstrations ({recipe.sft_steps} steps)")
+    params, _, _ = sft.train_sft(
+        cfg, params, tokenizer, examples, steps=recipe.sft_steps,
+        batch_size=recipe.sft_batch_size, learning_rate=recipe.sft_learning_rate,
+        seed=recipe.seed, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
+        warmup_steps=recipe.sft_steps // 10, log_every=max(recipe.sft_steps // 5, 1),
+        log_fn=log_fn)
+    models.save_hf_checkpoint(directory, cfg, params)
+    with open(os.path.join(directory, STAMP_FILE), "w") as f:
+        json.dump(dataclasses.asdict(recipe), f, indent=1)
+    return directory
+
+
+def ensure_verify(cache_dir: str | None = None,
+                  recipe: TinyArithVerifyRecipe = TinyArithVerifyRecipe(), *,
+                  log_fn=print) -> str:
+    """The cached ``tiny-arith-verify`` directory, built first (after its base) if missing or
+    stale; locking and staging as in ``ensure``."""
+    return _ensure_built(cache_dir, VERIFY_ALIAS, recipe,
+                         lambda directory: build_verify(directory, recipe, cache_dir=cache_dir,
+                                                        log_fn=log_fn))
+
+
 def default_cache_dir() -> str:
     return os.environ.get("OFFPOLICY_JAX_CACHE",
                           os.path.join(os.path.expanduser("~"), ".cache", "offpolicy_jax"))
@@ -106,18 +188,25 @@ def ensure(cache_dir: str | None = None, recipe: TinyArithRecipe = TinyArithReci
     several processes start at once (``launch/local.sh``), one builds and the others wait for it
     and then load its result.
     """
+    return _ensure_built(cache_dir, ALIAS, recipe,
+                         lambda directory: build(directory, recipe, log_fn=log_fn))
+
+
+def _ensure_built(cache_dir: str | None, alias: str, recipe, build_fn) -> str:
+    """``<cache>/<alias>-v<version>``, built with ``build_fn(staging directory)`` under the
+    alias's lock unless a finished build of ``recipe`` is already there (see ``ensure``)."""
     cache_dir = cache_dir or default_cache_dir()
-    directory = os.path.join(cache_dir, f"{ALIAS}-v{recipe.version}")
+    directory = os.path.join(cache_dir, f"{alias}-v{recipe.version}")
     if _is_current(directory, recipe):
         return directory
     os.makedirs(cache_dir, exist_ok=True)
-    with open(os.path.join(cache_dir, f".{ALIAS}-v{recipe.version}.lock"), "w") as lock:
+    with open(os.path.join(cache_dir, f".{alias}-v{recipe.version}.lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)          # released when the file is closed
         if _is_current(directory, recipe):        # another process built it meanwhile
             return directory
-        staging = tempfile.mkdtemp(prefix=f".{ALIAS}-", dir=cache_dir)
+        staging = tempfile.mkdtemp(prefix=f".{alias}-", dir=cache_dir)
         try:
-            build(staging, recipe, log_fn=log_fn)
+            build_fn(staging)
             shutil.rmtree(directory, ignore_errors=True)
             os.replace(staging, directory)
         finally:
@@ -135,13 +224,16 @@ def _is_current(directory: str, recipe: TinyArithRecipe) -> bool:
 
 
 def resolve_model(name: str) -> str:
-    """``--model`` to a checkpoint directory: the alias ``tiny-arith`` or an existing directory."""
+    """``--model`` to a checkpoint directory: the alias ``tiny-arith`` (or ``tiny-arith-verify``)
+    or an existing directory."""
     if name == ALIAS:
         return ensure()
+    if name == VERIFY_ALIAS:
+        return ensure_verify()
     if os.path.isdir(name):
         if not os.path.exists(os.path.join(name, "config.json")):
             raise FileNotFoundError(f"--model={name!r}: the directory has no config.json; expected "
                                     f"a Hugging Face checkpoint directory")
         return name
-    raise FileNotFoundError(f"--model={name!r} is neither the alias {ALIAS!r} nor an existing "
-                            f"checkpoint directory")
+    raise FileNotFoundError(f"--model={name!r} is neither the alias {ALIAS!r} (or "
+                            f"{VERIFY_ALIAS!r}) nor an existing checkpoint directory")

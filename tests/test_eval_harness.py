@@ -472,3 +472,69 @@ def test_documented_commands_parse_with_the_real_flags():
                             capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"parsed {len(commands)}" in result.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# Best-of-n with a generative verifier.
+
+
+def test_rerank_picks_the_sample_with_the_best_mean_rating(monkeypatch):
+    """2 problems x 3 samples, 2 verifications each (ratings by hand); ties go to the earlier
+    sample; a missing or foreign rating counts as -1."""
+    from offpolicy_jax import verification
+    result = runner.EvalResult(
+        metrics={}, responses=["a0", "a1", "a2", "b0", "b1", "b2"],
+        extracted=["1", "2", None, "5", "5", "6"],
+        correct=np.array([[False, True, False], [True, True, False]]), reasons=[""] * 6,
+        lengths=np.ones(6, np.int32))
+    ratings = {"a0": ["1", "-0.5"], "a1": ["1", "1"], "a2": [None, "1"],
+               "b0": ["-0.5", "1"], "b1": ["1", "-0.5"], "b2": ["7", "1"]}
+    seen = {}
+
+    def fake_evaluate(cfg, params, tokenizer, prompts, golds, *, num_samples, **kwargs):
+        texts = [tokenizer.decode(p) for p in prompts]
+        seen.update(golds=golds, num_samples=num_samples, texts=texts)
+        extracted = [r for text in texts for r in ratings[text.split("|")[1]]]
+        correct = np.array([runner.vote_key(x) == runner.vote_key(g) if x else False
+                            for x, g in zip(extracted, np.repeat(golds, num_samples))])
+        return runner.EvalResult(metrics={}, responses=[""] * len(extracted),
+                                 extracted=extracted,
+                                 correct=correct.reshape(len(prompts), num_samples),
+                                 reasons=[""] * len(extracted),
+                                 lengths=np.ones(len(extracted), np.int32))
+
+    class Tokenizer:
+        def encode(self, text, add_special_tokens=False):
+            return [ord(c) for c in text]
+
+        def decode(self, ids):
+            return "".join(chr(i) for i in ids)
+
+    monkeypatch.setattr(runner, "evaluate_prompts", fake_evaluate)
+    records = [{"prompt": "p", "gold": "1"}, {"prompt": "q", "gold": "5"}]
+    out = verification.rerank_best_of_n(
+        None, None, Tokenizer(), records, result,
+        make_prompt=lambda record, text, tokenizer: f"{record['prompt']}|{text}", samples=2,
+        max_new_tokens=8, temperature=1.0)
+    # Problem 0: means 0.25, 1, 0 -> sample 1 (correct). Problem 1: 0.25, 0.25, 0 -> sample 0
+    # (the tie goes to the earlier one; correct).
+    assert out["reranked@3"] == 1.0
+    assert out["pass@1"] == pytest.approx(3 / 6) and out["pass@3"] == 1.0
+    assert seen["num_samples"] == 2 and seen["texts"][0] == "p|a0"
+    assert seen["golds"] == ["-0.5", "1", "-1", "1", "1", "-0.5"]
+    # Verifier accuracy: a rating is accurate when it is the sample's own.
+    assert out["verify_accuracy"] == pytest.approx(5 / 12)
+
+
+def test_command_reranks_with_the_model_itself(tiny_model, tmp_path):
+    out = tmp_path / "out"
+    result = _run_cli(f"--model={tiny_model}", "--benchmarks=arith", "--limit=3",
+                      "--num_samples=2", "--max_new_tokens=24", "--temperature=1.0",
+                      "--rerank_with=self", "--rerank_samples=2", f"--out={out}",
+                      "--progress=false")
+    assert result.returncode == 0, result.stderr[-3000:]
+    bench = json.loads((out / "results.json").read_text())["benchmarks"]["arith"]
+    assert 0.0 <= bench["reranked@2"] <= bench["pass@2"]
+    assert 0.0 <= bench["verify_accuracy"] <= 1.0
+    assert bench["settings"]["rerank_with"] == "self"
+    assert "reranked@2 (%)" in result.stdout

@@ -75,6 +75,11 @@ EXPERIMENTS = [
     # LoRA next to a trainable value head (the adapters and the head are the trainable params).
     ("ppo", ["--lora_rank=4", "--lora_targets=q,v,down", "--learning_rate=1e-3"]),
     ("expert_iteration", ["--batches_per_iteration=2", "--sft_batch_size=8"]),
+    # RISE: 4 x 4 solutions, 2 of them verified 4 times each, one batch.
+    ("rise", ["--verify_solutions=2"]),
+    ("rise", ["--variant=ppo", "--verify_solutions=4", "--kl_coef=0.01"]),
+    # TOPR's generative verifier, offline: 4 problems x 2 rated solutions x 4 verifications.
+    ("topr", ["--task=verifier", "--offline_prompts=4"]),
 ]
 
 
@@ -101,6 +106,22 @@ def test_experiment_runs_end_to_end(tiny_model, tmp_path, name, extra):
     if "--rollout_lag=1" in extra:                     # iteration 2 samples from version 0
         assert [r["staleness_max"] for r in records[1:]] == [0, 1]
         assert "correction/weight_mean" in records[-1]
+    if name == "rise":                                 # both tasks, logged apart
+        verified = 2 if "--verify_solutions=2" in extra else 4
+        for r in records[1:]:
+            assert (r["solve/rows"], r["verify/rows"]) == (16, 4 * verified)
+            assert r["verify/share"] == pytest.approx(4 * verified / (16 + 4 * verified))
+            assert r["verify/solutions"] == verified
+            assert 0.0 <= r["verify/accuracy"] <= 1.0
+            assert r["rollouts"] == r["verify/rollouts"] + r["verify/solve_rollouts"]
+        assert [r["rollouts"] for r in records[1:]] == [16 + 4 * verified, 32 + 8 * verified]
+    if name in ("rise", "topr") and ("--task=verifier" in extra or name == "rise"):
+        for r in (records[0], records[-1]):             # held-out verification, every eval
+            assert 0.0 <= r["eval/verify_accuracy"] <= 1.0
+        assert {"verify_accuracy_before", "verify_accuracy_after"} <= set(summary)
+    if "--task=verifier" in extra:                     # verification rows only, one dataset
+        assert all(r["verify/share"] == 1.0 for r in records[1:])
+        assert [r["rollouts"] for r in records[1:]] == [16 + 32, 16 + 32]
     assert (workdir / "tensorboard").is_dir()
     # The final policy, exported as a Hugging Face checkpoint (and a PEFT adapter for LoRA).
     assert (workdir / "export" / "model.safetensors").exists()
@@ -221,6 +242,45 @@ def test_invalid_flags_fail_at_start_up(tmp_path, flags, message):
     result = run_experiment("grpo", f"--workdir={tmp_path}", *flags, check=False, timeout=120)
     assert result.returncode != 0
     assert message in result.stderr
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--batch_size=2", "--group_size=2", "--verify_solutions=5"],
+     "--verify_solutions=5: an iteration samples only"),
+    (["--batch_size=2", "--group_size=2", "--verify_solutions=1", "--num_minibatches=4"],
+     "= 6 rows must divide into --num_minibatches=4"),
+    (["--wrong_reward=-1"], "must differ"),
+])
+def test_invalid_rise_flags_fail_at_start_up(tmp_path, flags, message):
+    result = run_experiment("rise", f"--workdir={tmp_path}", "--model=tiny-arith", *flags,
+                            check=False, timeout=120)
+    assert result.returncode != 0
+    assert message in result.stderr
+
+
+def test_rise_resumes_exactly(tiny_model, tmp_path):
+    """A RISE run restarted from its iteration-2 checkpoint (the iteration-3 checkpoint lost)
+    redoes iteration 3 exactly: the verification stage's counters, the down-sampling and both
+    tasks' sampling keys are functions of (seed, iteration) or checkpointed."""
+    import shutil
+    flags = [f"--model={tiny_model}", *SMOKE_FLAGS, "--iterations=3", "--verify_solutions=3",
+             "--export_final=false"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run_experiment("rise", f"--workdir={straight}", *flags)
+    shutil.copytree(straight, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "3")
+    summary = summary_of(run_experiment("rise", f"--workdir={resumed}", *flags))
+    assert summary["iterations"] == 3
+    records = metrics_without_timing(straight)
+    assert metrics_without_timing(resumed) == records
+    assert records[-1]["verify/rollouts"] == 3 * 3 * 4
+    from offpolicy_jax.training import checkpoint as checkpoint_lib
+    states = [checkpoint_lib.Checkpointer(str(workdir / "checkpoints")).read_state(3)
+              for workdir in (straight, resumed)]
+    leaves = [jax.tree.leaves(state["params"]) for state in states]
+    assert len(leaves[0]) == len(leaves[1]) > 0
+    for a, b in zip(*leaves):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_rollout_budget_ends_the_run_and_evaluates_at_equal_rollout_counts(tiny_model, tmp_path):

@@ -93,3 +93,51 @@ def test_concurrent_ensure_builds_once(tmp_path, monkeypatch):
         thread.join()
     assert len(builds) == 1
     assert results == [str(tmp_path / f"tiny-arith-v{tiny_arith.TinyArithRecipe().version}")] * 2
+
+
+def test_verify_recipe_builds_on_its_base_and_is_cached_under_its_own_alias(tmp_path):
+    """``tiny-arith-verify`` = its base recipe's build (made first, cached under ``tiny-arith``)
+    fine-tuned on solving + verification demonstrations, cached under its own alias with a stamp
+    that holds both recipes; a second call loads it."""
+    import json
+
+    from offpolicy_jax import tiny_arith
+
+    base = tiny_arith.TinyArithRecipe(hidden_size=32, intermediate_size=64, num_layers=1,
+                                      num_heads=2, num_kv_heads=1, sft_examples=64, sft_steps=2,
+                                      sft_batch_size=8)
+    recipe = tiny_arith.TinyArithVerifyRecipe(base=base, solve_examples=32, verify_examples=32,
+                                              sft_steps=2, sft_batch_size=8)
+    quiet = dict(log_fn=lambda *_: None)
+    directory = tiny_arith.ensure_verify(str(tmp_path), recipe, **quiet)
+    assert directory == str(tmp_path / f"{tiny_arith.VERIFY_ALIAS}-v{recipe.version}")
+    assert (tmp_path / f"{tiny_arith.ALIAS}-v{base.version}" / "config.json").exists()
+    with open(f"{directory}/{tiny_arith.STAMP_FILE}") as f:
+        stamp = json.load(f)
+    assert stamp["base"]["hidden_size"] == 32 and stamp["sft_steps"] == 2
+    cfg, _ = models.load_hf_checkpoint(directory)
+    assert cfg.hidden_size == 32
+    tokenizer = models.load_tokenizer(directory)
+    text = "Q: 1+2\nA: 1+2=3. \\boxed{3}\nC: 1+2=3 3 ok. \\boxed{1}"
+    assert tokenizer.decode(tokenizer.encode(text, add_special_tokens=False)) == text
+    mtime = (tmp_path / f"{tiny_arith.VERIFY_ALIAS}-v{recipe.version}" / "config.json").stat()
+    assert tiny_arith.ensure_verify(str(tmp_path), recipe, **quiet) == directory
+    assert (tmp_path / f"{tiny_arith.VERIFY_ALIAS}-v{recipe.version}" /
+            "config.json").stat().st_mtime == mtime.st_mtime
+    # The mix: solving demonstrations first, then verification ones.
+    examples = tiny_arith.verify_examples(recipe)
+    assert len(examples) == 64
+    assert all(p.endswith("\nA: ") for p, _ in examples[:32])
+    assert all(p.endswith(arith.VERIFY_CUE) for p, _ in examples[32:])
+
+
+def test_the_main_recipe_is_unchanged():
+    """The main command's model: adding tiny-arith-verify must not touch tiny-arith's recipe
+    (its stamp would change and every cache would rebuild a different model)."""
+    import dataclasses
+
+    from offpolicy_jax import tiny_arith
+    assert dataclasses.asdict(tiny_arith.TinyArithRecipe()) == {
+        "version": 2, "hidden_size": 128, "intermediate_size": 384, "num_layers": 4,
+        "num_heads": 4, "num_kv_heads": 2, "sft_examples": 20_000, "sft_steps": 600,
+        "sft_batch_size": 64, "sft_learning_rate": 3e-3, "slip_probability": 0.2, "seed": 0}

@@ -447,3 +447,90 @@ def demonstrations(num: int, seed: int, config: ArithConfig = ArithConfig(), *,
         return [(p.prompt, p.response) for p in problems]
     rng = random.Random(f"arith/slips/{seed}")
     return [(p.prompt, slipped_response(p, rng, slip_probability)) for p in problems]
+
+
+# ---------------------------------------------------------------------------------------------
+# Verification: the compact format the embedded model learns to check solutions in (RISE, TOPR's
+# generative verifier). A verification prompt is the solving prompt, a solution, and a cue:
+#
+#     prompt:    "Q: 12+7*3\nA: 7*3=21, 12+21=34. \boxed{34}\nC: "
+#     response:  "7*3=21 21 ok, 12+21=34 33 no. \boxed{-0.5}"
+#
+# The checker copies each step of the solution, writes its own result of that operation next to
+# the one written, and marks the step "ok" (the two agree) or "no" (then it stops): the comparison
+# is between two adjacent numbers, the work is recomputing each step. The rating in the box is
+# the paper's scale
+# (RISE, arXiv 2505.13445): 1 for a correct solution, -0.5 for a wrong one, -1 when the solution
+# has no boxed answer ("no answer. \boxed{-1}").
+
+VERIFY_CUE = "\nC: "
+# Rating of a solution by its outcome, on the RISE paper's scale.
+RATINGS = {"correct": "1", "wrong": "-0.5", "no_answer": "-1"}
+NO_ANSWER_CHECK = "no answer"
+
+_STEP_RE = re.compile(r"(-?\d+)([+\-*])(-?\d+)=(-?\d+)")
+_BOX_RE = re.compile(r"\\boxed\{(-?\d+)\}\s*$")
+
+
+def verification_prompt(prompt: str, solution: str) -> str:
+    """The compact verification prompt: the solving prompt, the solution, then ``VERIFY_CUE``."""
+    return f"{prompt}{solution}{VERIFY_CUE}"
+
+
+def checked_response(solution: str, rng: random.Random | None = None,
+                     check_slip_probability: float = 0.0) -> str:
+    """The demonstration check of an arith ``solution`` (see the format above).
+
+    Each ``a op b=c`` step is copied and followed by the checker's own result ``v`` of ``a op b``
+    and "ok" (``v == c``) or "no"; with probability ``check_slip_probability`` the checker
+    miscalculates ``v`` (off by 1 or 2), as the solving demonstrations slip, so an imperfect
+    checker can call a right step wrong. The rating is 1 when every step is confirmed and the boxed answer is
+    the last step's result, -0.5 at the first step (or box) that is not, and -1 (no steps checked)
+    when the solution ends without a boxed integer.
+    """
+    box = _BOX_RE.search(solution)
+    if box is None:
+        return f"{NO_ANSWER_CHECK}. \\boxed{{{RATINGS['no_answer']}}}"
+    parts, rating = [], RATINGS["correct"]
+    steps = _STEP_RE.findall(solution[:box.start()])
+    for a, op, b, written in steps:
+        value = _APPLY[op](int(a), int(b))
+        if check_slip_probability and rng.random() < check_slip_probability:
+            value += rng.choice((-2, -1, 1, 2))
+        ok = value == int(written)
+        parts.append(f"{a}{op}{b}={written} {value} {'ok' if ok else 'no'}")
+        if not ok:
+            rating = RATINGS["wrong"]
+            break
+    else:
+        if not steps or int(steps[-1][3]) != int(box.group(1)):
+            parts.append(f"box {box.group(1)} no")
+            rating = RATINGS["wrong"]
+    return ", ".join(parts) + f". \\boxed{{{rating}}}"
+
+
+def verification_demonstrations(num: int, seed: int, config: ArithConfig = ArithConfig(), *,
+                                solution_slip_probability: float,
+                                check_slip_probability: float,
+                                no_answer_fraction: float) -> list[tuple[str, str]]:
+    """``num`` training ``(verification prompt, check)`` pairs (train split).
+
+    The solutions slip at ``solution_slip_probability`` per step (``slipped_response``), so about
+    half are wrong at 0.25; a ``no_answer_fraction`` of them is cut off before the boxed answer.
+    The checks (``checked_response``) miscalculate at ``check_slip_probability`` per step.
+    """
+    for name, value in (("solution_slip_probability", solution_slip_probability),
+                        ("check_slip_probability", check_slip_probability),
+                        ("no_answer_fraction", no_answer_fraction)):
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"{name} must be in [0, 1), got {value}")
+    problems = generate_problems(num, "train", seed, config)
+    rng = random.Random(f"arith/verify/{seed}")
+    pairs = []
+    for problem in problems:
+        solution = slipped_response(problem, rng, solution_slip_probability)
+        if rng.random() < no_answer_fraction:
+            solution = solution[:rng.randint(1, solution.rindex(" \\boxed{"))]
+        pairs.append((verification_prompt(problem.prompt, solution),
+                      checked_response(solution, rng, check_slip_probability)))
+    return pairs

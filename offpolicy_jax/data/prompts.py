@@ -1,4 +1,5 @@
-"""Prompt datasets as plain records ``{"id": str, "prompt": str, "gold": str}``.
+"""Prompt datasets as plain records ``{"id": str, "prompt": str, "gold": str}`` (plus the raw
+``question`` for every source but ``arith``).
 
 Sources (the ``--dataset`` flag):
 
@@ -177,11 +178,12 @@ def read_jsonl_questions(path: str | os.PathLike, *, prompt_field: str = "questi
 
 
 def to_prompt_records(questions: list[dict], **format_kwargs) -> list[dict]:
-    """``{"id", "question", "gold"}`` -> ``{"id", "prompt", "gold"}`` with ``format_question``
-    (``format_kwargs``: ``tokenizer``, ``use_chat_template``, ``instruction``,
-    ``prompt_format``)."""
+    """``{"id", "question", "gold"}`` -> ``{"id", "prompt", "gold", "question"}`` with
+    ``format_question`` (``format_kwargs``: ``tokenizer``, ``use_chat_template``,
+    ``instruction``, ``prompt_format``); the question text is kept for prompts built from it
+    later (a verification prompt quotes the problem)."""
     return [{"id": q["id"], "prompt": format_question(q["question"], **format_kwargs),
-             "gold": q["gold"]} for q in questions]
+             "gold": q["gold"], "question": q["question"]} for q in questions]
 
 
 def benchmark_records(name: str, *, data_dir: str | None = None, **format_kwargs) -> list[dict]:

@@ -68,6 +68,12 @@ DTYPE = flags.DEFINE_enum("dtype", _DEFAULTS.dtype, ["float32", "bfloat16"], "Pa
 DATA_DIR = flags.DEFINE_string("data_dir", None, "A folder with your own copies of the benchmark "
                                "files (<file>.jsonl or .jsonl.gz, not checksum-verified); default: "
                                "$OFFPOLICY_JAX_DATA, else the files packaged with offpolicy_jax.")
+RERANK_WITH = flags.DEFINE_string("rerank_with", None, "Best-of-n: rerank each problem's samples "
+                                  "by a generative verifier's ratings, 'self' (the model rates "
+                                  "its own samples) or a checkpoint directory / alias; reports "
+                                  "reranked@n and the verifier's accuracy.")
+RERANK_SAMPLES = flags.DEFINE_integer("rerank_samples", _DEFAULTS.rerank_samples,
+                                      "Best-of-n: verifications per sample (ratings averaged).")
 PROGRESS = flags.DEFINE_bool("progress", True, "Progress bars on stderr.")
 COMPILATION_CACHE = flags.DEFINE_string("compilation_cache", None, "JAX's persistent compilation "
                                         "cache directory (default: the package's cache, "
@@ -83,7 +89,8 @@ def config_from_flags() -> harness.HarnessConfig:
         top_k=TOP_K.value, max_new_tokens=MAX_NEW_TOKENS.value, limit=LIMIT.value,
         seed=SEED.value, use_chat_template=USE_CHAT_TEMPLATE.value,
         instruction=INSTRUCTION.value, prompt_format=PROMPT_FORMAT.value, batch_size=BATCH_SIZE.value, mesh=MESH.value,
-        dtype=DTYPE.value, data_dir=DATA_DIR.value)
+        dtype=DTYPE.value, data_dir=DATA_DIR.value, rerank_with=RERANK_WITH.value,
+        rerank_samples=RERANK_SAMPLES.value)
 
 
 def main(argv):

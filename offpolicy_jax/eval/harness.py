@@ -82,6 +82,12 @@ class HarnessConfig:
       mesh: device mesh ``"data,fsdp,tensor"`` (see ``models.make_mesh``).
       dtype: parameter dtype, ``"float32"`` or ``"bfloat16"``.
       data_dir: benchmark data folder (None: ``rewards.load_benchmark``'s default).
+      rerank_with: a generative verifier reranks each problem's samples (best-of-n,
+        ``verification.rerank_best_of_n``): ``"self"`` (the evaluated model rates its own
+        samples, RISE's self-verification) or a checkpoint directory / alias (e.g. a TOPR
+        verifier's export); None: no reranking. The verification prompt is the compact one on
+        ``arith``, RISE's template elsewhere.
+      rerank_samples: verifications per sample (their ratings are averaged).
     """
 
     model: str = "tiny-arith"
@@ -101,6 +107,8 @@ class HarnessConfig:
     mesh: str = "1,-1,1"
     dtype: str = "float32"
     data_dir: str | None = None
+    rerank_with: str | None = None
+    rerank_samples: int = 1
 
     def validate(self) -> None:
         """Raises ``ValueError`` naming the flag of the first invalid setting."""
@@ -115,6 +123,8 @@ class HarnessConfig:
              f"--max_new_tokens must be >= 1, got {self.max_new_tokens}"),
             (self.limit is None or self.limit >= 1, f"--limit must be >= 1, got {self.limit}"),
             (self.batch_size >= 1, f"--batch_size must be >= 1 prompts, got {self.batch_size}"),
+            (self.rerank_samples >= 1,
+             f"--rerank_samples must be >= 1, got {self.rerank_samples}"),
             (self.dtype in ("float32", "bfloat16"),
              f"--dtype must be float32 or bfloat16, got {self.dtype!r}"),
         ]
@@ -308,7 +318,7 @@ def results_table(benchmarks: dict) -> str:
         keys = {k for metrics in benchmarks.values() for k in metrics if k.startswith(prefix)}
         return sorted(keys, key=lambda k: int(k.split("@")[1]))
 
-    score_keys = metric_keys("pass@") + metric_keys("maj@")
+    score_keys = metric_keys("pass@") + metric_keys("maj@") + metric_keys("reranked@")
     header = (["benchmark", "problems", "n"] + [f"{k} (%)" for k in score_keys]
               + ["mean length", "no answer (%)", "too long"])
     lines = ["| " + " | ".join(header) + " |",
@@ -338,6 +348,28 @@ def sample_rows(name: str, records: list[dict], result: runner.EvalResult) -> li
                 "length": int(result.lengths[row]), "truncated": bool(result.truncated[row]),
             })
     return rows
+
+
+def rerank(name: str, records: list[dict], result: runner.EvalResult, verifier, config,
+           max_new_tokens: int, pool, mesh) -> dict:
+    """Best-of-n of ``result``'s samples by ``verifier`` = ``(cfg, params, tokenizer, eos ids,
+    pad id)``: ``reranked@n`` and the verifier's accuracy (``verify_*``) on the samples."""
+    from offpolicy_jax import verification
+    template = verification.COMPACT if name == ARITH else verification.PAPER
+
+    def make_prompt(record, solution, tokenizer):
+        return verification.verification_prompt(
+            record, solution, template=template, tokenizer=tokenizer,
+            use_chat_template=config.use_chat_template and config.prompt_format == "chat")
+
+    cfg, params, tokenizer, eos_ids, pad_id = verifier
+    metrics = verification.rerank_best_of_n(
+        cfg, params, tokenizer, records, result, make_prompt=make_prompt,
+        samples=config.rerank_samples, max_new_tokens=max_new_tokens,
+        temperature=config.temperature, top_p=config.top_p, top_k=config.top_k,
+        seed=config.seed + 1, eos_token_ids=eos_ids, pad_token_id=pad_id, pool=pool, mesh=mesh,
+        batch_size=config.batch_size)
+    return {k: v for k, v in metrics.items() if not k.startswith("pass@")}
 
 
 def write_results(out_dir: str, summary: dict) -> str:
@@ -416,13 +448,27 @@ def run(config: HarnessConfig, out_dir: str, *, progress: bool = True, log=None)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
     pad_id = pad_id if 0 <= pad_id < cfg.vocab_size else eos_ids[0]
 
+    verifier = None
+    if config.rerank_with == "self":
+        verifier = (cfg, params, tokenizer, eos_ids, pad_id)
+    elif config.rerank_with:
+        verifier_dir = resolve_checkpoint(config.rerank_with)
+        verifier_tokenizer = load_tokenizer(verifier_dir)
+        verifier_cfg, verifier_params = models.load_hf_checkpoint(verifier_dir, dtype=dtype,
+                                                                   mesh=mesh)
+        verifier_eos = stop_token_ids(verifier_tokenizer, verifier_cfg, verifier_dir)
+        verifier = (verifier_cfg, verifier_params, verifier_tokenizer, verifier_eos,
+                    verifier_tokenizer.pad_token_id if verifier_tokenizer.pad_token_id is not None
+                    else verifier_eos[0])
+
     settings = {
         "num_samples": config.num_samples, "ks": list(ks), "maj_ks": list(maj_ks),
         "temperature": config.temperature, "top_p": config.top_p, "top_k": config.top_k,
         "max_new_tokens": max_new_tokens, "limit": config.limit, "seed": config.seed,
         "use_chat_template": config.use_chat_template, "instruction": config.instruction,
         "batch_size": config.batch_size, "mesh": config.mesh, "dtype": config.dtype,
-        "eos_token_ids": list(eos_ids),
+        "eos_token_ids": list(eos_ids), "rerank_with": config.rerank_with,
+        "rerank_samples": config.rerank_samples,
     }
     summary = {"model": config.model, "model_dir": model_dir, "settings": settings,
                "benchmarks": {}}
@@ -451,8 +497,11 @@ def run(config: HarnessConfig, out_dir: str, *, progress: bool = True, log=None)
                 batch_size=config.batch_size, skip_too_long=True, on_samples=inner.update)
             inner.close()
             fmt = prompt_format(name, tokenizer, config.use_chat_template, config.prompt_format)
+            reranked = {} if verifier is None else rerank(
+                name, bench_records, result, verifier, config, max_new_tokens, pool, mesh)
             summary["benchmarks"][name] = {
-                **result.metrics, "prompt_format": fmt, "seconds": round(time.time() - start, 2),
+                **result.metrics, **reranked, "prompt_format": fmt,
+                "seconds": round(time.time() - start, 2),
                 "settings": {**settings, "prompt_format": fmt},
             }
             if result.metrics["num_too_long"]:

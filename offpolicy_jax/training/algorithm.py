@@ -109,6 +109,11 @@ class Algorithm:
         None: the math verifier.
       selection: the prompt-selection stage; None: the one ``--prompt_selection`` names.
       evaluate_after: iterations after which to evaluate besides ``--eval_every`` and the end.
+      evaluation: an extra held-out evaluation run with every evaluation (e.g.
+        ``verification.HeldOutVerification``): called as ``(session, params, result)`` with the
+        held-out solving result (``eval.runner.EvalResult``), it returns metrics logged as
+        ``eval/<key>``; its optional ``setup(session)`` runs once with the initial policy, and
+        its ``summary_keys`` are reported before and after in the summary.
     """
 
     name: str
@@ -124,6 +129,7 @@ class Algorithm:
     reward_fn: Callable | None = None
     selection: Any = None
     evaluate_after: tuple = ()
+    evaluation: Any = None
 
     def __post_init__(self):
         known = {"current", "old", *(p.name for p in self.policies)}

@@ -14,6 +14,9 @@ adds the forward outputs and the algorithm's targets. The shapes, documented onc
     group_index    [N]    int32    which prompt of the selection that produced the row it answers
     policy_version [N]    int32    the iteration whose starting policy sampled it: iteration k
                                    samples from version k − 1; 0 is the initial policy
+    task           [N]    int32    which task the row is (TASKS: 0 solves a prompt, 1 verifies a
+                                   solution, RISE's mixed batches); all 0 unless a stage adds
+                                   rows of another task
 
 Rows are grouped contiguously by prompt: rows ``[g·G, (g+1)·G)`` are the G = ``group_size``
 responses to one prompt, and every operation here keeps groups whole.
@@ -26,7 +29,10 @@ import dataclasses
 import numpy as np
 
 FIELDS = ("prompt_tokens", "prompt_lengths", "tokens", "lengths", "behaviour_logp", "rewards",
-          "group_index", "policy_version")
+          "group_index", "policy_version", "task")
+# Row task ids (``Rollouts.task``) and their names in per-task metrics.
+TASKS = ("solve", "verify")
+SOLVE, VERIFY = 0, 1
 
 
 @dataclasses.dataclass
@@ -42,9 +48,12 @@ class Rollouts:
     rewards: np.ndarray
     group_index: np.ndarray
     policy_version: np.ndarray
+    task: np.ndarray | None = None
 
     def __post_init__(self):
         rows = self.rewards.shape[0]
+        if self.task is None:
+            self.task = np.zeros(rows, np.int32)
         bad = {k: v.shape for k, v in self.as_dict().items() if v.shape[:1] != (rows,)}
         if bad:
             raise ValueError(f"Rollouts: arrays disagree on the number of rows {rows}: {bad}")
@@ -61,10 +70,11 @@ class Rollouts:
 
     @classmethod
     def from_dict(cls, arrays: dict) -> Rollouts:
-        missing = [k for k in FIELDS if k not in arrays]
+        # Checkpoints written before the task column existed hold solving rows only.
+        missing = [k for k in FIELDS if k not in arrays and k != "task"]
         if missing:
             raise ValueError(f"rollout arrays lack {missing} (need {list(FIELDS)})")
-        return cls(**{k: np.asarray(arrays[k]) for k in FIELDS})
+        return cls(**{k: np.asarray(arrays[k]) for k in FIELDS if k in arrays})
 
     def num_groups(self, group_size: int) -> int:
         if self.num_rows % group_size:

@@ -18,8 +18,9 @@ TIMING_KEYS = ("tokens_per_s", "step_s", "rollout_s", "reward_s", "prepare_s", "
 
 def to_python(value):
     """A JSON-friendly float/int from a numpy/JAX scalar (NaN and inf become strings); a string
-    (a label, e.g. VerIPO's stage) stays as it is and goes to metrics.jsonl only."""
-    if isinstance(value, str):
+    (a label, e.g. VerIPO's stage) stays as it is and goes to metrics.jsonl only; None (a metric
+    with nothing to measure this time) stays None."""
+    if isinstance(value, str) or value is None:
         return value
     value = np.asarray(value)
     if value.dtype.kind in "iub":

@@ -29,7 +29,7 @@ def run(config: RunConfig, algorithm: Algorithm) -> dict:
     distributed.maybe_initialize()
     config.validate(algorithm)
     session = trainer.Session(config, algorithm.name, selection=algorithm.selection,
-                              reward_fn=algorithm.reward_fn)
+                              reward_fn=algorithm.reward_fn, evaluation=algorithm.evaluation)
     learner = trainer.Learner(session, algorithm)
     meta = learner.restore_or_start()
 

@@ -67,12 +67,15 @@ class RolloutSampler:
         return self.tokenizer.encode(text, add_special_tokens=False)
 
     def sample(self, params, records: list[dict], seed_index: int, policy_version: int,
-               num_samples: int | None = None) -> Rollouts:
+               num_samples: int | None = None, *, reward_fn=None,
+               task: int = batch_lib.SOLVE) -> Rollouts:
         """``num_samples`` (default ``group_size``) responses per record from ``params``, scored
         by the reward function.
 
         ``seed_index`` picks the sampling key, ``fold_in(PRNGKey(seed), seed_index)`` (the RL
-        iteration for online batches); ``policy_version`` is stamped on every row."""
+        iteration for online batches); ``policy_version`` is stamped on every row. ``reward_fn``
+        replaces the sampler's own for this call and ``task`` is stamped on every row (a second
+        generation stage, e.g. RISE's verifications, scores its rows with its own reward)."""
         config = self.config
         prompt_tokens = [self.encode(r["prompt"]) for r in records]
         out = sampling.generate(
@@ -91,7 +94,8 @@ class RolloutSampler:
         responses = [self.tokenizer.decode(tokens[i, :lengths[i]].tolist(),
                                            skip_special_tokens=True)
                      for i in range(mine.start, mine.stop)]
-        scores = self.reward_fn([records[i] for i in group_index[mine]], responses, self.pool)
+        scores = (reward_fn or self.reward_fn)([records[i] for i in group_index[mine]],
+                                               responses, self.pool)
         row_rewards = distributed.gather_rows(np.asarray(scores, np.float32), tokens.shape[0])
         prompt_array, prompt_lengths = batch_lib.prompts_to_array(
             [prompt_tokens[i] for i in group_index], self.pad_id)
@@ -100,7 +104,13 @@ class RolloutSampler:
             tokens=tokens.astype(np.int32), lengths=lengths.astype(np.int32),
             behaviour_logp=np.asarray(out.logprobs, np.float32), rewards=row_rewards,
             group_index=group_index.astype(np.int32),
-            policy_version=np.full(tokens.shape[0], policy_version, np.int32))
+            policy_version=np.full(tokens.shape[0], policy_version, np.int32),
+            task=np.full(tokens.shape[0], task, np.int32))
+
+    def decode(self, rollouts: Rollouts, rows) -> list[str]:
+        """The response text of the given rows (special tokens removed)."""
+        return [self.tokenizer.decode(rollouts.tokens[row, :rollouts.lengths[row]].tolist(),
+                                      skip_special_tokens=True) for row in rows]
 
 
 class PromptStream:
@@ -404,15 +414,21 @@ class OfflineDataset(Stage):
     ``batch_size`` groups, reshuffling the group order every epoch with the run's seed. Nothing
     is sampled fresh after the first draw.
 
+    ``sample(step, records, seed_index) -> Rollouts`` draws the dataset's rows for a chunk of
+    prompt records (default: ``group_size`` responses each from the initial policy); TOPR's
+    generative verifier plugs in verifications of those responses instead
+    (:meth:`SelfVerification.verify`).
+
     Metrics: ``epoch`` (of the group order the iteration's last group came from).
     """
 
     name = "offline"
 
-    def __init__(self, num_prompts: int):
+    def __init__(self, num_prompts: int, sample=None):
         if num_prompts < 1:
             raise ValueError(f"offline dataset needs num_prompts >= 1, got {num_prompts}")
         self.num_prompts = num_prompts
+        self.sample = sample
         self.dataset: Rollouts | None = None
         self.cursor = 0
         self.epoch = 0
@@ -424,7 +440,7 @@ class OfflineDataset(Stage):
     def process(self, rollouts: Rollouts | None, step: StageStep) -> Rollouts:
         del rollouts
         if self.dataset is None:
-            self.dataset = draw_groups(step, self.num_prompts)
+            self.dataset = draw_groups(step, self.num_prompts, self.sample)
         config = step.config
         units, self.cursor, self.epoch = next_units(
             self.dataset.num_groups(config.group_size), self.cursor, config.batch_size,
@@ -443,18 +459,23 @@ class OfflineDataset(Stage):
         self.dataset = Rollouts.from_dict(arrays) if arrays else None
 
 
-def draw_groups(step: StageStep, num_prompts: int) -> Rollouts:
+def draw_groups(step: StageStep, num_prompts: int, sample=None) -> Rollouts:
     """``num_prompts`` prompts of the selection × ``--group_size`` responses from ``step.params``
     (version 0), drawn ``--batch_size`` prompts at a time: the offline dataset of TOPR's setting,
-    the same for every method that draws one with the same seed and settings."""
+    the same for every method that draws one with the same seed and settings. ``sample(step,
+    records, seed_index)``, when given, draws each chunk's rows instead (TOPR's generative
+    verifier: verifications of those responses)."""
     parts, drawn = [], 0
     while drawn < num_prompts:
         records = step.selection.select(min(num_prompts - drawn, step.config.batch_size),
                                         step.iteration)
         # Seed indices far above any iteration number keep these draws independent of the
         # online ones (fold_in needs a non-negative index).
-        parts.append(step.sampler.sample(step.params, records, seed_index=(1 << 30) + len(parts),
-                                         policy_version=0))
+        if sample is None:
+            parts.append(step.sampler.sample(step.params, records,
+                                             seed_index=(1 << 30) + len(parts), policy_version=0))
+        else:
+            parts.append(sample(step, records, (1 << 30) + len(parts)))
         drawn += len(records)
     return batch_lib.concat(parts, step.sampler.pad_id)
 
@@ -536,3 +557,146 @@ def _informative(rewards: np.ndarray, group_size: int) -> np.ndarray:
     """[num_groups] bool: the group's rewards are not all equal."""
     grouped = np.asarray(rewards).reshape(-1, group_size)
     return grouped.max(axis=1) > grouped.min(axis=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# A second generation stage: self-verification.
+
+
+class SelfVerification(Stage):
+    """RISE's online self-verification: the policy also rates some of its own fresh solutions.
+
+    Liu et al., "Trust, But Verify", https://arxiv.org/abs/2505.13445 (code: xyliu-cs/RISE and its
+    verl fork, ``ray_trainer.py`` with ``trainer.online_critique``). After this iteration's
+    solutions are sampled and scored with the outcome reward, this stage
+
+    1. picks ``num_solutions`` of them spread evenly over the groups
+       (``verification.spread_rows``, the fork's ``DataProto.downsampling``);
+    2. builds a verification prompt from each solution and its problem (``make_prompt(record,
+       solution text, tokenizer)``: the paper's template, or the embedded model's compact one);
+    3. samples ``group_size`` verifications per prompt from the same policy, each scored with the
+       verification reward: its boxed rating against the solution's true outcome
+       (``verification.RATINGS``: "1", "-0.5", "-1"), rewarded with the same outcome rule;
+    4. appends these groups after the solutions: one batch holding both tasks, told apart by
+       ``Rollouts.task`` (0 solve, 1 verify); every group stays whole and in place.
+
+    Verification rows are fresh rollouts: they count in ``rollouts`` (and so in
+    ``--rollout_budget``); this stage also counts each task's rollouts on its own. A
+    verification row's ``group_index`` is ``len(records) +`` the index of its verification
+    prompt, so group ids never collide with the solutions'. The stage must come first among the
+    stages (it looks each solution's problem up in the fresh selection).
+
+    Args:
+      num_solutions: solutions verified per iteration (RISE's ``critique_batch_size``: 128 of
+        1024 prompts x 8 solutions).
+      make_prompt: ``(record, solution text, tokenizer) -> verification prompt text``.
+      reward: the outcome rewards (the same for solving and verifying, as in the paper's code).
+      keep_solutions: False trains on the verification rows only.
+      selection: ``"spread"`` (the paper's: evenly over the groups) or ``"balanced"`` (half
+        correct, half not, as far as the batch has them: ``verification.balanced_rows``, an
+        option against a verifier that learns the base rate).
+
+    Metrics (this iteration's verification rows, ``verification.verification_metrics``):
+    ``accuracy`` (rating = the solution's), ``accuracy_correct`` / ``accuracy_wrong`` /
+    ``accuracy_no_answer`` (on solutions of that outcome), ``balanced_accuracy``, ``no_rating``
+    (no rating extracted), ``solutions_correct`` (share of the rated solutions that are correct),
+    ``solve_accuracy`` (share of all of this iteration's solutions that are correct),
+    ``solutions`` (verified this iteration), and the cumulative ``rollouts`` /
+    ``solve_rollouts`` of each task.
+    """
+
+    name = "verify"
+    # Sampling keys of the verifications: fold_in(key(seed), offset + iteration), a range no
+    # solving draw uses (iterations, DynamicSampling's rounds << 24, OfflineDataset's 1 << 30).
+    SEED_OFFSET = 1 << 29
+
+    def __init__(self, num_solutions: int, make_prompt, reward=None, keep_solutions: bool = True,
+                 selection: str = "spread"):
+        from offpolicy_jax import verification
+        if num_solutions < 0:
+            raise ValueError(f"num_solutions must be >= 0, got {num_solutions}")
+        if selection not in ("spread", "balanced"):
+            raise ValueError(f"selection must be 'spread' or 'balanced', got {selection!r}")
+        self.selection = selection
+        self.num_solutions = num_solutions
+        self.make_prompt = make_prompt
+        self.reward = reward or verification.OutcomeReward()
+        self.reward_fn = verification.make_outcome_reward(self.reward)
+        self.keep_solutions = keep_solutions
+        self.verify_rollouts = 0
+        self.solve_rollouts = 0
+        self._metrics = {}
+
+    def verify(self, step: StageStep, solutions: Rollouts, records: list[dict], total: int,
+               seed_index: int, rng: np.random.Generator) -> Rollouts:
+        """Verification rows for ``total`` of ``solutions`` (spread over their groups, whose
+        ``group_index`` indexes ``records``), sampled with ``seed_index``."""
+        from offpolicy_jax import verification
+        group_size = step.config.group_size
+        try:
+            all_outcomes = self.reward.outcomes(solutions.rewards)
+        except ValueError as error:
+            raise ValueError(f"{self.name}: the solutions must be scored by outcome "
+                             f"(Algorithm.reward_fn = verification.make_outcome_reward(...) with "
+                             f"the stage's rewards): {error}") from None
+        if self.selection == "balanced":
+            rows = verification.balanced_rows(all_outcomes, total, rng)
+        else:
+            rows = verification.spread_rows(solutions.num_groups(group_size), group_size, total,
+                                            rng)
+        texts = step.sampler.decode(solutions, rows)
+        outcomes = [all_outcomes[row] for row in rows]
+        prompts = []
+        for row, text, outcome in zip(rows, texts, outcomes):
+            record = records[int(solutions.group_index[row])]
+            prompts.append({"id": f"{record.get('id', '')}/verify", "gold":
+                            verification.RATINGS[outcome],
+                            "prompt": self.make_prompt(record, text, step.sampler.tokenizer)})
+        verifications = step.sampler.sample(step.params, prompts, seed_index=seed_index,
+                                            policy_version=step.policy_version,
+                                            reward_fn=self.reward_fn, task=batch_lib.VERIFY)
+        verifications.group_index = (verifications.group_index + len(records)).astype(np.int32)
+        self._record(outcomes, group_size, verifications, solutions)
+        return verifications
+
+    def _record(self, solution_outcomes: list[str], group_size: int, verifications: Rollouts,
+                solutions: Rollouts) -> None:
+        """This iteration's metrics (see the class docstring)."""
+        from offpolicy_jax import verification
+        outcomes = np.asarray(self.reward.outcomes(verifications.rewards))
+        metrics = verification.verification_metrics(np.repeat(solution_outcomes, group_size),
+                                                    outcomes == "correct")
+        metrics["no_rating"] = float(np.mean(outcomes == "no_answer"))
+        metrics["solve_accuracy"] = float(np.mean(
+            np.asarray(self.reward.outcomes(solutions.rewards)) == "correct"))
+        metrics["solutions"] = len(solution_outcomes)
+        self._metrics = metrics
+
+    def process(self, rollouts: Rollouts | None, step: StageStep) -> Rollouts:
+        if rollouts is None or rollouts is not step.fresh:
+            raise ValueError(f"{self.name} looks each solution's problem up in this iteration's "
+                             f"fresh selection, so it must come first among the stages, on a "
+                             f"fresh batch")
+        self.solve_rollouts += rollouts.num_rows
+        if not self.num_solutions:
+            self._metrics = {"solutions": 0}
+            return rollouts
+        rng = np.random.default_rng([step.config.seed, step.iteration, 13])
+        verifications = self.verify(step, rollouts, step.records, self.num_solutions,
+                                    self.SEED_OFFSET + step.iteration, rng)
+        self.verify_rollouts += verifications.num_rows
+        if not self.keep_solutions:
+            return verifications
+        return batch_lib.concat([rollouts, verifications], step.sampler.pad_id)
+
+    def metrics(self) -> dict:
+        return {**self._metrics, "rollouts": self.verify_rollouts,
+                "solve_rollouts": self.solve_rollouts}
+
+    def state_dict(self) -> tuple[dict, dict]:
+        return {"rollouts": self.verify_rollouts, "solve_rollouts": self.solve_rollouts}, {}
+
+    def load_state_dict(self, meta: dict, arrays: dict) -> None:
+        del arrays
+        self.verify_rollouts = meta["rollouts"]
+        self.solve_rollouts = meta["solve_rollouts"]

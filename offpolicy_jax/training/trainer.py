@@ -35,6 +35,7 @@ from offpolicy_jax import export as export_lib
 from offpolicy_jax.eval import runner
 from offpolicy_jax.models import lora as lora_lib
 from offpolicy_jax.training import algorithm as algorithm_lib
+from offpolicy_jax.training import batch as batch_lib
 from offpolicy_jax.training import checkpoint as checkpoint_lib
 from offpolicy_jax.training import logger as logger_lib
 from offpolicy_jax.training import optim, policies, rollout, stages
@@ -86,10 +87,11 @@ class Session:
       sharded: load the policy onto the ``--mesh`` (RL), or onto one device (``mesh`` None).
       selection: the prompt-selection stage (default: ``--prompt_selection``'s).
       reward_fn: the reward of a response (default: ``stages.verifier_reward``).
+      evaluation: an extra held-out evaluation (see ``Algorithm.evaluation``).
     """
 
     def __init__(self, config: RunConfig, name: str, *, sharded: bool = True, selection=None,
-                 reward_fn=None):
+                 reward_fn=None, evaluation=None):
         from offpolicy_jax import compilation_cache
         from offpolicy_jax.data import prompts as prompts_lib
         # First, before anything compiles (the warm start of tiny-arith may).
@@ -116,8 +118,12 @@ class Session:
             cfg=self.cfg, tokenizer=self.tokenizer, config=config, pool=self.pool,
             mesh=self.mesh, pad_id=pad_id(self.tokenizer), eos_ids=eos_ids(self.tokenizer),
             reward_fn=reward_fn or stages.verifier_reward)
+        self.eval_records = eval_records
         self.eval_prompts = [self.sampler.encode(r["prompt"]) for r in eval_records]
         self.eval_golds = [r["gold"] for r in eval_records]
+        self.evaluation = evaluation
+        if evaluation is not None and hasattr(evaluation, "setup"):
+            evaluation.setup(self)          # with the initial policy, before a Learner takes it
         self.logger = logger_lib.MetricsLogger(config.workdir, is_main=self.is_main,
                                                wandb=logger_lib.wandb_settings(config))
         if self.is_main:
@@ -142,9 +148,13 @@ class Session:
         per_prompt = np.mean(result.correct, axis=1)
         standard_error = (float(np.std(per_prompt, ddof=1) / np.sqrt(len(per_prompt)))
                           if len(per_prompt) > 1 else 0.0)
-        return {"eval/pass@1_se": standard_error,
-                **{f"eval/{k}": v for k, v in result.metrics.items()
-                   if k.startswith(("pass@", "maj@", "mean_length", "no_answer"))}}
+        metrics = {"eval/pass@1_se": standard_error,
+                   **{f"eval/{k}": v for k, v in result.metrics.items()
+                      if k.startswith(("pass@", "maj@", "mean_length", "no_answer"))}}
+        if self.evaluation is not None:
+            metrics.update({f"eval/{k}": v
+                            for k, v in self.evaluation(self, params, result).items()})
+        return metrics
 
     def finished(self, meta: dict) -> bool:
         """After ``--iterations`` iterations, or once the fresh rollouts reach
@@ -206,6 +216,9 @@ class Session:
             "pass@1_after": meta["eval_after"]["eval/pass@1"],
             f"pass@{k}_before": meta["eval_before"].get(f"eval/pass@{k}"),
             f"pass@{k}_after": meta["eval_after"].get(f"eval/pass@{k}"),
+            **{f"{key}_{when}": meta[f"eval_{when}"].get(f"eval/{key}")
+               for key in getattr(self.evaluation, "summary_keys", ())
+               for when in ("before", "after")},
             **extra,
             "workdir": self.config.workdir,
             "wall_s": time.time() - self.start_time,
@@ -456,7 +469,8 @@ class Learner:
                                         rollouts.lengths, pad_id=self.session.sampler.pad_id)
         batch = packed.model_inputs()
         batch.update(behaviour_logp=rollouts.behaviour_logp[:, :width], rewards=rollouts.rewards,
-                     group_index=rollouts.group_index, policy_version=rollouts.policy_version)
+                     group_index=rollouts.group_index, policy_version=rollouts.policy_version,
+                     task=rollouts.task)
         # Before any update: the old policy is the current one; stored policies as of now.
         scored_with = {"old": self.state.params,
                        **self.policies.for_iteration(iteration, self.state.params)}
@@ -530,6 +544,7 @@ class Learner:
             "stale_fraction": float(np.mean(staleness > 0)),
             "skipped_steps": self.skipped_steps,
             **self.correction_metrics,
+            **task_metrics(rollouts),
             **self.pipeline.metrics(),
         })
         if self.algorithm.minibatch_unit != "pair":
@@ -621,6 +636,23 @@ class PrepareInputs(dict):
         if key in self.withheld:
             self._refuse(key)
         return super().get(key, default)
+
+
+def task_metrics(rollouts: Rollouts) -> dict:
+    """Per task, when the batch holds another task than solving (RISE's verifications):
+    ``<task>/reward_mean``, ``<task>/response_length``, ``<task>/rows`` and ``<task>/share`` (of
+    the batch's rows), each over that task's rows only; ``{}`` for a batch of solutions."""
+    if not np.any(rollouts.task != batch_lib.SOLVE):
+        return {}
+    out = {}
+    for task, name in enumerate(batch_lib.TASKS):
+        rows = rollouts.task == task
+        count = int(rows.sum())
+        out.update({f"{name}/rows": count, f"{name}/share": count / rollouts.num_rows,
+                    f"{name}/reward_mean": float(rollouts.rewards[rows].mean()) if count else None,
+                    f"{name}/response_length": float(rollouts.lengths[rows].mean())
+                    if count else None})
+    return out
 
 
 def zero_gradient_group_fraction(rewards: np.ndarray, group_size: int) -> float:
