@@ -117,11 +117,11 @@ class TinyArithVerifyRecipe:
 
     version: int = 1
     base: TinyArithRecipe = TinyArithRecipe()
-    solve_examples: int = 10_000
-    verify_examples: int = 10_000
-    sft_steps: int = 300
+    solve_examples: int = 7_000
+    verify_examples: int = 14_000
+    sft_steps: int = 450
     sft_batch_size: int = 64
-    sft_learning_rate: float = 1e-3
+    sft_learning_rate: float = 3e-3
     solution_slip_probability: float = 0.25
     check_slip_probability: float = 0.1
     no_answer_fraction: float = 0.05

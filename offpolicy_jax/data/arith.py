@@ -468,8 +468,8 @@ VERIFY_CUE = "\nC: "
 RATINGS = {"correct": "1", "wrong": "-0.5", "no_answer": "-1"}
 NO_ANSWER_CHECK = "no answer"
 
-_STEP_RE = re.compile(r"(-?\d+)([+\-*])(-?\d+)=(-?\d+)")
-_BOX_RE = re.compile(r"\\boxed\{(-?\d+)\}\s*$")
+# The boxed integer a solution ends with (steps are matched by ``_STEP``, as in check_working).
+_FINAL_ANSWER = re.compile(r"\\boxed\{(-?\d+)\}\s*$")
 
 
 def verification_prompt(prompt: str, solution: str) -> str:
@@ -488,11 +488,11 @@ def checked_response(solution: str, rng: random.Random | None = None,
     the last step's result, -0.5 at the first step (or box) that is not, and -1 (no steps checked)
     when the solution ends without a boxed integer.
     """
-    box = _BOX_RE.search(solution)
+    box = _FINAL_ANSWER.search(solution)
     if box is None:
         return f"{NO_ANSWER_CHECK}. \\boxed{{{RATINGS['no_answer']}}}"
     parts, rating = [], RATINGS["correct"]
-    steps = _STEP_RE.findall(solution[:box.start()])
+    steps = _STEP.findall(solution[:box.start()])
     for a, op, b, written in steps:
         value = _APPLY[op](int(a), int(b))
         if check_slip_probability and rng.random() < check_slip_probability:
