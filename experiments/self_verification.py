@@ -6,6 +6,8 @@ seed and held-out set; model ``tiny-arith-verify``):
 
 * ``rise`` — ``rise.py`` (GRPO variant, ``--verify_solutions`` per iteration), until its
   *solving* rollouts reach ``--rollout_budget`` (the verification rollouts come on top);
+* ``rise_balanced`` — the same with ``--verify_selection=balanced`` (half of the verified
+  solutions correct, as far as the batch has them; not the paper's);
 * ``grpo`` — ``rise.py --verify_solutions=0``: the same objective, reward, prompts and seeds
   without verification rows (GRPO with the paper's 1 / −0.5 / −1 reward), for
   ``--rollout_budget`` rollouts, with the same held-out self-verification measurement;
@@ -15,8 +17,9 @@ Both RL runs are evaluated at every ``--eval_every_rollouts`` rollouts (verifica
 The report compares RISE and GRPO both ways: at equal *total* rollouts (RISE's evaluation where
 its rollouts, verifications included, first reach the budget) and at equal *solving* rollouts
 (RISE's last evaluation). It writes ``results.json`` (every evaluation of every run) and
-``results.md`` (the tables) to ``--out``; standard errors are binomial over the held-out samples
-(pass@1, accuracy) or over the rated solutions of each outcome.
+``results.md`` (the tables) to ``--out``; pass@1's standard error is the one each run logs (over
+the held-out prompts), the verification accuracies' are binomial over the rated samples (overall
+or of each outcome).
 
 Command (measured in the README, "Self-verification"):
 
@@ -55,7 +58,8 @@ VERIFIER_ITERATIONS = flags.DEFINE_integer("verifier_iterations", 100, "TOPR ver
                                            "iterations over its offline dataset.")
 VERIFIER_PROMPTS = flags.DEFINE_integer("verifier_prompts", 256, "TOPR verifier: problems in "
                                         "its offline dataset.")
-RUNS = flags.DEFINE_list("runs", ["rise", "grpo", "topr_verifier"], "Which runs.")
+RUNS = flags.DEFINE_list("runs", ["rise", "rise_balanced", "grpo", "topr_verifier"],
+                         "Which runs.")
 PARALLEL = flags.DEFINE_integer("parallel", 2, "Runs at the same time.")
 REPORT_ONLY = flags.DEFINE_bool("report_only", False, "Rebuild the report from finished runs.")
 EXTRA_FLAGS = flags.DEFINE_list("extra_flags", [], "Flags passed to every run.")
@@ -73,6 +77,10 @@ def commands() -> dict:
     rl = [f"--iterations={iterations}", f"--eval_every_rollouts={EVAL_EVERY_ROLLOUTS.value}"]
     return {
         "rise": ["rise", f"--verify_solutions={VERIFY_SOLUTIONS.value}", *rl, *common],
+        # The same, verifying half correct and half wrong solutions (not the paper's): against a
+        # verifier that learns the base rate of a weak policy's wrong solutions.
+        "rise_balanced": ["rise", f"--verify_solutions={VERIFY_SOLUTIONS.value}",
+                          "--verify_selection=balanced", *rl, *common],
         "grpo": ["rise", "--verify_solutions=0", *rl, *common],
         "topr_verifier": ["topr", "--task=verifier", f"--iterations={VERIFIER_ITERATIONS.value}",
                           f"--offline_prompts={VERIFIER_PROMPTS.value}", *common],
@@ -94,7 +102,7 @@ def execute(name: str, command: list[str]) -> dict:
             "command": " ".join(["python", f"experiments/{command[0]}.py", *command[1:]])}
 
 
-EVAL_KEYS = ("eval/pass@1", "eval/verify_accuracy", "eval/verify_accuracy_correct",
+EVAL_KEYS = ("eval/pass@1", "eval/pass@1_se", "eval/verify_accuracy", "eval/verify_accuracy_correct",
              "eval/verify_accuracy_wrong", "eval/verify_balanced_accuracy",
              "eval/verify_said_correct", "eval/verify_solutions_correct")
 
@@ -119,13 +127,17 @@ def standard_error(p, n) -> float | None:
 
 
 def with_errors(point: dict, samples: int) -> dict:
-    """Binomial standard errors: pass@1 and accuracy over the held-out samples, the accuracies
-    on correct / wrong solutions over the samples of that outcome."""
+    """Standard errors: pass@1's as the run logged it (over the held-out prompts, whose samples
+    are correlated); binomial for the verification accuracies, over the held-out samples or the
+    samples of that outcome (each rated once, so they treat the ratings as independent)."""
     correct = point["verify_solutions_correct"] or 0.0
-    sizes = {"pass@1": samples, "verify_accuracy": samples,
+    sizes = {"verify_accuracy": samples,
              "verify_accuracy_correct": round(correct * samples),
              "verify_accuracy_wrong": round((1 - correct) * samples)}
-    return {**point, **{f"{k}_se": standard_error(point.get(k), n) for k, n in sizes.items()}}
+    errors = {f"{k}_se": standard_error(point.get(k), n) for k, n in sizes.items()}
+    if point.get("pass@1_se") is None:
+        errors["pass@1_se"] = standard_error(point.get("pass@1"), samples)
+    return {**point, **errors}
 
 
 def first_at(points: list[dict], key: str, budget: int) -> dict:
@@ -168,12 +180,18 @@ def report(runs: dict) -> tuple[dict, str]:
         row("rise", f"{budget} rollouts (all)", first_at(curves["rise"], "rollouts", budget))
         row("rise", f"{budget} solving rollouts",
             first_at(curves["rise"], "solve_rollouts", budget))
+    if "rise_balanced" in curves:
+        row("rise_balanced", f"{budget} rollouts (all)",
+            first_at(curves["rise_balanced"], "rollouts", budget))
+        row("rise_balanced", f"{budget} solving rollouts",
+            first_at(curves["rise_balanced"], "solve_rollouts", budget))
     if "topr_verifier" in curves:
         row("topr_verifier", "start", curves["topr_verifier"][0])
         row("topr_verifier", "end", curves["topr_verifier"][-1])
     text = ("\n".join(rows) + "\n\nHeld-out: " f"{EVAL_SIZE.value} problems x "
             f"{EVAL_SAMPLES.value} samples, each sample rated once by the policy (TOPR verifier: "
-            "the initial policy's samples). ± one binomial standard error.\n\nCommands:\n\n"
+            "the initial policy's samples). ± one standard error (pass@1: over the prompts; "
+            "accuracies: binomial over the rated samples).\n\nCommands:\n\n"
             + "\n".join(f"    {run['command']}" for run in runs.values()) + "\n")
     return {"curves": curves, "runs": runs}, text
 
