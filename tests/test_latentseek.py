@@ -9,6 +9,9 @@ end-to-end harness run per reward.
 import dataclasses
 import json
 import os
+import pathlib
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +20,8 @@ import pytest
 
 from offpolicy_jax import models, rewards, sampling
 from offpolicy_jax.eval import harness, latentseek, runner, test_time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -273,15 +278,28 @@ def _read_jsonl(path):
         return [json.loads(line) for line in f]
 
 
+def _run_cli(*flags):
+    """The command in a subprocess on one CPU device, like a laptop run (the 8 fake devices of
+    this test session would make every program compile for a sharded mesh)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env.pop("XLA_FLAGS", None)
+    return subprocess.run([sys.executable, "-m", "offpolicy_jax.eval", *flags],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+
+
 @pytest.mark.parametrize("reward", ["verifier", "oracle"])
 def test_harness_runs_latentseek_and_accounts_its_compute(random_tiny_model, tmp_path, reward):
     out = str(tmp_path / "out")
-    config = harness.HarnessConfig(
-        model=random_tiny_model, benchmarks=("arith",), limit=3, num_samples=1,
-        max_new_tokens=12, temperature=1.0, batch_size=2, rerank_samples=2,
-        test_time_method="latentseek", test_time_reward=reward, latentseek_steps=2,
-        latentseek_fraction=0.25, latentseek_lr=0.5)
-    summary = harness.run(config, out, progress=False, log=lambda _: None)
+    result = _run_cli(f"--model={random_tiny_model}", "--benchmarks=arith", "--limit=3",
+                      "--num_samples=1", "--max_new_tokens=12", "--temperature=1.0",
+                      "--batch_size=2", "--rerank_samples=2", "--test_time_method=latentseek",
+                      f"--test_time_reward={reward}", "--latentseek_steps=2",
+                      "--latentseek_fraction=0.25", "--latentseek_lr=0.5", f"--out={out}",
+                      "--progress=false")
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(os.path.join(out, "results.json")) as f:
+        summary = json.load(f)
     assert sorted(os.listdir(out)) == ["results.json", "results.md", "samples.jsonl",
                                        "test_time.jsonl"]
     bench = summary["benchmarks"]["arith"]
@@ -317,4 +335,5 @@ def test_harness_runs_latentseek_and_accounts_its_compute(random_tiny_model, tmp
     assert bench["settings"]["test_time_method"] == "latentseek"
     assert bench["settings"]["solving_temperature"] == 0.0
     assert block["seconds"] > 0
-    assert "latentseek (%)" in harness.results_table(summary["benchmarks"])
+    assert "latentseek (%)" in result.stdout and harness.results_table(
+        summary["benchmarks"]) in result.stdout

@@ -23,7 +23,14 @@ Outputs, in ``out_dir``:
   ``truncated_fraction``, the counts, ``prompt_format``, ``seconds`` and the ``settings`` used;
 * ``samples.jsonl`` -- one line per sample: benchmark, problem id and index, sample index, prompt,
   response, extracted answer, gold, verdict (``correct``), the verifier's reason, length and
-  whether the response was cut at ``max_new_tokens``.
+  whether the response was cut at ``max_new_tokens``;
+* ``test_time.jsonl`` (``--test_time_method=latentseek`` only) -- one line per problem: the
+  greedy answer, the final answer, both verdicts, the reward history and the updates taken.
+
+``--test_time_method`` other than ``sample`` adds a ``test_time`` block to each benchmark of
+``results.json`` (accuracy, its standard error, compute per problem, seconds; see
+``eval.test_time``) and a column with the method's accuracy to the table; without it the outputs
+are exactly as before.
 
 Prompts that do not fit ``max_new_tokens`` in the model's context are not sampled; they count as
 wrong in pass@k / maj@k (so the denominator is always the number of problems evaluated) and are
