@@ -197,10 +197,17 @@ def test_scripted_rewards_stop_above_the_threshold_and_params_stay_unchanged(mod
     assert out.stopped.tolist() == [True, True, False, False]
     assert calls == [(1, [0, 2]), (2, [0, 2]), (3, [0, 2]), (4, [2])]
     assert out.responses[1] == responses[1] and out.responses[3] == responses[3]
+    assert out.read_latents
     for b in (0, 2):
         assert 0 < len(out.responses[b]) <= 16
     jax.tree_util.tree_map(np.testing.assert_array_equal, before,
                            jax.tree_util.tree_map(np.array, params))
+    # Every answer already above the threshold: no forward, no update, no reward call.
+    calls.clear()
+    idle = latentseek.optimise(cfg, params, prompts, responses, np.zeros(4), reward_fn,
+                               config=config, max_new_tokens=16, eos_token_ids=(eos,))
+    assert idle.iterations.tolist() == [0] * 4 and not idle.read_latents and not calls
+    assert idle.responses == responses
 
 
 def test_answer_is_the_latent_prefix_then_the_frozen_greedy_continuation(model):

@@ -235,6 +235,8 @@ class LatentSeekResult:
       continuation_tokens: ``[P]`` tokens the frozen model generated after the decoded prefixes,
         summed over iterations (each one a forward pass of the model).
       stopped: ``[P]`` bool, the last reward is above the threshold.
+      read_latents: the teacher-forced forward that reads the initial latents ran (for every
+        problem of the batch at once; skipped when no problem needed an update).
     """
 
     responses: list[list[int]]
@@ -243,6 +245,7 @@ class LatentSeekResult:
     positions: np.ndarray
     continuation_tokens: np.ndarray
     stopped: np.ndarray
+    read_latents: bool = False
 
 
 RewardFn = Callable[[np.ndarray, list[list[int]], int], np.ndarray]
@@ -295,6 +298,7 @@ def optimise(cfg, params, prompts: list[list[int]], responses: list[list[int]],
                                 rewards > config.reward_threshold)
 
     latents = initial_latents(cfg, params, prompts, responses, positions)
+    read_latents = True
     k_bucket = latents.shape[1]
     mask = (np.arange(k_bucket)[None, :] < positions[:, None]).astype(np.float32)
     optimizer_state = adam(config.learning_rate).init(jnp.asarray(latents))
@@ -337,4 +341,4 @@ def optimise(cfg, params, prompts: list[list[int]], responses: list[list[int]],
             iterations[b] += 1
         running &= rewards <= config.reward_threshold
     return LatentSeekResult(current, history, iterations, positions, continuation,
-                            rewards > config.reward_threshold)
+                            rewards > config.reward_threshold, read_latents)

@@ -245,7 +245,7 @@ def run_latentseek(cfg, params, tokenizer, records: list[dict], prompt_tokens: l
             iterations[p] = out.iterations[i]
             positions[p] = out.positions[i]
             continuation[p] = out.continuation_tokens[i]
-            hidden_forwards[p] = int(out.iterations[i] > 0)
+            hidden_forwards[p] = int(out.read_latents)
     # The gold scores the final answers (never chooses them, except with the oracle reward).
     scored = rewards.score_batch(final_texts, [r["gold"] for r in records], pool=pool)
     final_correct = np.asarray(scored.equivalent, bool)
