@@ -139,6 +139,7 @@ class HarnessConfig:
     latentseek_threshold: float = latentseek.LatentSeekConfig.reward_threshold
 
     def latentseek_config(self) -> latentseek.LatentSeekConfig:
+        """The ``--latentseek_*`` flags as a ``LatentSeekConfig`` (K's cap stays the code's 300)."""
         return latentseek.LatentSeekConfig(
             steps=self.latentseek_steps, learning_rate=self.latentseek_lr,
             fraction=self.latentseek_fraction, reward_threshold=self.latentseek_threshold)

@@ -37,6 +37,9 @@ prompts. Our verifier gives one rating on RISE's scale (1 correct, −0.5 wrong,
 rating) → −1. With ``--rerank_samples`` = m ratings the reward is their mean, so τ = −0.2 passes
 an answer when all m ratings say correct, or (m = 4) three say correct and one says wrong
 (R = −0.1875), much as the code passes an answer with one light failed check (−1/6).
+Verifications are sampled at ``--temperature`` / ``--top_p`` (as best-of-n's are; the code calls
+``generate`` with the checkpoint's own generation config, which samples when that config says
+so), so the self-reward of one answer is itself random.
 """
 
 from __future__ import annotations
