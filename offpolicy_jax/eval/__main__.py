@@ -79,8 +79,8 @@ RERANK_WITH = flags.DEFINE_string("rerank_with", None, "Best-of-n: rerank each p
                                   "its own samples) or a checkpoint directory / alias; reports "
                                   "reranked@n and the verifier's accuracy.")
 RERANK_SAMPLES = flags.DEFINE_integer("rerank_samples", _DEFAULTS.rerank_samples,
-                                      "Best-of-n: verifications per sample; LatentSeek's self-reward: "
-                                      "ratings per answer (averaged).")
+                                      "Best-of-n: verifications per sample; LatentSeek's "
+                                      "self-reward: ratings per answer (averaged).")
 TEST_TIME_METHOD = flags.DEFINE_enum(
     "test_time_method", _DEFAULTS.test_time_method, list(test_time.TEST_TIME_METHODS),
     "How each problem's answer is produced: 'sample' (pass@k/maj@k of the n samples only), "

@@ -145,7 +145,8 @@ def latent_policy_loss(log_probs: jax.Array, mask: jax.Array, rewards: jax.Array
 
 
 def adam(learning_rate: float) -> optax.GradientTransformation:
-    """torch.optim.Adam's update (bias-corrected, ε outside the square root) at ``learning_rate``."""
+    """torch.optim.Adam's update (bias-corrected, ε outside the square root) at
+    ``learning_rate``."""
     return optax.adam(learning_rate, b1=ADAM_B1, b2=ADAM_B2, eps=ADAM_EPS)
 
 

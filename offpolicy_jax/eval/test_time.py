@@ -160,7 +160,8 @@ class SelfVerificationReward:
                              top_p=top_p, top_k=top_k, pool=pool, mesh=mesh,
                              batch_size=batch_size)
         self.seed = seed
-        self.label = f"self-verification: {name}, {samples} rating(s) per answer, R = (rating - 1) / 2"
+        self.label = (f"self-verification: {name}, {samples} rating(s) per answer, "
+                      f"R = (rating - 1) / 2")
         self.verifications = np.zeros(len(records), np.int64)
         self.verification_tokens = np.zeros(len(records), np.int64)
 
