@@ -229,8 +229,8 @@ def test_answer_is_the_latent_prefix_then_the_frozen_greedy_continuation(model):
     answer = out.responses[0]
     assert seen == [[answer]] and len(answer) <= 16
     prefix = answer[:k]
-    if eos not in prefix and len(answer) > k:
-        assert answer[k:] == _greedy(cfg, params, [prompts[0] + prefix], 16 - k, eos)[0]
+    assert eos not in prefix and len(answer) > k     # so the continuation below is checked
+    assert answer[k:] == _greedy(cfg, params, [prompts[0] + prefix], 16 - k, eos)[0]
 
 
 # ---------------------------------------------------------------------------------------------
