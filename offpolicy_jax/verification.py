@@ -304,6 +304,37 @@ def rating_value(extracted) -> float:
     return value if value in (1.0, -0.5, -1.0) else -1.0
 
 
+def rate_samples(cfg, params, tokenizer, records: list[dict], result, *, make_prompt,
+                 samples: int = 1, max_new_tokens: int, temperature: float, seed=0, top_p=None,
+                 top_k=None, eos_token_ids=(), pad_token_id: int = 0, pool=None, mesh=None,
+                 batch_size: int | None = None):
+    """The verifier's mean rating of each sample of a solving evaluation.
+
+    Each of ``result``'s ``[P, n]`` samples is rated ``samples`` times by the verifier
+    ``(cfg, params, tokenizer)`` (:func:`rating_value` of each boxed rating). The golds handed to
+    ``evaluate_prompts`` are the samples' true ratings, used only for the verifier's accuracy
+    (``rated.correct``), never for the scores.
+
+    Returns:
+      ``(scores [P, n] float, rated)``: the mean ratings and the verifications' ``EvalResult``
+      (``P * n`` prompts, ``samples`` each, prompt-major).
+    """
+    from offpolicy_jax.eval import runner
+    num_problems, n = np.asarray(result.correct).shape
+    outcomes = solution_outcomes(result)
+    prompts = [tokenizer.encode(make_prompt(records[i // n], text, tokenizer),
+                                add_special_tokens=False)
+               for i, text in enumerate(result.responses)]
+    rated = runner.evaluate_prompts(
+        cfg, params, tokenizer, prompts, [RATINGS[o] for o in outcomes], num_samples=samples,
+        ks=(1,), max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+        top_k=top_k, seed=seed, eos_token_ids=eos_token_ids, pad_token_id=pad_token_id,
+        pool=pool, mesh=mesh, batch_size=batch_size, skip_too_long=True)
+    scores = np.array([rating_value(x) for x in rated.extracted]).reshape(
+        num_problems, n, samples).mean(axis=2)
+    return scores, rated
+
+
 def rerank_best_of_n(cfg, params, tokenizer, records: list[dict], result, *, make_prompt,
                      samples: int = 1, max_new_tokens: int, temperature: float, seed=0,
                      top_p=None, top_k=None, eos_token_ids=(), pad_token_id: int = 0, pool=None,
@@ -325,21 +356,26 @@ def rerank_best_of_n(cfg, params, tokenizer, records: list[dict], result, *, mak
     ``pass@n`` of the samples for reference, and the verifier's accuracy on them
     (``verification_metrics``, prefixed ``verify_``).
     """
-    from offpolicy_jax.eval import runner
+    scores, rated = rate_samples(
+        cfg, params, tokenizer, records, result, make_prompt=make_prompt, samples=samples,
+        max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, top_p=top_p,
+        top_k=top_k, eos_token_ids=eos_token_ids, pad_token_id=pad_token_id, pool=pool,
+        mesh=mesh, batch_size=batch_size)
+    return rerank_metrics(result, scores, rated, samples)
+
+
+def chosen_samples(scores) -> np.ndarray:
+    """Best-of-n's pick per problem: the sample with the highest mean rating, the earlier one
+    of equal ratings (``[P]`` indices into ``scores``' ``[P, n]``)."""
+    return np.argmax(np.asarray(scores), axis=1)
+
+
+def rerank_metrics(result, scores, rated, samples: int) -> dict:
+    """:func:`rerank_best_of_n`'s metrics from :func:`rate_samples`' ``(scores, rated)``."""
     correct = np.asarray(result.correct)
     num_problems, n = correct.shape
     outcomes = solution_outcomes(result)
-    prompts = [tokenizer.encode(make_prompt(records[i // n], text, tokenizer),
-                                add_special_tokens=False)
-               for i, text in enumerate(result.responses)]
-    rated = runner.evaluate_prompts(
-        cfg, params, tokenizer, prompts, [RATINGS[o] for o in outcomes], num_samples=samples,
-        ks=(1,), max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-        top_k=top_k, seed=seed, eos_token_ids=eos_token_ids, pad_token_id=pad_token_id,
-        pool=pool, mesh=mesh, batch_size=batch_size, skip_too_long=True)
-    scores = np.array([rating_value(x) for x in rated.extracted]).reshape(
-        num_problems, n, samples).mean(axis=2)
-    chosen = np.argmax(scores, axis=1)            # the first of equal scores
+    chosen = chosen_samples(scores)
     metrics = verification_metrics(np.repeat(outcomes, samples),
                                    np.asarray(rated.correct).reshape(-1),
                                    [rating_value(x) == 1.0 for x in rated.extracted])

@@ -11,6 +11,12 @@ with ``results.json`` and ``samples.jsonl`` into ``--out`` (without ``--out`` th
 folder that is removed at the end); see ``offpolicy_jax.eval.harness``. The benchmark files ship
 with the package; ``--data_dir`` (or ``$OFFPOLICY_JAX_DATA``) reads the user's own copies instead.
 
+Test-time methods at matched compute (``--test_time_method``; see ``offpolicy_jax.eval.test_time``),
+e.g. LatentSeek on the self-verifying warm start:
+
+    python -m offpolicy_jax.eval --model=tiny-arith-verify --benchmarks=arith --limit=64 \
+        --test_time_method=latentseek --num_samples=1 --max_new_tokens=48 --out=/tmp/evalls
+
 Quick run of the embedded default (CPU, about a minute once the model is cached):
 
     python -m offpolicy_jax.eval --model=tiny-arith --benchmarks=arith --limit=64 \
@@ -24,7 +30,7 @@ from absl import app, flags, logging as absl_logging
 
 from offpolicy_jax import compilation_cache
 from offpolicy_jax.data import prompts as prompts_lib
-from offpolicy_jax.eval import harness
+from offpolicy_jax.eval import harness, test_time
 
 _DEFAULTS = harness.HarnessConfig()
 
@@ -73,7 +79,29 @@ RERANK_WITH = flags.DEFINE_string("rerank_with", None, "Best-of-n: rerank each p
                                   "its own samples) or a checkpoint directory / alias; reports "
                                   "reranked@n and the verifier's accuracy.")
 RERANK_SAMPLES = flags.DEFINE_integer("rerank_samples", _DEFAULTS.rerank_samples,
-                                      "Best-of-n: verifications per sample (ratings averaged).")
+                                      "Best-of-n: verifications per sample; LatentSeek's "
+                                      "self-reward: ratings per answer (averaged).")
+TEST_TIME_METHOD = flags.DEFINE_enum(
+    "test_time_method", _DEFAULTS.test_time_method, list(test_time.TEST_TIME_METHODS),
+    "How each problem's answer is produced: 'sample' (pass@k/maj@k of the n samples only), "
+    "'majority' (vote of the n samples), 'best_of_n' (the sample the verifier rates best) or "
+    "'latentseek' (policy gradient on the greedy answer's latent states, needs "
+    "--num_samples=1); the last three report accuracy ± standard error, compute per problem "
+    "and seconds in results.json's 'test_time'.")
+TEST_TIME_REWARD = flags.DEFINE_enum(
+    "test_time_reward", _DEFAULTS.test_time_reward, list(test_time.TEST_TIME_REWARDS),
+    "What scores answers for best_of_n and latentseek: 'verifier' (--rerank_with, default the "
+    "model itself) or 'oracle' (the gold answer, PSRM: uses the gold, an upper bound).")
+LATENTSEEK_STEPS = flags.DEFINE_integer("latentseek_steps", _DEFAULTS.latentseek_steps,
+                                        "LatentSeek: most latent updates per problem.")
+LATENTSEEK_LR = flags.DEFINE_float("latentseek_lr", _DEFAULTS.latentseek_lr,
+                                   "LatentSeek: Adam learning rate on the latents.")
+LATENTSEEK_FRACTION = flags.DEFINE_float("latentseek_fraction", _DEFAULTS.latentseek_fraction,
+                                         "LatentSeek: share rho of the greedy answer's positions "
+                                         "optimised (K = min(floor(rho L), 300)).")
+LATENTSEEK_THRESHOLD = flags.DEFINE_float("latentseek_threshold", _DEFAULTS.latentseek_threshold,
+                                          "LatentSeek: stop once the reward (in [-1, 0]) is "
+                                          "above this.")
 PROGRESS = flags.DEFINE_bool("progress", True, "Progress bars on stderr.")
 COMPILATION_CACHE = flags.DEFINE_string("compilation_cache", None, "JAX's persistent compilation "
                                         "cache directory (default: the package's cache, "
@@ -90,7 +118,10 @@ def config_from_flags() -> harness.HarnessConfig:
         seed=SEED.value, use_chat_template=USE_CHAT_TEMPLATE.value,
         instruction=INSTRUCTION.value, prompt_format=PROMPT_FORMAT.value, batch_size=BATCH_SIZE.value, mesh=MESH.value,
         dtype=DTYPE.value, data_dir=DATA_DIR.value, rerank_with=RERANK_WITH.value,
-        rerank_samples=RERANK_SAMPLES.value)
+        rerank_samples=RERANK_SAMPLES.value, test_time_method=TEST_TIME_METHOD.value,
+        test_time_reward=TEST_TIME_REWARD.value, latentseek_steps=LATENTSEEK_STEPS.value,
+        latentseek_lr=LATENTSEEK_LR.value, latentseek_fraction=LATENTSEEK_FRACTION.value,
+        latentseek_threshold=LATENTSEEK_THRESHOLD.value)
 
 
 def main(argv):

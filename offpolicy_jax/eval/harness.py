@@ -23,7 +23,14 @@ Outputs, in ``out_dir``:
   ``truncated_fraction``, the counts, ``prompt_format``, ``seconds`` and the ``settings`` used;
 * ``samples.jsonl`` -- one line per sample: benchmark, problem id and index, sample index, prompt,
   response, extracted answer, gold, verdict (``correct``), the verifier's reason, length and
-  whether the response was cut at ``max_new_tokens``.
+  whether the response was cut at ``max_new_tokens``;
+* ``test_time.jsonl`` (``--test_time_method=latentseek`` only) -- one line per problem: the
+  greedy answer, the final answer, both verdicts, the reward history and the updates taken.
+
+``--test_time_method`` other than ``sample`` adds a ``test_time`` block to each benchmark of
+``results.json`` (accuracy, its standard error, compute per problem, seconds; see
+``eval.test_time``) and a column with the method's accuracy to the table; without it the outputs
+are exactly as before.
 
 Prompts that do not fit ``max_new_tokens`` in the model's context are not sampled; they count as
 wrong in pass@k / maj@k (so the denominator is always the number of problems evaluated) and are
@@ -39,10 +46,11 @@ import sys
 import time
 
 import jax.numpy as jnp
+import numpy as np
 
 from offpolicy_jax import models, rewards
 from offpolicy_jax.data import prompts as prompts_lib
-from offpolicy_jax.eval import runner
+from offpolicy_jax.eval import latentseek, runner, test_time
 
 ARITH = "arith"
 BENCHMARK_NAMES = (ARITH,) + tuple(rewards.BENCHMARKS)
@@ -54,6 +62,8 @@ DEFAULT_MAX_NEW_TOKENS = 1024
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 RESULTS_JSON, RESULTS_MD, SAMPLES_JSONL = "results.json", "results.md", "samples.jsonl"
+# LatentSeek's per-problem record (initial and final answer, reward history), when it runs.
+TEST_TIME_JSONL = "test_time.jsonl"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,7 +97,19 @@ class HarnessConfig:
         samples, RISE's self-verification) or a checkpoint directory / alias (e.g. a TOPR
         verifier's export); None: no reranking. The verification prompt is the compact one on
         ``arith``, RISE's template elsewhere.
-      rerank_samples: verifications per sample (their ratings are averaged).
+      rerank_samples: verifications per sample (their ratings are averaged); also LatentSeek's
+        ratings per answer.
+      test_time_method: how each problem's answer is produced (``eval.test_time``):
+        ``"sample"`` (the n samples, pass@k / maj@k only: the harness's behaviour without the
+        flag), ``"majority"``, ``"best_of_n"`` or ``"latentseek"``; the last three add a
+        ``test_time`` block (accuracy, standard error, compute per problem, seconds).
+      test_time_reward: what scores answers for ``best_of_n`` and ``latentseek``:
+        ``"verifier"`` (the generative verifier of ``rerank_with``, the model itself when unset)
+        or ``"oracle"`` (the gold answer: PSRM; labelled as using the gold).
+      latentseek_steps, latentseek_lr, latentseek_fraction, latentseek_threshold: LatentSeek's
+        most updates T, Adam learning rate η, share ρ of the answer's positions optimised and
+        early-stop threshold τ (``eval.latentseek.LatentSeekConfig``; the official code's
+        defaults).
     """
 
     model: str = "tiny-arith"
@@ -109,6 +131,18 @@ class HarnessConfig:
     data_dir: str | None = None
     rerank_with: str | None = None
     rerank_samples: int = 1
+    test_time_method: str = "sample"
+    test_time_reward: str = "verifier"
+    latentseek_steps: int = latentseek.LatentSeekConfig.steps
+    latentseek_lr: float = latentseek.LatentSeekConfig.learning_rate
+    latentseek_fraction: float = latentseek.LatentSeekConfig.fraction
+    latentseek_threshold: float = latentseek.LatentSeekConfig.reward_threshold
+
+    def latentseek_config(self) -> latentseek.LatentSeekConfig:
+        """The ``--latentseek_*`` flags as a ``LatentSeekConfig`` (K's cap stays the code's 300)."""
+        return latentseek.LatentSeekConfig(
+            steps=self.latentseek_steps, learning_rate=self.latentseek_lr,
+            fraction=self.latentseek_fraction, reward_threshold=self.latentseek_threshold)
 
     def validate(self) -> None:
         """Raises ``ValueError`` naming the flag of the first invalid setting."""
@@ -131,6 +165,19 @@ class HarnessConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        if self.test_time_method not in test_time.TEST_TIME_METHODS:
+            raise ValueError(f"--test_time_method must be one of "
+                             f"{', '.join(test_time.TEST_TIME_METHODS)}, got "
+                             f"{self.test_time_method!r}")
+        if self.test_time_reward not in test_time.TEST_TIME_REWARDS:
+            raise ValueError(f"--test_time_reward must be one of "
+                             f"{', '.join(test_time.TEST_TIME_REWARDS)}, got "
+                             f"{self.test_time_reward!r}")
+        if self.test_time_method == test_time.LATENTSEEK:
+            if self.num_samples != 1:
+                raise ValueError(f"--test_time_method=latentseek refines one greedy answer per "
+                                 f"problem: set --num_samples=1 (got {self.num_samples})")
+            self.latentseek_config().validate()
         if self.ks is not None:
             check_ks(self.ks, self.num_samples)
 
@@ -307,6 +354,12 @@ def _percent(value) -> str:
     return "-" if value is None else f"{100 * value:.1f}"
 
 
+def _with_error(block) -> str:
+    if block is None:
+        return "-"
+    return f"{100 * block['accuracy']:.1f} ± {100 * block['accuracy_stderr']:.1f}"
+
+
 def results_table(benchmarks: dict) -> str:
     """A markdown table, one row per benchmark: pass@k and maj@k in percent, mean response length
     in tokens, the no-answer and too-long counts.
@@ -319,7 +372,10 @@ def results_table(benchmarks: dict) -> str:
         return sorted(keys, key=lambda k: int(k.split("@")[1]))
 
     score_keys = metric_keys("pass@") + metric_keys("maj@") + metric_keys("reranked@")
+    # The --test_time_method's accuracy ± its standard error (absent by default).
+    methods = sorted({m["test_time"]["method"] for m in benchmarks.values() if "test_time" in m})
     header = (["benchmark", "problems", "n"] + [f"{k} (%)" for k in score_keys]
+              + [f"{'/'.join(methods)} (%)"] * bool(methods)
               + ["mean length", "no answer (%)", "too long"])
     lines = ["| " + " | ".join(header) + " |",
              "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
@@ -327,6 +383,7 @@ def results_table(benchmarks: dict) -> str:
         length = metrics.get("mean_length")
         row = ([name, str(metrics["num_prompts"]), str(metrics["num_samples"])]
                + [_percent(metrics.get(k)) for k in score_keys]
+               + ([_with_error(metrics.get("test_time"))] if methods else [])
                + ["-" if length is None else f"{length:.1f}",
                   _percent(metrics.get("no_answer_fraction")), str(metrics["num_too_long"])])
         lines.append("| " + " | ".join(row) + " |")
@@ -350,10 +407,9 @@ def sample_rows(name: str, records: list[dict], result: runner.EvalResult) -> li
     return rows
 
 
-def rerank(name: str, records: list[dict], result: runner.EvalResult, verifier, config,
-           max_new_tokens: int, pool, mesh) -> dict:
-    """Best-of-n of ``result``'s samples by ``verifier`` = ``(cfg, params, tokenizer, eos ids,
-    pad id)``: ``reranked@n`` and the verifier's accuracy (``verify_*``) on the samples."""
+def verification_prompt_fn(name: str, config):
+    """``(record, solution, tokenizer) -> verification prompt`` of benchmark ``name``: the
+    compact format on ``arith``, RISE's template elsewhere."""
     from offpolicy_jax import verification
     template = verification.COMPACT if name == ARITH else verification.PAPER
 
@@ -362,14 +418,50 @@ def rerank(name: str, records: list[dict], result: runner.EvalResult, verifier, 
             record, solution, template=template, tokenizer=tokenizer,
             use_chat_template=config.use_chat_template and config.prompt_format == "chat")
 
+    return make_prompt
+
+
+def rerank(name: str, records: list[dict], result: runner.EvalResult, verifier, config,
+           max_new_tokens: int, pool, mesh) -> tuple[dict, np.ndarray, runner.EvalResult]:
+    """Best-of-n of ``result``'s samples by ``verifier`` = ``(cfg, params, tokenizer, eos ids,
+    pad id)``: ``(metrics, scores, rated)``, the metrics being ``reranked@n`` and the verifier's
+    accuracy (``verify_*``) on the samples, ``scores`` the ``[P, n]`` mean ratings and ``rated``
+    the verifications (see ``verification.rate_samples``)."""
+    from offpolicy_jax import verification
     cfg, params, tokenizer, eos_ids, pad_id = verifier
-    metrics = verification.rerank_best_of_n(
-        cfg, params, tokenizer, records, result, make_prompt=make_prompt,
+    scores, rated = verification.rate_samples(
+        cfg, params, tokenizer, records, result, make_prompt=verification_prompt_fn(name, config),
         samples=config.rerank_samples, max_new_tokens=max_new_tokens,
         temperature=config.temperature, top_p=config.top_p, top_k=config.top_k,
         seed=config.seed + 1, eos_token_ids=eos_ids, pad_token_id=pad_id, pool=pool, mesh=mesh,
         batch_size=config.batch_size)
-    return {k: v for k, v in metrics.items() if not k.startswith("pass@")}
+    metrics = verification.rerank_metrics(result, scores, rated, config.rerank_samples)
+    return {k: v for k, v in metrics.items() if not k.startswith("pass@")}, scores, rated
+
+
+def run_latentseek(name, records, result, config, cfg, params, tokenizer, verifier,
+                   verifier_name, max_new_tokens, eos_ids, pad_id, pool, mesh, start,
+                   jsonl_path) -> dict:
+    """LatentSeek on one benchmark's greedy answers (``eval.test_time.run_latentseek``); appends
+    the per-problem rows to ``jsonl_path`` and returns the ``test_time`` block."""
+    if config.test_time_reward == test_time.ORACLE:
+        reward = test_time.OracleReward([r["gold"] for r in records], pool)
+    else:
+        reward = test_time.SelfVerificationReward(
+            verifier, records, verification_prompt_fn(name, config),
+            samples=config.rerank_samples, max_new_tokens=max_new_tokens,
+            temperature=config.temperature, top_p=config.top_p, top_k=config.top_k,
+            seed=config.seed + 3, pool=pool, mesh=mesh, batch_size=config.batch_size,
+            name=verifier_name)
+    prompts = [tokenizer.encode(r["prompt"], add_special_tokens=False) for r in records]
+    block, rows = test_time.run_latentseek(
+        cfg, params, tokenizer, records, prompts, result, reward,
+        config=config.latentseek_config(), max_new_tokens=max_new_tokens, eos_token_ids=eos_ids,
+        pad_token_id=pad_id, pool=pool, mesh=mesh, batch_size=config.batch_size, started=start)
+    with open(jsonl_path, "a") as f:
+        for row in rows:
+            f.write(json.dumps({"benchmark": name, **row}) + "\n")
+    return block
 
 
 def write_results(out_dir: str, summary: dict) -> str:
@@ -448,11 +540,18 @@ def run(config: HarnessConfig, out_dir: str, *, progress: bool = True, log=None)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
     pad_id = pad_id if 0 <= pad_id < cfg.vocab_size else eos_ids[0]
 
+    method = config.test_time_method
+    # best_of_n and LatentSeek need a verifier unless the oracle scores answers; the model
+    # itself (self-verification) when --rerank_with is not given.
+    verifier_name = config.rerank_with
+    if method in (test_time.BEST_OF_N, test_time.LATENTSEEK) and \
+            config.test_time_reward == test_time.VERIFIER and not verifier_name:
+        verifier_name = "self"
     verifier = None
-    if config.rerank_with == "self":
+    if verifier_name == "self":
         verifier = (cfg, params, tokenizer, eos_ids, pad_id)
-    elif config.rerank_with:
-        verifier_dir = resolve_checkpoint(config.rerank_with)
+    elif verifier_name:
+        verifier_dir = resolve_checkpoint(verifier_name)
         verifier_tokenizer = load_tokenizer(verifier_dir)
         verifier_cfg, verifier_params = models.load_hf_checkpoint(verifier_dir, dtype=dtype,
                                                                    mesh=mesh)
@@ -470,11 +569,24 @@ def run(config: HarnessConfig, out_dir: str, *, progress: bool = True, log=None)
         "eos_token_ids": list(eos_ids), "rerank_with": config.rerank_with,
         "rerank_samples": config.rerank_samples,
     }
+    if method != test_time.SAMPLE:     # the default's settings stay as they were
+        settings.update(test_time_method=method, test_time_reward=config.test_time_reward,
+                        verifier=None if config.test_time_reward == test_time.ORACLE
+                        else verifier_name)
+        if method == test_time.LATENTSEEK:
+            settings.update(solving_temperature=0.0,
+                            latentseek=dataclasses.asdict(config.latentseek_config()))
     summary = {"model": config.model, "model_dir": model_dir, "settings": settings,
                "benchmarks": {}}
     os.makedirs(out_dir, exist_ok=True)
     samples_path = os.path.join(out_dir, SAMPLES_JSONL)
     open(samples_path, "w").close()
+    test_time_path = os.path.join(out_dir, TEST_TIME_JSONL)
+    if method == test_time.LATENTSEEK:
+        open(test_time_path, "w").close()
+    # LatentSeek starts from the greedy answer (its "CoT initialisation"); --temperature then
+    # only applies to the verifications.
+    solve_temperature = 0.0 if method == test_time.LATENTSEEK else config.temperature
 
     with rewards.VerifierPool() as pool:
         outer = tqdm(benchmarks, desc="benchmarks", unit="benchmark", disable=not progress,
@@ -491,19 +603,34 @@ def run(config: HarnessConfig, out_dir: str, *, progress: bool = True, log=None)
                 [tokenizer.encode(r["prompt"], add_special_tokens=False) for r in bench_records],
                 [r["gold"] for r in bench_records],
                 num_samples=config.num_samples, ks=ks, maj_ks=maj_ks,
-                max_new_tokens=max_new_tokens, temperature=config.temperature,
+                max_new_tokens=max_new_tokens, temperature=solve_temperature,
                 top_p=config.top_p, top_k=config.top_k, seed=config.seed,
                 eos_token_ids=eos_ids, pad_token_id=pad_id, pool=pool, mesh=mesh,
                 batch_size=config.batch_size, skip_too_long=True, on_samples=inner.update)
             inner.close()
             fmt = prompt_format(name, tokenizer, config.use_chat_template, config.prompt_format)
-            reranked = {} if verifier is None else rerank(
-                name, bench_records, result, verifier, config, max_new_tokens, pool, mesh)
+            reranked, block = {}, None
+            if verifier is not None and method != test_time.LATENTSEEK:
+                reranked, scores, rated = rerank(name, bench_records, result, verifier, config,
+                                                 max_new_tokens, pool, mesh)
+                if method == test_time.BEST_OF_N:
+                    block = test_time.best_of_n_verifier(
+                        result, scores, rated, time.time() - start, verifier_name=verifier_name)
+            if method == test_time.MAJORITY:
+                block = test_time.majority(result, time.time() - start)
+            elif method == test_time.BEST_OF_N and config.test_time_reward == test_time.ORACLE:
+                block = test_time.best_of_n_oracle(result, time.time() - start)
+            elif method == test_time.LATENTSEEK:
+                block = run_latentseek(name, bench_records, result, config, cfg, params,
+                                       tokenizer, verifier, verifier_name, max_new_tokens,
+                                       eos_ids, pad_id, pool, mesh, start, test_time_path)
             summary["benchmarks"][name] = {
                 **result.metrics, **reranked, "prompt_format": fmt,
                 "seconds": round(time.time() - start, 2),
                 "settings": {**settings, "prompt_format": fmt},
             }
+            if block is not None:
+                summary["benchmarks"][name]["test_time"] = block
             if result.metrics["num_too_long"]:
                 log(f"{name}: {result.metrics['num_too_long']} of {len(bench_records)} prompts "
                     f"do not fit max_new_tokens={max_new_tokens} in the model's context of "

@@ -57,6 +57,8 @@ class EvalResult:
       truncated: ``[P * n]`` bool, the response used the whole ``max_new_tokens`` budget without
         producing an EOS token.
       too_long: ``[P]`` bool, the prompt was not sampled because it does not fit the context.
+      token_ids: ``[P * n]`` generated token ids (EOS included; ``[]`` when not generated), for
+        methods that continue from a response's tokens (LatentSeek) rather than its text.
     """
 
     metrics: dict
@@ -67,6 +69,7 @@ class EvalResult:
     lengths: np.ndarray
     truncated: np.ndarray | None = None
     too_long: np.ndarray | None = None
+    token_ids: list | None = None
 
 
 def _chunk_seed(seed, chunk: int):
@@ -159,6 +162,7 @@ def evaluate_prompts(cfg, params, tokenizer, prompt_tokens: list[list[int]], gol
     correct = np.zeros((num_prompts, n), bool)
     lengths = np.zeros(num_prompts * n, np.int32)
     truncated = np.zeros(num_prompts * n, bool)
+    token_ids: list = [[] for _ in range(num_prompts * n)]
     eos_set = set(int(e) for e in eos_token_ids)
 
     for p in np.flatnonzero(too_long):
@@ -186,6 +190,7 @@ def evaluate_prompts(cfg, params, tokenizer, prompt_tokens: list[list[int]], gol
                 texts[i], scored.extracted[i], scored.reasons[i]
             correct[p, i % n] = bool(scored.equivalent[i])
             lengths[row] = length
+            token_ids[row] = tokens[i, :length].tolist()
             truncated[row] = length == max_new_tokens and int(tokens[i, length - 1]) not in eos_set
         if on_samples is not None:
             on_samples(len(texts))
@@ -208,4 +213,5 @@ def evaluate_prompts(cfg, params, tokenizer, prompt_tokens: list[list[int]], gol
                    num_correct=int(correct.sum()), num_no_answer=int(no_answer.sum()),
                    num_truncated=int(truncated.sum()), num_too_long=int(too_long.sum()))
     return EvalResult(metrics=results, responses=responses, extracted=extracted, correct=correct,
-                      reasons=reasons, lengths=lengths, truncated=truncated, too_long=too_long)
+                      reasons=reasons, lengths=lengths, truncated=truncated, too_long=too_long,
+                      token_ids=token_ids)
