@@ -75,6 +75,9 @@ EXPERIMENTS = [
     # LoRA next to a trainable value head (the adapters and the head are the trainable params).
     ("ppo", ["--lora_rank=4", "--lora_targets=q,v,down", "--learning_rate=1e-3"]),
     ("expert_iteration", ["--batches_per_iteration=2", "--sft_batch_size=8"]),
+    # B-STaR: a 2-temperature search on 4 dev problems x 4 samples, then 2 batches sampled.
+    ("bstar", ["--batches_per_iteration=2", "--sft_batch_size=8", "--dev_size=4",
+               "--dev_samples=4", "--bstar_temperatures=0.7,1.0", "--threshold_step=0.05"]),
     # RISE: 4 x 4 solutions, 2 of them verified 4 times each, one batch.
     ("rise", ["--verify_solutions=2"]),
     ("rise", ["--variant=ppo", "--verify_solutions=4", "--kl_coef=0.01"]),

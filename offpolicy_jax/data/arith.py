@@ -200,6 +200,22 @@ def check_working(expression: str, response: str) -> WorkingCheck:
                         consistent=int(answer_match[1]) == steps[-1][3])
 
 
+def right_step_share(response: str) -> float:
+    """The share of a response's working steps whose arithmetic is right (``a op b`` equals the
+    written ``c``), in [0, 1]; 0 for a response not in the task's format (see
+    :func:`check_working`). A process-style score of the embedded task: B-STaR's selection score
+    uses a process reward model's step scores, and this is their exact, per-step counterpart.
+
+    Example: ``"7*3=21, 12+21=34. \\boxed{34}"`` has one right step of two: 0.5.
+    """
+    working, separator, answer = response.strip().rpartition(". ")
+    matches = [_STEP.fullmatch(piece) for piece in working.split(", ")]
+    if not separator or _ANSWER.fullmatch(answer) is None or not all(matches):
+        return 0.0
+    right = sum(_APPLY[m[2]](int(m[1]), int(m[3])) == int(m[4]) for m in matches)
+    return right / len(matches)
+
+
 # ---------------------------------------------------------------------------------------------
 # Expression trees. A tree is either an int (a leaf) or a tuple (op, left, right).
 
