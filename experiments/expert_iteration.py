@@ -24,6 +24,17 @@ Hardware: 2 CPU cores, a few minutes. Expected: held-out pass@1 of the tiny-arit
 after the first iteration and improves a little with the next (the paper: 40.3 → 41.9 % pass@1 over
 three iterations on MATH with PaLM 2-L).
 
+Options from BFS-Prover-V2 (Xin et al., https://arxiv.org/abs/2509.06493), off by default:
+``--ppl_band_low/--ppl_band_high`` keep only the kept responses whose perplexity under the
+sampling policy lies between two quantiles of the kept set's (dropping the trivial low tail and
+the noisy high tail; the paper's cut-offs are unconfirmed, so the band is a flag);
+``--m_step_init=current`` continues from the current iterate instead of the base, and
+``--m_step_init=plateau`` does so until held-out pass@1 stops improving
+(``--plateau_patience`` evaluations without a gain above ``--plateau_min_delta``), when the next
+M-step retrains from the base on data sampled by the current iterate. The held-out set is the
+run's evaluation set (the only held-out data), so the restart rule sees the numbers it is judged
+by; the per-problem cap stays.
+
 Runs in one process (a multi-process launch is refused at start-up).
 
 Departures (commented where set): K = 8 (``--group_size``) instead of 32; the M-step's length is a
@@ -52,6 +63,23 @@ MAX_PER_PROMPT = flags.DEFINE_integer("max_per_prompt", 10, "Correct responses k
                                       "(paper: 10).")
 SFT_EPOCHS = flags.DEFINE_float("sft_epochs", 4.0, "M-step length: epochs over the kept set.")
 SFT_BATCH_SIZE = flags.DEFINE_integer("sft_batch_size", 32, "M-step batch size.")
+# BFS-Prover-V2's options (arXiv 2509.06493); the defaults are plain ReST-EM.
+PPL_BAND_LOW = flags.DEFINE_float("ppl_band_low", 0.0, "Perplexity-band filter: drop the kept "
+                                  "responses whose perplexity under the sampling policy is below "
+                                  "this quantile of the kept set's (the trivial tail; 0: off).")
+PPL_BAND_HIGH = flags.DEFINE_float("ppl_band_high", 1.0, "Perplexity-band filter: drop those "
+                                   "above this quantile (the noisy tail; 1: off).")
+M_STEP_INIT = flags.DEFINE_enum("m_step_init", "base", ["base", "current", "plateau"],
+                                "Where each M-step starts: 'base' (ReST-EM: always the base "
+                                "model), 'current' (the current iterate), 'plateau' "
+                                "(BFS-Prover-V2: the current iterate, but the base model after "
+                                "held-out pass@1 stops improving; see --plateau_patience).")
+PLATEAU_PATIENCE = flags.DEFINE_integer("plateau_patience", 1, "--m_step_init=plateau: held-out "
+                                        "evaluations without improvement before the next M-step "
+                                        "retrains from the base.")
+PLATEAU_MIN_DELTA = flags.DEFINE_float("plateau_min_delta", 0.0, "--m_step_init=plateau: "
+                                       "improvement over the best pass@1 so far that counts as "
+                                       "progress (strictly more than this).")
 
 
 def keep_correct(rollouts, records: list[dict], tokenizer, max_per_prompt: int
@@ -90,9 +118,39 @@ def e_step(session: trainer.Session, params, iteration: int) -> tuple[list, dict
                      for k, v in session.selection.metrics().items()}}
 
 
+def perplexity_band_filter(session: trainer.Session, params, kept: list, low_quantile: float,
+                           high_quantile: float) -> tuple[list, dict]:
+    """BFS-Prover-V2's filter: the kept responses whose perplexity under ``params`` (the policy
+    that sampled them) lies between two quantiles of the kept set's perplexities, and metrics
+    (no bounds when nothing was kept)."""
+    if not kept:
+        return kept, {"band/candidates": 0, "band/dropped": 0}
+    perplexities = sft.completion_perplexities(
+        session.cfg, params, session.tokenizer, kept, eos_id=session.sampler.eos_ids[0],
+        pad_id=session.sampler.pad_id)
+    keep, low, high = sft.perplexity_band(perplexities, low_quantile, high_quantile)
+    filtered = [example for example, inside in zip(kept, keep) if inside]
+    return filtered, {"band/candidates": len(kept), "band/dropped": len(kept) - len(filtered),
+                      "band/low_perplexity": low, "band/high_perplexity": high}
+
+
+def plateau_update(best: float, stale: int, accuracy: float, *, min_delta: float,
+                   patience: int) -> tuple[float, int, bool]:
+    """One held-out evaluation of the plateau rule: ``(best, stale, restart)``. Progress is an
+    accuracy above ``best + min_delta`` (it becomes the new best, ``stale`` resets); otherwise
+    ``stale`` grows, and at ``patience`` the next M-step retrains from the base (``stale``
+    resets; the best stays, so a restart must beat it to count as progress)."""
+    if accuracy > best + min_delta:
+        return accuracy, 0, False
+    stale += 1
+    if stale >= patience:
+        return best, 0, True
+    return best, stale, False
+
+
 def m_step(session: trainer.Session, base_params, kept, *, iteration: int):
-    """Fine-tunes the *base* parameters on the kept responses; returns ``(params, metrics,
-    skipped updates)``."""
+    """Fine-tunes ``base_params`` (the base model, or the iterate ``--m_step_init`` names) on the
+    kept responses; returns ``(params, metrics, skipped updates)``."""
     if not kept:
         return base_params, {"train/loss": 0.0, "train/sft_steps": 0}, 0
     config = session.config
@@ -119,17 +177,27 @@ def run(config) -> dict:
         raise SystemExit("expert_iteration.py: --lora_rank/--lora_init are not supported (its "
                          "M-step is full supervised fine-tuning from the base model, "
                          "offpolicy_jax.sft); every RL experiment file takes them")
+    band = (PPL_BAND_LOW.value, PPL_BAND_HIGH.value)
+    band_on = band != (0.0, 1.0)
+    validate_options(config)
     session = trainer.Session(config, "expert_iteration", sharded=False)
     base_params = jax.device_get(session.params)
     params, meta = restore_or_start(session, base_params)
+    if M_STEP_INIT.value == "plateau":
+        meta.setdefault("plateau", {"best": meta["eval_before"]["eval/pass@1"], "stale": 0,
+                                    "restart_next": False, "restarts": 0})
 
     while not session.finished(meta):
         iteration, rollouts_before = meta["iteration"] + 1, meta["rollouts"]
         t0 = time.time()
         kept, record = e_step(session, params, iteration)
+        if band_on:
+            kept, band_metrics = perplexity_band_filter(session, params, kept, *band)
+            record.update(band_metrics, **{"train/kept": len(kept)})
         t_sample = time.time()
-        # M-step: from the base model, every iteration.
-        params, sft_metrics, skipped = m_step(session, base_params, kept, iteration=iteration)
+        # M-step: from the base model (ReST-EM), or from the current iterate.
+        start = m_step_start(meta, params, base_params)
+        params, sft_metrics, skipped = m_step(session, start, kept, iteration=iteration)
         meta["skipped_steps"] += skipped
         record.update(sft_metrics, rollouts=session.sampler.generated,
                       skipped_steps=meta["skipped_steps"], rollout_s=t_sample - t0,
@@ -137,6 +205,8 @@ def run(config) -> dict:
         meta.update(iteration=iteration, rollouts=session.sampler.generated)
         if session.evaluation_due(meta, rollouts_before):
             record.update(session.evaluate(params))
+        if M_STEP_INIT.value == "plateau":
+            record.update(plateau_step(meta["plateau"], record))
         record["step_s"] = time.time() - t0
         session.log(record, meta)
         if session.checkpoint_due(meta):
@@ -147,6 +217,42 @@ def run(config) -> dict:
         export_lib.export_policy(os.path.join(config.workdir, "export"), session.cfg, params,
                                  session.model_dir)
     return session.finish(meta, skipped_steps=meta["skipped_steps"])
+
+
+def validate_options(config) -> None:
+    """Clear errors, naming the flag, for the BFS-Prover-V2 options."""
+    if not 0.0 <= PPL_BAND_LOW.value <= PPL_BAND_HIGH.value <= 1.0:
+        raise SystemExit(f"--ppl_band_low ({PPL_BAND_LOW.value}) and --ppl_band_high "
+                         f"({PPL_BAND_HIGH.value}) are quantiles: need 0 <= low <= high <= 1")
+    if PLATEAU_PATIENCE.value < 1:
+        raise SystemExit(f"--plateau_patience must be >= 1, got {PLATEAU_PATIENCE.value}")
+    if M_STEP_INIT.value == "plateau" and not (config.eval_every or config.eval_every_rollouts):
+        raise SystemExit("--m_step_init=plateau watches held-out pass@1 during the run: set "
+                         "--eval_every (e.g. 1) or --eval_every_rollouts")
+
+
+def m_step_start(meta: dict, params, base_params):
+    """The parameters the M-step fine-tunes: the base model for 'base' and for a plateau restart,
+    else the current iterate."""
+    mode = M_STEP_INIT.value
+    if mode == "base" or (mode == "plateau" and meta["plateau"]["restart_next"]):
+        return base_params
+    return params
+
+
+def plateau_step(state: dict, record: dict) -> dict:
+    """Applies ``plateau_update`` to this iteration's evaluation (when there is one); updates
+    ``state`` (checkpointed in meta) and returns the metrics to log."""
+    restarted = state["restart_next"]
+    state["restarts"] += int(restarted)
+    state["restart_next"] = False
+    if "eval/pass@1" in record:
+        state["best"], state["stale"], state["restart_next"] = plateau_update(
+            state["best"], state["stale"], record["eval/pass@1"],
+            min_delta=PLATEAU_MIN_DELTA.value, patience=PLATEAU_PATIENCE.value)
+    return {"plateau/restarted": int(restarted), "plateau/restarts": state["restarts"],
+            "plateau/best": state["best"], "plateau/stale": state["stale"],
+            "plateau/restart_next": int(state["restart_next"])}
 
 
 def restore_or_start(session: trainer.Session, base_params) -> tuple:

@@ -75,6 +75,10 @@ EXPERIMENTS = [
     # LoRA next to a trainable value head (the adapters and the head are the trainable params).
     ("ppo", ["--lora_rank=4", "--lora_targets=q,v,down", "--learning_rate=1e-3"]),
     ("expert_iteration", ["--batches_per_iteration=2", "--sft_batch_size=8"]),
+    # BFS-Prover-V2's options: the middle 80 % of perplexities, the plateau restart rule.
+    ("expert_iteration", ["--batches_per_iteration=2", "--sft_batch_size=8",
+                          "--ppl_band_low=0.1", "--ppl_band_high=0.9", "--m_step_init=plateau",
+                          "--eval_every=1"]),
     # B-STaR: a 2-temperature search on 4 dev problems x 4 samples, then 2 batches sampled.
     ("bstar", ["--batches_per_iteration=2", "--sft_batch_size=8", "--dev_size=4",
                "--dev_samples=4", "--bstar_temperatures=0.7,1.0", "--threshold_step=0.05"]),
@@ -103,6 +107,13 @@ def test_experiment_runs_end_to_end(tiny_model, tmp_path, name, extra):
     assert 0.0 <= records[-1]["zero_gradient_group_fraction"] <= 1.0
     if "--prompt_selection=mopps" in extra:            # the selection stage's metrics are logged
         assert {"mopps/predicted", "mopps/realised"} <= set(records[-1])
+    if "--m_step_init=plateau" in extra:               # the band and the restart rule log
+        for r in records[1:]:
+            assert r["band/candidates"] - r["band/dropped"] == r["train/kept"]
+            if r["train/kept"]:
+                assert r["band/low_perplexity"] <= r["band/high_perplexity"]
+            assert r["plateau/restarts"] == sum(x["plateau/restarted"] for x in records[1:]
+                                                if x["iteration"] <= r["iteration"])
     if "--dynamic_sampling" in extra:                  # extra rounds count in the budget
         assert all(r["rollouts"] >= 16 * r["iteration"] for r in records[1:])
         assert 1 <= records[-1]["dynamic_sampling/rounds"] <= 2
