@@ -13,8 +13,7 @@ reward threshold, are re-chosen every iteration:
    the distinct responses scoring above it (best first, at most ``cap`` per problem, the smallest
    ``cap`` whose selection reaches a target size) and compute the **balance score**
 
-       bs = mean_i  min(n'_i / n*, 1) · n'_i / n_i                          (paper Eq. 4; code
-                                                                              ``cal_modi_acc_soft``)
+       bs = mean_i  min(n'_i / n*, 1) · n'_i / n_i              (code ``cal_modi_acc_soft``)
 
    with n_i the problem's selected responses and n'_i the correct ones among them (n* = 8 in the
    code). The first term rewards exploration (many distinct correct answers, up to n*), the second
@@ -41,7 +40,13 @@ Command (embedded default, no download):
 
     python experiments/bstar.py
 
-Hardware: 2 CPU cores. Measured: see README section "Expert iteration, plus" (a small run).
+Hardware: 2 CPU cores (shared), 2–4 minutes for 3 iterations with the reduced search below.
+Measured (small: tiny-arith, 3 iterations, seeds 0 and 1, ``--iterations=3 --eval_every=1
+--dev_size=16 --dev_samples=8 --bstar_temperatures=0.5,0.7,0.9,1.1``): held-out pass@1
+0.289 → 0.172 and 0.283 → 0.182, pass@8 0.797 → 0.562 and 0.703 → 0.516; ReST-EM
+(expert_iteration.py) at the same settings ends at pass@1 0.184 / 0.195, pass@8 0.484 / 0.500.
+Exploration falls less than ReST-EM's but still falls, and pass@1 is not better (README section
+"Expert iteration, plus"; the paper: B-STaR keeps exploration up and improves on ReST-EM).
 
 Runs in one process (a multi-process launch is refused at start-up). Checkpointed every
 ``--ckpt_every`` EM iterations (params, prompt-stream position, dev subset); a killed run resumes
@@ -122,7 +127,8 @@ def candidate_scores(process: np.ndarray, outcome: np.ndarray, process_weight: f
 
 
 def balance_score(n_selected: np.ndarray, n_correct: np.ndarray, n_star: int) -> float:
-    """bs = mean_i min(n'_i / n*, 1) · n'_i / n_i (paper Eq. 4; code ``cal_modi_acc_soft``).
+    """bs = mean_i min(n'_i / n*, 1) · n'_i / n_i (the balance score; code
+    ``cal_modi_acc_soft``).
 
     Args:
       n_selected: [Q] selected responses per problem (n_i).
