@@ -72,3 +72,36 @@ def test_bad_options_are_refused_naming_the_flag(tmp_path, flags, message):
     result = _run(f"--workdir={tmp_path}", *flags)
     assert result.returncode != 0
     assert message in result.stderr, result.stderr[-2000:]
+
+
+class _CharTokenizer:
+    """Character ids 4..63 (0-3 reserved), enough for the perplexity check."""
+
+    def encode(self, text, add_special_tokens=False):
+        del add_special_tokens
+        return [4 + ord(c) % 60 for c in text]
+
+
+def test_completion_perplexities_match_a_direct_forward_pass():
+    import jax
+
+    from offpolicy_jax import models
+
+    cfg = models.ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1,
+                             num_heads=4, num_kv_heads=2, head_dim=8)
+    params = models.init_params(cfg, jax.random.key(7))
+    tokenizer, eos = _CharTokenizer(), 2
+    examples = [("Q: 1+2\nA: ", "1+2=3. \\boxed{3}"), ("Q: 9\nA: ", "9"),
+                ("Q: 4*5-6\nA: ", "4*5=20, 20-6=14. \\boxed{14}")]
+    # batch_size 2: the last batch is padded, which must not change its row.
+    got = sft.completion_perplexities(cfg, params, tokenizer, examples, eos_id=eos, pad_id=0,
+                                      batch_size=2)
+    for (prompt, completion), value in zip(examples, got):
+        prompt_ids = tokenizer.encode(prompt)
+        completion_ids = tokenizer.encode(completion) + [eos]
+        tokens = np.array([prompt_ids + completion_ids], np.int32)
+        logp = np.asarray(jax.nn.log_softmax(models.apply(cfg, params, tokens)[0], axis=-1))
+        # Position P + j - 1 predicts completion token j.
+        nll = -np.mean([logp[len(prompt_ids) + j - 1, token]
+                        for j, token in enumerate(completion_ids)])
+        assert value == pytest.approx(np.exp(nll), rel=1e-4)
