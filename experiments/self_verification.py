@@ -167,6 +167,9 @@ def report(runs: dict) -> tuple[dict, str]:
     rows += [header, "|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def row(name, label, point):
+        key = "solve_rollouts" if "solving" in label else "rollouts"
+        if label[0].isdigit() and point[key] < int(label.split()[0]):
+            label += f" (not reached: the run stopped at {point[key]})"
         rows.append(f"| {name} | {label} | {point['iteration']} | {point['rollouts']} | "
                     f"{point['solve_rollouts']} | "
                     + " | ".join(fmt(point, k) for k in columns) + " |")
