@@ -81,9 +81,12 @@ from offpolicy_jax.training import trainer
 # The code's grid: 0.50 to 1.20 in steps of 0.05.
 _PAPER_TEMPERATURES = [f"{0.5 + 0.05 * i:.2f}" for i in range(15)]
 
+# The E-/M-step size flags are also expert_iteration.py's (the same meaning); allow_override lets one
+# process import both files (the tests do), the later definition winning. Each file alone is
+# unaffected.
 BATCHES_PER_ITERATION = flags.DEFINE_integer("batches_per_iteration", 8, "Prompt batches sampled "
                                              "per EM iteration (E-step size, in --batch_size "
-                                             "prompts).")
+                                             "prompts).", allow_override=True)
 TEMPERATURES = flags.DEFINE_list("bstar_temperatures", _PAPER_TEMPERATURES,
                                  "Sampling temperatures searched every iteration (code: 0.50 to "
                                  "1.20 step 0.05).")
@@ -107,8 +110,10 @@ TRAIN_TARGET_PER_PROBLEM = flags.DEFINE_float("train_target_per_problem", 4.0,
                                               "Selection target size on the training pool, per "
                                               "problem (code: 67,500 in all; per problem "
                                               "unconfirmed).")
-SFT_EPOCHS = flags.DEFINE_float("sft_epochs", 4.0, "M-step length: epochs over the selection.")
-SFT_BATCH_SIZE = flags.DEFINE_integer("sft_batch_size", 32, "M-step batch size.")
+SFT_EPOCHS = flags.DEFINE_float("sft_epochs", 4.0, "M-step length: epochs over the selection.",
+                               allow_override=True)
+SFT_BATCH_SIZE = flags.DEFINE_integer("sft_batch_size", 32, "M-step batch size.",
+                                      allow_override=True)
 
 # The dev pool's sampling keys: one per iteration, the same for every temperature (common random
 # numbers, so temperatures are compared on the same draws), far from the E-step's seed indices.

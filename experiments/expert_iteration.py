@@ -56,13 +56,18 @@ from offpolicy_jax.training import checkpoint as checkpoint_lib
 from offpolicy_jax.training import flags as shared_flags
 from offpolicy_jax.training import trainer
 
+# The E-/M-step size flags are also bstar.py's (the same meaning); allow_override lets one
+# process import both files (the tests do), the later definition winning. Each file alone is
+# unaffected.
 BATCHES_PER_ITERATION = flags.DEFINE_integer("batches_per_iteration", 8, "Prompt batches sampled "
                                              "per EM iteration (E-step size, in --batch_size "
-                                             "prompts).")
+                                             "prompts).", allow_override=True)
 MAX_PER_PROMPT = flags.DEFINE_integer("max_per_prompt", 10, "Correct responses kept per problem "
                                       "(paper: 10).")
-SFT_EPOCHS = flags.DEFINE_float("sft_epochs", 4.0, "M-step length: epochs over the kept set.")
-SFT_BATCH_SIZE = flags.DEFINE_integer("sft_batch_size", 32, "M-step batch size.")
+SFT_EPOCHS = flags.DEFINE_float("sft_epochs", 4.0, "M-step length: epochs over the kept set.",
+                               allow_override=True)
+SFT_BATCH_SIZE = flags.DEFINE_integer("sft_batch_size", 32, "M-step batch size.",
+                                      allow_override=True)
 # BFS-Prover-V2's options (arXiv 2509.06493); the defaults are plain ReST-EM.
 PPL_BAND_LOW = flags.DEFINE_float("ppl_band_low", 0.0, "Perplexity-band filter: drop the kept "
                                   "responses whose perplexity under the sampling policy is below "
