@@ -81,8 +81,8 @@ from offpolicy_jax.training import trainer
 # The code's grid: 0.50 to 1.20 in steps of 0.05.
 _PAPER_TEMPERATURES = [f"{0.5 + 0.05 * i:.2f}" for i in range(15)]
 
-# The E-/M-step size flags are also expert_iteration.py's (the same meaning); allow_override lets one
-# process import both files (the tests do), the later definition winning. Each file alone is
+# The E-/M-step size flags are also expert_iteration.py's (the same meaning); allow_override lets
+# one process import both files (the tests do), the later definition winning. Each file alone is
 # unaffected.
 BATCHES_PER_ITERATION = flags.DEFINE_integer("batches_per_iteration", 8, "Prompt batches sampled "
                                              "per EM iteration (E-step size, in --batch_size "

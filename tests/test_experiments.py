@@ -90,7 +90,28 @@ EXPERIMENTS = [
 ]
 
 
-@pytest.mark.parametrize("name,extra", EXPERIMENTS, ids=[" ".join([n] + e) for n, e in EXPERIMENTS])
+# Smoke runs left to `-m slow` to keep CI within its time: each path they take is run by another
+# default test (the GRPO engine by the grpo variants above, LoRA by test_trainer and
+# test_lora_export, PPO with a value head by `ppo`, expert iteration by its options run, the
+# offline dataset by `topr --task=verifier` and test_pairs).
+SLOW_EXPERIMENTS = {"grpo --variant=dr_grpo", "grpo --variant=cispo",
+                    "topr --mode=offline --offline_prompts=8",
+                    "ppo --lora_rank=4 --lora_targets=q,v,down --learning_rate=1e-3",
+                    "expert_iteration --batches_per_iteration=2 --sft_batch_size=8",
+                    "rise --variant=ppo --verify_solutions=4 --kl_coef=0.01"}
+
+
+def _params(experiments, slow=frozenset()):
+    """pytest params named by their command, the ``slow`` ones marked so."""
+    params = []
+    for name, extra in experiments:
+        label = " ".join([name] + extra)
+        params.append(pytest.param(name, extra, id=label,
+                                   marks=[pytest.mark.slow] if label in slow else []))
+    return params
+
+
+@pytest.mark.parametrize("name,extra", _params(EXPERIMENTS, SLOW_EXPERIMENTS))
 def test_experiment_runs_end_to_end(tiny_model, tmp_path, name, extra):
     workdir = tmp_path / "run"
     result = run_experiment(name, f"--model={tiny_model}", f"--workdir={workdir}", *SMOKE_FLAGS,
@@ -191,8 +212,11 @@ PREFERENCE_RUNS = [
 ]
 
 
-@pytest.mark.parametrize("name,extra", PREFERENCE_RUNS,
-                         ids=[" ".join([n] + e) for n, e in PREFERENCE_RUNS])
+# SPIN's and VerIPO's stage machinery and resumes run by default in test_pairs.
+SLOW_PREFERENCE_RUNS = {" ".join([n] + e) for n, e in PREFERENCE_RUNS[1:]}
+
+
+@pytest.mark.parametrize("name,extra", _params(PREFERENCE_RUNS, SLOW_PREFERENCE_RUNS))
 def test_preference_experiment_runs_end_to_end(tiny_model, tmp_path, name, extra):
     """DPO (own rollouts with the process judge; a JSONL file), SPIN and VerIPO from the command
     line: the summary, the pair metrics, evaluations where each method puts them, the export."""
@@ -272,6 +296,7 @@ def test_invalid_rise_flags_fail_at_start_up(tmp_path, flags, message):
     assert message in result.stderr
 
 
+@pytest.mark.slow      # 42 s; every stage's checkpointed state is resumed by default elsewhere
 def test_rise_resumes_exactly(tiny_model, tmp_path):
     """A RISE run restarted from its iteration-2 checkpoint (the iteration-3 checkpoint lost)
     redoes iteration 3 exactly: the verification stage's counters, the down-sampling and both

@@ -82,6 +82,7 @@ class _CharTokenizer:
         return [4 + ord(c) % 60 for c in text]
 
 
+@pytest.mark.slow      # 20 s; the experiments smoke run computes the band by default
 def test_completion_perplexities_match_a_direct_forward_pass():
     import jax
 

@@ -295,7 +295,8 @@ def _run_cli(*flags):
                           capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
 
 
-@pytest.mark.parametrize("reward", ["verifier", "oracle"])
+# The oracle run (20 s) is left to `-m slow`; its reward is unit-tested above.
+@pytest.mark.parametrize("reward", ["verifier", pytest.param("oracle", marks=pytest.mark.slow)])
 def test_harness_runs_latentseek_and_accounts_its_compute(random_tiny_model, tmp_path, reward):
     out = str(tmp_path / "out")
     result = _run_cli(f"--model={random_tiny_model}", "--benchmarks=arith", "--limit=3",
