@@ -4,7 +4,8 @@ Papers: Schulman et al., "Proximal Policy Optimization Algorithms", https://arxi
 GAE, https://arxiv.org/abs/1506.02438; the LLM recipe (per-token KL penalty in the reward, outcome
 score on the last token, whitened advantages, clipped value loss) as in verl, which ReMix-PPO and
 RISE build on (ALGORITHMS.md §5.4). Critic: ``offpolicy_jax.critic`` (a linear head on the policy's
-final hidden state); losses: ``losses.ppo_clip`` + ``losses.value_loss``.
+final hidden state); losses: ``losses.ppo_clip`` + ``losses.value_loss``, summed in
+``critic.ppo_with_value_loss``.
 
 Command (embedded default, no download):
 
@@ -22,7 +23,7 @@ verl's default is 1e-3).
 
 from absl import app, flags
 
-from offpolicy_jax import critic, losses, tiny_arith
+from offpolicy_jax import critic, tiny_arith
 from offpolicy_jax.training import flags as shared_flags
 from offpolicy_jax.training import loop, policies
 from offpolicy_jax.training.algorithm import Algorithm
@@ -47,14 +48,8 @@ def make_algorithm() -> Algorithm:
 
     def loss(inputs, info):
         del info
-        mask = inputs["mask"]
-        policy_loss, metrics = losses.ppo_clip(inputs["logp"], inputs["old_logp"],
-                                               inputs["advantages"], mask, eps_low=clip_eps,
-                                               eps_high=clip_eps, agg="token-mean")
-        value_loss, value_metrics = losses.value_loss(inputs["values"], inputs["old_values"],
-                                                      inputs["returns"], mask, clip_eps=vf_clip)
-        return policy_loss + vf_coef * value_loss, {**metrics, **value_metrics,
-                                                    "policy_loss": policy_loss}
+        return critic.ppo_with_value_loss(inputs, clip_eps=clip_eps, vf_clip=vf_clip,
+                                          vf_coef=vf_coef)
 
     forward = {"current": ("values",), "old": ("logp", "values")}
     stored = ()

@@ -183,15 +183,9 @@ def make_algorithm(variant: str, dataset: str, prompt_format: str = "chat") -> A
 
     def ppo_loss(inputs, info):
         del info
-        mask = inputs["mask"]
-        policy_loss, metrics = losses.ppo_clip(inputs["logp"], inputs["old_logp"],
-                                               inputs["advantages"], mask, eps_low=clip_eps,
-                                               eps_high=clip_eps, agg="token-mean")
-        value_loss, value_metrics = losses.value_loss(inputs["values"], inputs["old_values"],
-                                                      inputs["returns"], mask, clip_eps=vf_clip)
-        return policy_loss + vf_coef * value_loss, {**metrics, **value_metrics,
-                                                    "policy_loss": policy_loss,
-                                                    **task_metrics(inputs)}
+        value, metrics = critic.ppo_with_value_loss(inputs, clip_eps=clip_eps, vf_clip=vf_clip,
+                                                    vf_coef=vf_coef)
+        return value, {**metrics, **task_metrics(inputs)}
 
     forward = {"current": ("values",), "old": ("logp", "values"), **{
         k: v for k, v in forward.items() if k != "old"}}

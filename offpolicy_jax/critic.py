@@ -92,3 +92,21 @@ def gae_targets(batch: dict, *, gamma: float = 1.0, lam: float = 1.0, kl_coef: f
         advantages = losses.masked_whiten(advantages, batch["mask"])
     return {"advantages": np.asarray(advantages, np.float32),
             "returns": np.asarray(returns, np.float32)}
+
+
+def ppo_with_value_loss(inputs: dict, *, clip_eps: float, vf_clip: float, vf_coef: float
+                        ) -> tuple[jax.Array, dict]:
+    """PPO's clipped policy loss (token mean) plus ``vf_coef`` × the clipped value loss, for an
+    algorithm whose inputs hold ``logp``, ``old_logp``, ``advantages``, ``values``,
+    ``old_values``, ``returns`` and ``mask`` (the value head shares the policy's trunk).
+
+    Returns ``(loss, metrics)``: the policy and value losses' metrics and ``policy_loss``.
+    """
+    mask = inputs["mask"]
+    policy_loss, metrics = losses.ppo_clip(inputs["logp"], inputs["old_logp"],
+                                           inputs["advantages"], mask, eps_low=clip_eps,
+                                           eps_high=clip_eps, agg="token-mean")
+    value_loss, value_metrics = losses.value_loss(inputs["values"], inputs["old_values"],
+                                                  inputs["returns"], mask, clip_eps=vf_clip)
+    return policy_loss + vf_coef * value_loss, {**metrics, **value_metrics,
+                                                "policy_loss": policy_loss}
