@@ -68,6 +68,19 @@ def model_config(vocab_size: int, recipe: TinyArithRecipe) -> models.ModelConfig
         max_position_embeddings=256)
 
 
+def fine_tune(cfg, params, tokenizer, examples, recipe, log_fn):
+    """Supervised fine-tuning of a warm-start recipe (``TinyArithRecipe`` or
+    ``TinyArithVerifyRecipe``: its SFT steps, batch size, learning rate and seed), 10 % warm-up,
+    logging five times; returns the parameters."""
+    params, _, _ = sft.train_sft(
+        cfg, params, tokenizer, examples, steps=recipe.sft_steps,
+        batch_size=recipe.sft_batch_size, learning_rate=recipe.sft_learning_rate,
+        seed=recipe.seed, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
+        warmup_steps=recipe.sft_steps // 10, log_every=max(recipe.sft_steps // 5, 1),
+        log_fn=log_fn)
+    return params
+
+
 def build(directory: str, recipe: TinyArithRecipe = TinyArithRecipe(), *, log_fn=print) -> str:
     """Builds the tokenizer, initialises the model, warm-starts it with SFT, and saves both."""
     tokenizer_lib.build_char_tokenizer(directory)
@@ -78,12 +91,7 @@ def build(directory: str, recipe: TinyArithRecipe = TinyArithRecipe(), *, log_fn
                                     slip_probability=recipe.slip_probability)
     log_fn(f"tiny-arith: warm-starting a {cfg.num_params() / 1e6:.2f}M-parameter model on "
            f"{len(examples)} arith demonstrations ({recipe.sft_steps} steps)")
-    params, _, _ = sft.train_sft(
-        cfg, params, tokenizer, examples, steps=recipe.sft_steps,
-        batch_size=recipe.sft_batch_size, learning_rate=recipe.sft_learning_rate,
-        seed=recipe.seed, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
-        warmup_steps=recipe.sft_steps // 10, log_every=max(recipe.sft_steps // 5, 1),
-        log_fn=log_fn)
+    params = fine_tune(cfg, params, tokenizer, examples, recipe, log_fn)
     cfg = dataclasses.replace(cfg, eos_token_id=tokenizer.eos_token_id,
                               bos_token_id=tokenizer.bos_token_id)
     models.save_hf_checkpoint(directory, cfg, params)
@@ -152,12 +160,7 @@ def build_verify(directory: str, recipe: TinyArithVerifyRecipe = TinyArithVerify
     examples = verify_examples(recipe)
     log_fn(f"{VERIFY_ALIAS}: fine-tuning {base_dir} on {len(examples)} solving and verification "
            f"demonstrations ({recipe.sft_steps} steps)")
-    params, _, _ = sft.train_sft(
-        cfg, params, tokenizer, examples, steps=recipe.sft_steps,
-        batch_size=recipe.sft_batch_size, learning_rate=recipe.sft_learning_rate,
-        seed=recipe.seed, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
-        warmup_steps=recipe.sft_steps // 10, log_every=max(recipe.sft_steps // 5, 1),
-        log_fn=log_fn)
+    params = fine_tune(cfg, params, tokenizer, examples, recipe, log_fn)
     models.save_hf_checkpoint(directory, cfg, params)
     with open(os.path.join(directory, STAMP_FILE), "w") as f:
         json.dump(dataclasses.asdict(recipe), f, indent=1)
