@@ -263,7 +263,7 @@ def _pack_texts(tokenizer, texts: list[str], pad_id: int, bucket: int) -> dict:
     mask = np.zeros((len(texts), bucket), np.int32)
     for row, text in enumerate(texts):
         ids = tokenizer.encode(text, add_special_tokens=False)[-bucket:]
-        tokens[row, bucket - len(ids):] = ids        # left-padded: the last column is the last token
+        tokens[row, bucket - len(ids):] = ids    # left-padded: the last column is the last token
         mask[row, bucket - len(ids):] = 1
     positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)
     return {"tokens": tokens, "attention_mask": mask, "positions": positions}
