@@ -36,6 +36,31 @@ M-step retrains from the base on data sampled by the current iterate. The held-o
 run's evaluation set (the only held-out data), so the restart rule sees the numbers it is judged
 by; the per-problem cap stays.
 
+Process-value trace selection after ReST-MCTS* (Zhang et al., NeurIPS 2024,
+https://arxiv.org/abs/2406.03816; code THUDM/ReST-MCTS), off by default
+(``--trace_selection=process_value``; ``offpolicy_jax.process_values``): every step prefix of
+every outcome-correct trace of the E-step pool is valued by ``--value_rollouts`` (M) continuations
+sampled from it by the policy that sampled the pool (the value is the fraction that reach the gold
+answer); a trace scores the minimum of its prefix values (``--value_score``), and per problem the
+traces scoring at least ``--value_threshold`` (the repo's policy-data filter: 0.2) are kept, best
+first, up to ``--max_per_prompt``. A value model (the base policy's trunk plus a scalar head on the
+last prefix token, continued across iterations, saved under ``<workdir>/value_model``) is scored
+on each iteration's prefixes before it is fitted to them (MSE, ``--value_epochs``). Logged as
+``process/...``, both keep rules on the same pool: kept traces and how many of them have fully
+correct working (``data.arith.check_working``) for ``outcome``, ``process_value`` and, once the
+value model has been fitted, ``value_head``; the continuations sampled (not counted in
+``rollouts``, the E-step's responses); the value model's held-out and training MSE.
+
+Command: ``python experiments/expert_iteration.py --trace_selection=process_value
+--value_rollouts=8``. Hardware: 2 CPU cores (shared), about 4 minutes an iteration at
+``--batches_per_iteration=4``. Measured: MEASURED_PLACEHOLDER
+
+Departures of the process-value option (commented where set): the values are Monte-Carlo
+estimates over sampled continuations, as the issue asks, not the ReST-MCTS* tree targets inferred
+from an MCTS* search (``process_values.tree_value_targets`` implements the code's form, for
+comparison); the pool is ReST-EM's i.i.d. samples rather than search end nodes; the value model
+reads the last token's hidden state (the repo: its logits) and starts from the policy itself.
+
 Runs in one process (a multi-process launch is refused at start-up).
 
 Departures (commented where set): K = 8 (``--group_size``) instead of 32; the M-step's length is a

@@ -3,12 +3,19 @@ value is known, the trace scores and keep rules against hand-computed cases, the
 tree targets, and the value model fitting a known target. The end-to-end runs (smoke, resume) are
 in test_experiments.py."""
 
+import json
+import os
+import pathlib
 import random
+import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 from offpolicy_jax import models, process_values as pv
+from offpolicy_jax.training.logger import TIMING_KEYS
 
 
 class CharTokenizer:
@@ -204,3 +211,79 @@ def test_value_model_fits_a_known_target(tmp_path):
     np.testing.assert_array_equal(pv.predict_values(cfg, restored, tokenizer, texts, pad_id=0),
                                   after)
     assert store.load(4, params) is None
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end: expert_iteration.py --trace_selection=process_value (smoke run and resume).
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+# 40 new tokens: room for a whole response (about 30 characters) and its boxed answer.
+RUN_FLAGS = ["--batch_size=4", "--group_size=4", "--max_new_tokens=40", "--eval_size=4",
+             "--eval_samples=2", "--ckpt_every=1", "--progress=false", "--export_final=false",
+             "--batches_per_iteration=2", "--sft_batch_size=8", "--trace_selection=process_value",
+             "--value_rollouts=2", "--value_epochs=1", "--iterations=2"]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """test_experiments.py's small model with 150 warm-start steps instead of 40: it writes
+    boxed answers and gets a few right (with 40 it answers nothing, and there is nothing to
+    value)."""
+    from offpolicy_jax import tiny_arith
+    recipe = tiny_arith.TinyArithRecipe(hidden_size=64, intermediate_size=128, num_layers=2,
+                                        num_heads=4, num_kv_heads=2, sft_examples=2000,
+                                        sft_steps=150, sft_batch_size=32)
+    return tiny_arith.build(str(tmp_path_factory.mktemp("tiny_model")), recipe,
+                            log_fn=lambda *_: None)
+
+
+def _run(*flags):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env.pop("XLA_FLAGS", None)
+    result = subprocess.run([sys.executable, str(ROOT / "experiments" / "expert_iteration.py"),
+                             *flags], capture_output=True, text=True, env=env, timeout=600)
+    if result.returncode != 0:
+        raise AssertionError(f"expert_iteration failed (rc={result.returncode}):\n"
+                             f"{result.stderr[-4000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _records(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in records]
+
+
+def test_process_value_run_and_its_resume_give_identical_results(tiny_model, tmp_path):
+    """A smoke run of two iterations; then the same run resumed from its iteration-1 checkpoint
+    (the iteration-2 checkpoint lost, iteration 2's saved value model left behind, as a kill
+    between the two saves would leave them) redoes iteration 2 exactly: the continuations' keys
+    are functions of (seed, iteration) and the value model is restored as of iteration 1."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    summary = _run(f"--model={tiny_model}", f"--workdir={straight}", *RUN_FLAGS)
+    assert summary["iterations"] == 2 and summary["rollouts"] == 2 * 2 * 4 * 4
+    records = _records(straight)
+    assert [r["iteration"] for r in records] == [0, 1, 2]
+    for record in records[1:]:
+        for key in ("process/pool", "process/prefixes", "process/continuations",
+                    "process/outcome_kept", "process/outcome_valid_fraction",
+                    "process/process_value_kept", "process/process_value_valid_fraction",
+                    "process/value_heldout_mse"):
+            assert key in record, key
+        assert record["train/kept"] == record["process/process_value_kept"]
+        assert record["process/pool"] == 2 * 4 * 4
+        assert record["process/process_value_kept"] <= record["process/outcome_kept"]
+        assert record["process/continuations"] == 2 * record["process/prefixes"]
+    assert records[1]["process/prefixes"] > 0      # something was valued and the head fitted
+    assert "process/value_head_kept" in records[2]  # ... and used on iteration 2's pool
+    assert (straight / "value_model" / "2.npz").exists()
+
+    shutil.copytree(straight, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "2")
+    _run(f"--model={tiny_model}", f"--workdir={resumed}", *RUN_FLAGS)
+    assert _records(resumed) == records
+    with np.load(straight / "value_model" / "2.npz") as a, \
+            np.load(resumed / "value_model" / "2.npz") as b:
+        for name in a.files:
+            np.testing.assert_array_equal(a[name], b[name])
