@@ -53,7 +53,12 @@ value model has been fitted, ``value_head``; the continuations sampled (not coun
 
 Command: ``python experiments/expert_iteration.py --trace_selection=process_value
 --value_rollouts=8``. Hardware: 2 CPU cores (shared), about 4 minutes an iteration at
-``--batches_per_iteration=4``. Measured: MEASURED_PLACEHOLDER
+``--batches_per_iteration=4``. Measured (small: tiny-arith, 2 iterations, seeds 0-3,
+``--batches_per_iteration=4 --value_rollouts=8``; README "Process values"): of the traces kept,
+the share with fully correct working is 0.890 under the value rule against 0.819 outcome-only on
+the base policy's pools (435/489 vs 497/607, higher in every seed), 0.636 against 0.611 on the
+fine-tuned policy's (213/335 vs 229/375, one seed of four lower: it has learned compensating slips
+that its own continuations repeat); held-out pass@1 is not better.
 
 Departures of the process-value option (commented where set): the values are Monte-Carlo
 estimates over sampled continuations, as the issue asks, not the ReST-MCTS* tree targets inferred
