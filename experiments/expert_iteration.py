@@ -48,7 +48,8 @@ last prefix token, continued across iterations, saved under ``<workdir>/value_mo
 on each iteration's prefixes before it is fitted to them (MSE, ``--value_epochs``). Logged as
 ``process/...``, both keep rules on the same pool: kept traces and how many of them have fully
 correct working (``data.arith.check_working``) for ``outcome``, ``process_value`` and, once the
-value model has been fitted, ``value_head``; the continuations sampled (not counted in
+value model has been fitted, ``value_head``; the mean value of the prefixes whose steps are all
+right and of those whose last step is wrong (arith); the continuations sampled (not counted in
 ``rollouts``, the E-step's responses); the value model's held-out and training MSE.
 
 Command: ``python experiments/expert_iteration.py --trace_selection=process_value
@@ -57,8 +58,10 @@ Command: ``python experiments/expert_iteration.py --trace_selection=process_valu
 ``--batches_per_iteration=4 --value_rollouts=8``; README "Process values"): of the traces kept,
 the share with fully correct working is 0.890 under the value rule against 0.819 outcome-only on
 the base policy's pools (435/489 vs 497/607, higher in every seed), 0.636 against 0.611 on the
-fine-tuned policy's (213/335 vs 229/375, one seed of four lower: it has learned compensating slips
-that its own continuations repeat); held-out pass@1 is not better.
+fine-tuned policies' (213/335 vs 229/375, one seed of four lower); the policy often reaches the
+answer after a wrong step (prefixes ending in a wrong step are worth 0.59 against 0.66 for sound
+ones on the base policy's pools), which limits what its Monte-Carlo values can tell apart; held-out
+pass@1 is not better.
 
 Departures of the process-value option (commented where set): the values are Monte-Carlo
 estimates over sampled continuations, as the issue asks, not the ReST-MCTS* tree targets inferred

@@ -36,6 +36,14 @@ Pieces (the experiment wiring is ``experiments/expert_iteration.py --trace_selec
   ``offpolicy_jax.critic`` does).
 * ``ValueModelStore``: the value model's parameters saved per iteration, so a resumed run continues
   with the same head.
+* ``ProcessValueSelector``: all of it for one E-step pool, as ``expert_iteration.py`` runs it, with
+  the paired metrics (both keep rules on the same pool; how many kept traces have fully correct
+  working, ``data.arith.check_working``; the value model's error on prefixes it has not seen).
+
+Measured on the embedded task (README "Process values"): the value rule raises the share of kept
+traces with fully correct working on the base policy's samples (0.819 -> 0.890, four seeds), much
+less on a fine-tuned policy's. A Monte-Carlo value says how often the policy reaches the answer from
+the prefix, not whether its steps are right: this policy often recovers after a wrong step.
 """
 
 from __future__ import annotations
@@ -416,12 +424,14 @@ class PoolValues:
       per_trace: one array of prefix values per trace of the pool (empty for the traces not
         valued: outcome-wrong ones, and those without a step).
       texts: ``prompt + prefix`` text of every distinct valued prefix (the value model's input).
+      prefixes: the prefix text alone, for each of ``texts``.
       values: [len(texts)] their Monte-Carlo values.
       continuations: continuations sampled (distinct prefixes × rollouts).
     """
 
     per_trace: list
     texts: list
+    prefixes: list
     values: np.ndarray
     continuations: int
 
@@ -453,11 +463,18 @@ def value_pool(continue_fn, traces: list[Trace], tokenizer, rollouts: int) -> Po
         return continue_fn(records, prompts, m)
 
     values = monte_carlo_values(run, queries, rollouts)
-    texts = [trace.record["prompt"] + tokenizer.decode([int(t) for t in trace.tokens[:count]],
-                                                       skip_special_tokens=True)
-             for trace, count in queries]
+    prefixes = [tokenizer.decode([int(t) for t in trace.tokens[:count]], skip_special_tokens=True)
+                for trace, count in queries]
+    texts = [trace.record["prompt"] + prefix for (trace, _), prefix in zip(queries, prefixes)]
     return PoolValues(per_trace=[values[q] for q in per_trace_queries], texts=texts,
-                      values=values, continuations=len(queries) * rollouts)
+                      prefixes=prefixes, values=values, continuations=len(queries) * rollouts)
+
+
+def prefix_arithmetic_right(prefix: str) -> bool:
+    """Whether every step of an arith step prefix is well formed and computes right (``a op b``
+    equals the written ``c``; ``data.arith.right_step_share`` of the prefix)."""
+    from offpolicy_jax.data import arith
+    return arith.right_step_share(prefix + ". \\boxed{0}") == 1.0
 
 
 def working_valid(trace: Trace) -> bool | None:
@@ -544,6 +561,17 @@ class ProcessValueSelector:
                    "process/continuations": pool.continuations,
                    "process/prefix_value_mean": float(np.mean(pool.values)) if pool.texts
                    else 0.0}
+        if traces and working_valid(traces[0]) is not None:
+            # How well the values tell a step that just went wrong from sound prefixes (arith
+            # only): 'right' prefixes have every step right, 'wrong_last' ones a wrong last step
+            # (prefixes whose error lies further back are in neither).
+            right = np.array([prefix_arithmetic_right(p) for p in pool.prefixes], bool)
+            wrong_last = np.array([not prefix_arithmetic_right(p.rpartition(STEP_SEPARATOR)[2])
+                                   for p in pool.prefixes], bool)
+            for name, rows in (("right", right), ("wrong_last", wrong_last)):
+                metrics[f"process/{name}_prefixes"] = int(rows.sum())
+                metrics[f"process/{name}_prefix_value_mean"] = (
+                    float(pool.values[rows].mean()) if rows.any() else 0.0)
         correct_rows = [i for i in range(len(traces)) if traces[i].correct]
         metrics.update({f"process/correct_{k}": v
                         for k, v in selection_quality(traces, correct_rows).items()})

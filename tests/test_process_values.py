@@ -130,6 +130,10 @@ def test_value_pool_values_each_distinct_prefix_once():
     assert pool.continuations == (2 + 2 + 2) * 3
     assert [list(v) for v in pool.per_trace] == [[1, 1], [1, 1], [0, 1], [], [1, 1]]
     assert pool.texts[:2] == ["Q: 2+3*4\nA: 3*4=12", "Q: 2+3*4\nA: 3*4=12, 2+12=14"]
+    assert pool.prefixes[2:4] == ["3*4=11", "3*4=11, 2+11=14"]
+    assert [pv.prefix_arithmetic_right(p) for p in pool.prefixes] == [True, True, False, False,
+                                                                      True, True]
+    assert not pv.prefix_arithmetic_right("3*4=12, 2+")
     # The cancelling slips: the first prefix is worth 0, the full working (which ends at the
     # right number) 1; the minimum catches it.
     np.testing.assert_array_equal(pool.values, [1, 1, 0, 1, 1, 1])
@@ -269,7 +273,8 @@ def test_process_value_run_and_its_resume_give_identical_results(tiny_model, tmp
         for key in ("process/pool", "process/prefixes", "process/continuations",
                     "process/outcome_kept", "process/outcome_valid_fraction",
                     "process/process_value_kept", "process/process_value_valid_fraction",
-                    "process/value_heldout_mse"):
+                    "process/value_heldout_mse", "process/right_prefixes",
+                    "process/wrong_last_prefix_value_mean"):
             assert key in record, key
         assert record["train/kept"] == record["process/process_value_kept"]
         assert record["process/pool"] == 2 * 4 * 4
