@@ -60,11 +60,10 @@ Command: ``python experiments/expert_iteration.py --trace_selection=process_valu
 ``--batches_per_iteration=4``. Measured (small: tiny-arith, 2 iterations, seeds 0-3,
 ``--batches_per_iteration=4 --value_rollouts=8``; README "Process values"): of the traces kept,
 the share with fully correct working is 0.890 under the value rule against 0.819 outcome-only on
-the base policy's pools (435/489 vs 497/607, higher in every seed), 0.636 against 0.611 on the
-fine-tuned policies' (213/335 vs 229/375, one seed of four lower); the policy often reaches the
-answer after a wrong step (prefixes ending in a wrong step are worth 0.59 against 0.66 for sound
-ones on the base policy's pools), which limits what its Monte-Carlo values can tell apart; held-out
-pass@1 is not better.
+the base policy's pools (435/489 vs 497/607) and 0.925 against 0.873 on the iterate's (576/623 vs
+613/702), higher in all 8 pools; the policy often reaches the answer after a wrong step (prefixes
+ending in a wrong step are worth 0.59 against 0.66 for sound ones), which caps what its
+Monte-Carlo values can tell apart. Held-out pass@1 is unchanged (0.348 vs 0.349).
 
 Departures of the process-value option (commented where set): the values are Monte-Carlo
 estimates over sampled continuations, as the issue asks, not the ReST-MCTS* tree targets inferred
