@@ -39,6 +39,38 @@ M-step retrains from the base on data sampled by the current iterate. The held-o
 run's evaluation set (the only held-out data), so the restart rule sees the numbers it is judged
 by; the per-problem cap stays.
 
+Process-value trace selection after ReST-MCTS* (Zhang et al., NeurIPS 2024,
+https://arxiv.org/abs/2406.03816; code THUDM/ReST-MCTS), off by default
+(``--trace_selection=process_value``; ``offpolicy_jax.process_values``): every step prefix of
+every outcome-correct trace of the E-step pool is valued by ``--value_rollouts`` (M) continuations
+sampled from it by the policy that sampled the pool (the value is the fraction that reach the gold
+answer); a trace scores the minimum of its prefix values (``--value_score``), and per problem the
+traces scoring at least ``--value_threshold`` (the repo's policy-data filter: 0.2) are kept, best
+first, up to ``--max_per_prompt``. A value model (the base policy's trunk plus a scalar head on the
+last prefix token, continued across iterations, saved under ``<workdir>/value_model``) is scored
+on each iteration's prefixes before it is fitted to them (MSE, ``--value_epochs``). Logged as
+``process/...``, both keep rules on the same pool: kept traces and how many of them have fully
+correct working (``data.arith.check_working``) for ``outcome``, ``process_value`` and, once the
+value model has been fitted, ``value_head``; the mean value of the prefixes whose steps are all
+right and of those whose last step is wrong (arith); the continuations sampled (not counted in
+``rollouts``, the E-step's responses); the value model's held-out and training MSE.
+
+Command: ``python experiments/expert_iteration.py --trace_selection=process_value
+--value_rollouts=8``. Hardware: 2 CPU cores (shared), 1-4 minutes an iteration (load) at
+``--batches_per_iteration=4``. Measured (small: tiny-arith, 2 iterations, seeds 0-3,
+``--batches_per_iteration=4 --value_rollouts=8``; README "Process values"): of the traces kept,
+the share with fully correct working is 0.890 under the value rule against 0.819 outcome-only on
+the base policy's pools (435/489 vs 497/607) and 0.925 against 0.873 on the iterate's (576/623 vs
+613/702), higher in all 8 pools; the policy often reaches the answer after a wrong step (prefixes
+ending in a wrong step are worth 0.59 against 0.66 for sound ones), which caps what its
+Monte-Carlo values can tell apart. Held-out pass@1 is unchanged (0.348 vs 0.349).
+
+Departures of the process-value option (commented where set): the values are Monte-Carlo
+estimates over sampled continuations, as the issue asks, not the ReST-MCTS* tree targets inferred
+from an MCTS* search (``process_values.tree_value_targets`` implements the code's form, for
+comparison); the pool is ReST-EM's i.i.d. samples rather than search end nodes; the value model
+reads the last token's hidden state (the repo: its logits) and starts from the policy itself.
+
 Runs in one process (a multi-process launch is refused at start-up).
 
 Departures (commented where set): K = 8 (``--group_size``) instead of 32; the M-step's length is a
@@ -52,7 +84,7 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from offpolicy_jax import sft
+from offpolicy_jax import process_values, sft
 from offpolicy_jax.training import flags as shared_flags
 from offpolicy_jax.training import self_training, trainer
 
@@ -82,6 +114,23 @@ M_STEP_INIT = flags.DEFINE_enum("m_step_init", "base", ["base", "current", "plat
 PLATEAU_PATIENCE = flags.DEFINE_integer("plateau_patience", 1, "--m_step_init=plateau: held-out "
                                         "evaluations without improvement before the next M-step "
                                         "retrains from the base.")
+# Process-value trace selection (ReST-MCTS*-style, offpolicy_jax.process_values); off by default.
+TRACE_SELECTION = flags.DEFINE_enum("trace_selection", "outcome", ["outcome", "process_value"],
+                                    "Which correct traces the E-step keeps: 'outcome' (ReST-EM: "
+                                    "every verified-correct one, up to --max_per_prompt) or "
+                                    "'process_value' (those whose Monte-Carlo step-prefix values "
+                                    "score at least --value_threshold, best first).")
+VALUE_ROLLOUTS = flags.DEFINE_integer("value_rollouts", 4, "--trace_selection=process_value: "
+                                      "continuations sampled from each step prefix (M).")
+VALUE_THRESHOLD = flags.DEFINE_float("value_threshold", 0.2, "--trace_selection=process_value: "
+                                     "keep traces whose score is at least this (the ReST-MCTS* "
+                                     "repo's policy-data filter: 0.2).")
+VALUE_SCORE = flags.DEFINE_enum("value_score", "min", ["min", "mean", "last"],
+                                "--trace_selection=process_value: a trace's score from its "
+                                "prefix values.")
+VALUE_EPOCHS = flags.DEFINE_float("value_epochs", 4.0, "Value-model fit per iteration: epochs "
+                                  "over the iteration's valued prefixes.")
+VALUE_LEARNING_RATE = flags.DEFINE_float("value_learning_rate", 1e-3, "Value-model learning rate.")
 PLATEAU_MIN_DELTA = flags.DEFINE_float("plateau_min_delta", 0.0, "--m_step_init=plateau: "
                                        "improvement over the best pass@1 so far that counts as "
                                        "progress (strictly more than this).")
@@ -104,19 +153,27 @@ def keep_correct(rollouts, records: list[dict], tokenizer, max_per_prompt: int
     return kept
 
 
-def e_step(session: trainer.Session, params, iteration: int) -> tuple[list, dict]:
-    """K samples per problem from the current policy; the verified-correct ones, and metrics."""
-    kept, rewards = [], []
+def e_step(session: trainer.Session, params, iteration: int, selector=None
+           ) -> tuple[list, dict]:
+    """K samples per problem from the current policy; the verified-correct ones (or, with a
+    process-value ``selector``, the ones it keeps from the whole pool), and metrics."""
+    kept, rewards, traces, extra = [], [], [], {}
     for part in range(BATCHES_PER_ITERATION.value):
         records = session.selection.select(session.config.batch_size, iteration)
         rollouts = session.sampler.sample(
             params, records, seed_index=iteration * BATCHES_PER_ITERATION.value + part,
             policy_version=iteration - 1)
         session.selection.observe(records, rollouts, iteration)
-        kept += keep_correct(rollouts, records, session.tokenizer, MAX_PER_PROMPT.value)
+        if selector is None:
+            kept += keep_correct(rollouts, records, session.tokenizer, MAX_PER_PROMPT.value)
+        else:
+            traces += process_values.traces_of(rollouts, records, session.tokenizer,
+                                               session.sampler, part * len(records))
         rewards.append(rollouts.rewards)
+    if selector is not None:
+        kept, extra = selector.select(params, traces, iteration)
     reward_mean = sum(float(r.sum()) for r in rewards) / max(sum(r.size for r in rewards), 1)
-    return kept, {"train/kept": len(kept), "reward_mean": reward_mean,
+    return kept, {"train/kept": len(kept), "reward_mean": reward_mean, **extra,
                   "zero_gradient_group_fraction": trainer.zero_gradient_group_fraction(
                       np.concatenate(rewards), session.config.group_size),
                   **{f"{session.selection.name}/{k}": v
@@ -170,13 +227,21 @@ def run(config) -> dict:
     session = trainer.Session(config, "expert_iteration", sharded=False)
     base_params = jax.device_get(session.params)
     params, meta = self_training.restore_or_start(session, base_params, {})
+    selector = None
+    if TRACE_SELECTION.value == "process_value":
+        settings = process_values.SelectorSettings(
+            rollouts=VALUE_ROLLOUTS.value, threshold=VALUE_THRESHOLD.value,
+            score=VALUE_SCORE.value, cap=MAX_PER_PROMPT.value, value_epochs=VALUE_EPOCHS.value,
+            value_batch_size=SFT_BATCH_SIZE.value, value_learning_rate=VALUE_LEARNING_RATE.value)
+        selector = process_values.ProcessValueSelector(session, base_params, settings)
+        selector.restore(meta["iteration"])      # a resumed run continues with its value model
     if M_STEP_INIT.value == "plateau":
         meta.setdefault("plateau", {"best": meta["eval_before"]["eval/pass@1"], "stale": 0,
                                     "restart_next": False, "restarts": 0})
 
     def iterate(params, meta, iteration):
         t0 = time.time()
-        kept, record = e_step(session, params, iteration)
+        kept, record = e_step(session, params, iteration, selector)
         if band_on:
             kept, band_metrics = perplexity_band_filter(session, params, kept, *band)
             record.update(band_metrics, **{"train/kept": len(kept)})
@@ -201,6 +266,10 @@ def validate_options(config) -> None:
     if not 0.0 <= PPL_BAND_LOW.value <= PPL_BAND_HIGH.value <= 1.0:
         raise SystemExit(f"--ppl_band_low ({PPL_BAND_LOW.value}) and --ppl_band_high "
                          f"({PPL_BAND_HIGH.value}) are quantiles: need 0 <= low <= high <= 1")
+    if VALUE_ROLLOUTS.value < 1:
+        raise SystemExit(f"--value_rollouts must be >= 1, got {VALUE_ROLLOUTS.value}")
+    if not 0.0 <= VALUE_THRESHOLD.value <= 1.0:
+        raise SystemExit(f"--value_threshold is a value in [0, 1], got {VALUE_THRESHOLD.value}")
     if PLATEAU_PATIENCE.value < 1:
         raise SystemExit(f"--plateau_patience must be >= 1, got {PLATEAU_PATIENCE.value}")
     if M_STEP_INIT.value == "plateau" and not (config.eval_every or config.eval_every_rollouts):

@@ -79,6 +79,9 @@ EXPERIMENTS = [
     ("expert_iteration", ["--batches_per_iteration=2", "--sft_batch_size=8",
                           "--ppl_band_low=0.1", "--ppl_band_high=0.9", "--m_step_init=plateau",
                           "--eval_every=1"]),
+    # ReST-MCTS*-style process values: 2 continuations per step prefix select the kept traces.
+    ("expert_iteration", ["--batches_per_iteration=2", "--sft_batch_size=8",
+                          "--trace_selection=process_value", "--value_rollouts=2"]),
     # B-STaR: a 2-temperature search on 4 dev problems x 4 samples, then 2 batches sampled.
     ("bstar", ["--batches_per_iteration=2", "--sft_batch_size=8", "--dev_size=4",
                "--dev_samples=4", "--bstar_temperatures=0.7,1.0", "--threshold_step=0.05"]),
@@ -98,6 +101,9 @@ SLOW_EXPERIMENTS = {"grpo --variant=dr_grpo", "grpo --variant=cispo",
                     "topr --mode=offline --offline_prompts=8",
                     "ppo --lora_rank=4 --lora_targets=q,v,down --learning_rate=1e-3",
                     "expert_iteration --batches_per_iteration=2 --sft_batch_size=8",
+                    # run by default (with its resume) in test_process_values
+                    "expert_iteration --batches_per_iteration=2 --sft_batch_size=8 "
+                    "--trace_selection=process_value --value_rollouts=2",
                     "rise --variant=ppo --verify_solutions=4 --kl_coef=0.01"}
 
 

@@ -67,6 +67,8 @@ def _run(*flags):
     (["--ppl_band_low=0.9", "--ppl_band_high=0.1"], "--ppl_band_low (0.9) and --ppl_band_high"),
     (["--plateau_patience=0"], "--plateau_patience must be >= 1"),
     (["--m_step_init=plateau"], "--m_step_init=plateau watches held-out pass@1"),
+    (["--trace_selection=process_value", "--value_rollouts=0"], "--value_rollouts must be >= 1"),
+    (["--value_threshold=1.5"], "--value_threshold is a value in [0, 1]"),
 ])
 def test_bad_options_are_refused_naming_the_flag(tmp_path, flags, message):
     result = _run(f"--workdir={tmp_path}", *flags)
