@@ -64,19 +64,15 @@ the selection (the code: 500 steps per iteration) with a fresh optimizer each it
 
 import dataclasses
 import math
-import os
 import time
 
 import jax
 import numpy as np
 from absl import app, flags
 
-from offpolicy_jax import distributed, sft
-from offpolicy_jax import export as export_lib
 from offpolicy_jax.data import arith
-from offpolicy_jax.training import checkpoint as checkpoint_lib
 from offpolicy_jax.training import flags as shared_flags
-from offpolicy_jax.training import trainer
+from offpolicy_jax.training import self_training, trainer
 
 # The code's grid: 0.50 to 1.20 in steps of 0.05.
 _PAPER_TEMPERATURES = [f"{0.5 + 0.05 * i:.2f}" for i in range(15)]
@@ -390,17 +386,8 @@ def merge_pools(pools: list[Pool]) -> Pool:
 def m_step(session: trainer.Session, params, kept, *, iteration: int):
     """Fine-tunes the *current* parameters on the selection (the code continues its SFT run each
     iteration); returns ``(params, metrics, skipped updates)``."""
-    if not kept:
-        return params, {"train/loss": 0.0, "train/sft_steps": 0}, 0
-    config = session.config
-    batch_size = min(SFT_BATCH_SIZE.value, len(kept))
-    steps = max(1, math.ceil(SFT_EPOCHS.value * len(kept) / batch_size))
-    params, sft_losses, skipped = sft.train_sft(
-        session.cfg, params, session.tokenizer, kept, steps=steps, batch_size=batch_size,
-        learning_rate=config.learning_rate, seed=config.seed + iteration,
-        eos_id=session.sampler.eos_ids[0], pad_id=session.sampler.pad_id,
-        warmup_steps=steps // 10)
-    return params, {"train/loss": float(np.mean(sft_losses)), "train/sft_steps": steps}, skipped
+    return self_training.fine_tune(session, params, kept, iteration=iteration,
+                                   epochs=SFT_EPOCHS.value, batch_size=SFT_BATCH_SIZE.value)
 
 
 def validate_flags() -> None:
@@ -445,23 +432,18 @@ def draw_dev_records(session: trainer.Session) -> list[dict]:
 
 
 def run(config) -> dict:
-    # Single process, as expert_iteration.py: every process would redo the same work.
-    if distributed.maybe_initialize() and jax.process_count() > 1:
-        raise SystemExit(f"bstar.py runs in a single process, but a multi-process launch was "
-                         f"detected ({distributed.detect_launch()}); run it without "
-                         f"launch/local.sh, SLURM or a multi-host TPU slice")
+    self_training.require_single_process("bstar")
     config.validate()
     validate_flags()
-    if config.lora:
-        raise SystemExit("bstar.py: --lora_rank/--lora_init are not supported (its M-step is "
-                         "full supervised fine-tuning, offpolicy_jax.sft)")
+    self_training.refuse_lora(config, "bstar")
     process_score = process_score_fn(config, PROCESS_WEIGHT.value)
     session = trainer.Session(config, "bstar", sharded=False)
     base_params = jax.device_get(session.params)
-    params, meta = restore_or_start(session, base_params)
+    # The dev subset is drawn once, at the start, and checkpointed with the run.
+    params, meta = self_training.restore_or_start(
+        session, base_params, lambda: {"dev_records": draw_dev_records(session)})
 
-    while not session.finished(meta):
-        iteration, rollouts_before = meta["iteration"] + 1, meta["rollouts"]
+    def iterate(params, meta, iteration):
         t0 = time.time()
         temperature, record = choose_configuration(session, params, meta["dev_records"],
                                                    iteration, process_score)
@@ -469,38 +451,10 @@ def run(config) -> dict:
         record.update(e_metrics)
         t_sample = time.time()
         params, sft_metrics, skipped = m_step(session, params, kept, iteration=iteration)
-        meta["skipped_steps"] += skipped
-        record.update(sft_metrics, rollouts=session.sampler.generated,
-                      skipped_steps=meta["skipped_steps"], rollout_s=t_sample - t0,
-                      update_s=time.time() - t_sample)
-        meta.update(iteration=iteration, rollouts=session.sampler.generated)
-        if session.evaluation_due(meta, rollouts_before):
-            record.update(session.evaluate(params))
-        record["step_s"] = time.time() - t0
-        session.log(record, meta)
-        if session.checkpoint_due(meta):
-            meta["selection"], _ = session.selection.state_dict()
-            session.checkpointer.save(iteration, {"params": params}, meta)
+        record.update(sft_metrics, rollout_s=t_sample - t0, update_s=time.time() - t_sample)
+        return params, record, skipped
 
-    if config.export_final:
-        export_lib.export_policy(os.path.join(config.workdir, "export"), session.cfg, params,
-                                 session.model_dir)
-    return session.finish(meta, skipped_steps=meta["skipped_steps"])
-
-
-def restore_or_start(session: trainer.Session, base_params) -> tuple:
-    """``(params, meta)`` of the latest checkpoint, or the base model and a new run's meta (with
-    its dev subset)."""
-    latest = session.checkpointer.latest_step()
-    if latest is None:
-        dev_records = draw_dev_records(session)
-        return base_params, session.start({"skipped_steps": 0, "dev_records": dev_records},
-                                          base_params)
-    state, meta, _ = session.checkpointer.restore(
-        latest, checkpoint_lib.abstract_like({"params": base_params}))
-    session.selection.load_state_dict(meta["selection"], {})
-    session.sampler.generated = meta["rollouts"]
-    return jax.device_get(state["params"]), session.resumed(meta)
+    return self_training.run_iterations(session, params, meta, iterate)
 
 
 def main(argv):

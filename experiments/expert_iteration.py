@@ -13,8 +13,9 @@ https://arxiv.org/abs/2312.06585. An EM loop with a binary verifier reward:
 ``--batch_size × --batches_per_iteration`` problems × ``--group_size`` (K) responses; these count
 towards the ``rollouts`` budget in metrics.jsonl, like the RL experiments. The run is checkpointed
 every ``--ckpt_every`` iterations and at the end (params + prompt-stream position), so a killed
-run resumes. Setup, evaluation, logging, checkpoints and the summary are the RL trainer's own
-(``training.trainer.Session``); only the E- and M-steps are this file's.
+run resumes. The loop around the E- and M-steps (setup, evaluation, logging, checkpoints, the
+summary) is the one every expert-iteration method shares, ``training.self_training``; only the
+E- and M-steps and the options below are this file's.
 
 Command (embedded default, no download):
 
@@ -42,19 +43,15 @@ number of epochs over the kept set (the paper scales it with the data); AdamW wi
 schedule at a learning rate suited to the tiny model.
 """
 
-import math
-import os
 import time
 
 import jax
 import numpy as np
 from absl import app, flags
 
-from offpolicy_jax import distributed, sft
-from offpolicy_jax import export as export_lib
-from offpolicy_jax.training import checkpoint as checkpoint_lib
+from offpolicy_jax import sft
 from offpolicy_jax.training import flags as shared_flags
-from offpolicy_jax.training import trainer
+from offpolicy_jax.training import self_training, trainer
 
 # The E-/M-step size flags are also bstar.py's (the same meaning); allow_override lets one
 # process import both files (the tests do), the later definition winning. Each file alone is
@@ -153,47 +150,28 @@ def plateau_update(best: float, stale: int, accuracy: float, *, min_delta: float
     return best, stale, False
 
 
-def m_step(session: trainer.Session, base_params, kept, *, iteration: int):
-    """Fine-tunes ``base_params`` (the base model, or the iterate ``--m_step_init`` names) on the
+def m_step(session: trainer.Session, start_params, kept, *, iteration: int):
+    """Fine-tunes ``start_params`` (the base model, or the iterate ``--m_step_init`` names) on the
     kept responses; returns ``(params, metrics, skipped updates)``."""
-    if not kept:
-        return base_params, {"train/loss": 0.0, "train/sft_steps": 0}, 0
-    config = session.config
-    batch_size = min(SFT_BATCH_SIZE.value, len(kept))
-    steps = max(1, math.ceil(SFT_EPOCHS.value * len(kept) / batch_size))
-    params, sft_losses, skipped = sft.train_sft(
-        session.cfg, base_params, session.tokenizer, kept, steps=steps, batch_size=batch_size,
-        learning_rate=config.learning_rate, seed=config.seed + iteration,
-        eos_id=session.sampler.eos_ids[0], pad_id=session.sampler.pad_id,
-        warmup_steps=steps // 10)
-    return params, {"train/loss": float(np.mean(sft_losses)), "train/sft_steps": steps}, skipped
+    return self_training.fine_tune(session, start_params, kept, iteration=iteration,
+                                   epochs=SFT_EPOCHS.value, batch_size=SFT_BATCH_SIZE.value)
 
 
 def run(config) -> dict:
-    # The E- and M-steps run unsharded in one process (the M-step is plain SFT of a model that
-    # fits one device). Under a multi-process launch every process would redo the same work and
-    # write the same workdir, so such a launch is refused, naming what was detected.
-    if distributed.maybe_initialize() and jax.process_count() > 1:
-        raise SystemExit(f"expert_iteration.py runs in a single process, but a multi-process "
-                         f"launch was detected ({distributed.detect_launch()}); run it without "
-                         f"launch/local.sh, SLURM or a multi-host TPU slice")
+    self_training.require_single_process("expert_iteration")
     config.validate()
-    if config.lora:
-        raise SystemExit("expert_iteration.py: --lora_rank/--lora_init are not supported (its "
-                         "M-step is full supervised fine-tuning from the base model, "
-                         "offpolicy_jax.sft); every RL experiment file takes them")
+    self_training.refuse_lora(config, "expert_iteration")
     band = (PPL_BAND_LOW.value, PPL_BAND_HIGH.value)
     band_on = band != (0.0, 1.0)
     validate_options(config)
     session = trainer.Session(config, "expert_iteration", sharded=False)
     base_params = jax.device_get(session.params)
-    params, meta = restore_or_start(session, base_params)
+    params, meta = self_training.restore_or_start(session, base_params, {})
     if M_STEP_INIT.value == "plateau":
         meta.setdefault("plateau", {"best": meta["eval_before"]["eval/pass@1"], "stale": 0,
                                     "restart_next": False, "restarts": 0})
 
-    while not session.finished(meta):
-        iteration, rollouts_before = meta["iteration"] + 1, meta["rollouts"]
+    def iterate(params, meta, iteration):
         t0 = time.time()
         kept, record = e_step(session, params, iteration)
         if band_on:
@@ -203,25 +181,16 @@ def run(config) -> dict:
         # M-step: from the base model (ReST-EM), or from the current iterate.
         start = m_step_start(meta, params, base_params)
         params, sft_metrics, skipped = m_step(session, start, kept, iteration=iteration)
-        meta["skipped_steps"] += skipped
-        record.update(sft_metrics, rollouts=session.sampler.generated,
-                      skipped_steps=meta["skipped_steps"], rollout_s=t_sample - t0,
-                      update_s=time.time() - t_sample)
-        meta.update(iteration=iteration, rollouts=session.sampler.generated)
-        if session.evaluation_due(meta, rollouts_before):
-            record.update(session.evaluate(params))
-        if M_STEP_INIT.value == "plateau":
-            record.update(plateau_step(meta["plateau"], record))
-        record["step_s"] = time.time() - t0
-        session.log(record, meta)
-        if session.checkpoint_due(meta):
-            meta["selection"], _ = session.selection.state_dict()
-            session.checkpointer.save(iteration, {"params": params}, meta)
+        record.update(sft_metrics, rollout_s=t_sample - t0, update_s=time.time() - t_sample)
+        return params, record, skipped
 
-    if config.export_final:
-        export_lib.export_policy(os.path.join(config.workdir, "export"), session.cfg, params,
-                                 session.model_dir)
-    return session.finish(meta, skipped_steps=meta["skipped_steps"])
+    def after_evaluation(meta, record):
+        if M_STEP_INIT.value == "plateau":
+            return plateau_step(meta["plateau"], record)
+        return {}
+
+    return self_training.run_iterations(session, params, meta, iterate,
+                                        after_evaluation=after_evaluation)
 
 
 def validate_options(config) -> None:
@@ -258,18 +227,6 @@ def plateau_step(state: dict, record: dict) -> dict:
     return {"plateau/restarted": int(restarted), "plateau/restarts": state["restarts"],
             "plateau/best": state["best"], "plateau/stale": state["stale"],
             "plateau/restart_next": int(state["restart_next"])}
-
-
-def restore_or_start(session: trainer.Session, base_params) -> tuple:
-    """``(params, meta)`` of the latest checkpoint, or the base model and a new run's meta."""
-    latest = session.checkpointer.latest_step()
-    if latest is None:
-        return base_params, session.start({"skipped_steps": 0}, base_params)
-    state, meta, _ = session.checkpointer.restore(
-        latest, checkpoint_lib.abstract_like({"params": base_params}))
-    session.selection.load_state_dict(meta["selection"], {})
-    session.sampler.generated = meta["rollouts"]
-    return jax.device_get(state["params"]), session.resumed(meta)
 
 
 def main(argv):
