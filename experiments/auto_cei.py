@@ -23,8 +23,10 @@ up after long reasoning rewarded (R_IDK(c1) = 0, and R_IDK is in (-1, 1)).
   step = min(0.2 s, 0.5), c1 = m + step and c2 = -ln(0.1) / (4 s). The run is a sequence of
   stages; a stage is ``--stage_iterations`` EI iterations at a fixed c1 (code: 3), or fewer when
   held-out precision and IDK rate both move by less than ``--converge_tolerance`` (code: 0.003).
-  At a stage's end its score f = (1 - λ) · precision + λ · (1 - IDK rate) (λ = ``--idk_lambda``,
-  code: 0.2) decides the next c1: a better f than the best so far keeps moving c1 by ±step in
+  Each iteration's held-out f = (1 - λ) · precision + λ · (1 - IDK rate) (λ = ``--idk_lambda``,
+  code: 0.2) is computed; a stage scores the f of its best iteration, whose policy the next stage
+  samples from (the code; ``--stage_continue=last``: the last iteration's). The stage's score
+  decides the next c1: a better f than the best so far keeps moving c1 by ±step in
   the same direction (the first stage: upwards, as in the code); a worse one turns back to the
   other side of the best c1; when both neighbours of the best c1 have scored worse the
   curriculum stops and the remaining iterations run at the best c1.
@@ -50,21 +52,28 @@ and after, against the plain-EI baseline).
 
 Runs in one process (a multi-process launch is refused at start-up). Checkpointed every
 ``--ckpt_every`` iterations with the curriculum state (c1, the stage, the scores of the c1 tried)
-in the run's meta; a killed run resumes from its last checkpointed iteration with the same
-results.
+in the run's meta, and each stage's best parameters so far under ``<workdir>/stage_best``; a
+killed run resumes from its last checkpointed iteration with the same results.
 
-Departures (commented where set): n = 8 samples per problem (paper: 16); the stage score is the
-f of the stage's last iteration, whose policy the next stage samples from (the code scores a
-stage by its best iteration's f and continues from it); the convergence test compares each
-iteration with the previous evaluation (the code compares with the initial model's numbers);
-the climb follows the spec's rule (the code's loop records the score under the moved c1 and never
-moves c1 down); c1 is chosen and reported on the same held-out set (the code: a validation set,
-then a test set); no initial plain-EI iteration before the curriculum (the code runs one on its
-SFT model); IDK is one fixed phrase (the code also matches "sorry", "no answer", ...); LoRA r 128
-is replaced by full fine-tuning of the tiny model.
+Where it follows the code: the reward and its IDK-first precedence (``reward_processor``), the
+resampling (n draws ∝ exp(R/temp) plus the n originals, keep R > -1), temp = the starting
+model's held-out precision, the initial c1, step and c2 (``test_c1``: the IDK answers' mean
+length, all answers' length std), f and λ, at most 3 iterations per stage and the 0.003
+convergence tolerance, a stage scored by its best iteration which the next stage continues from,
+the first stage always counting as an improvement. Departures (commented where set): n = 8
+samples per problem (paper: 16); the length d counts ``a op b=c`` steps (MATH: lines split by
+".\n"); IDK is one fixed phrase (the code also matches "sorry", "no answer", ...); the
+convergence test compares each iteration with the previous evaluation (the code: with the
+starting model's numbers, never updated); the climb follows the spec's rule: the code's loop files
+the score under the already-moved c1 and, when f falls, computes c1 - step without moving there,
+so it never moves down; c1 is chosen and reported on the same held-out set (the code: a
+validation set, then a test set); no initial plain-EI iteration and IDK-rate check (0.25) before
+the curriculum (the code runs one on its SFT model); full fine-tuning of the tiny model for LoRA
+r 128, α 64 on Llama-3.1-8B-Instruct.
 """
 
 import math
+import os
 import time
 
 import jax
@@ -72,6 +81,7 @@ import numpy as np
 from absl import app, flags
 
 from offpolicy_jax.data import arith
+from offpolicy_jax.training import checkpoint as checkpoint_lib
 from offpolicy_jax.training import flags as shared_flags
 from offpolicy_jax.training import self_training, trainer
 
@@ -93,6 +103,10 @@ STAGE_ITERATIONS = flags.DEFINE_integer("stage_iterations", 3, "Most EI iteratio
 CONVERGE_TOLERANCE = flags.DEFINE_float("converge_tolerance", 0.003, "A stage ends early when "
                                         "held-out precision and IDK rate both move by less "
                                         "than this (code: 0.003).")
+STAGE_CONTINUE = flags.DEFINE_enum("stage_continue", "best", ["best", "last"], "The policy the "
+                                   "next stage samples from: 'best', the stage's iteration of "
+                                   "largest held-out f, which also scores the stage (the code); "
+                                   "'last', its last iteration, scored by its own f.")
 RESAMPLING_TEMP = flags.DEFINE_float("resampling_temp", 0.0, "temp of the resampling ∝ "
                                      "exp(R/temp); 0: the starting model's held-out precision "
                                      "(the code's choice).")
@@ -157,7 +171,8 @@ def initial_curriculum(idk_steps_mean: float, steps_std: float) -> dict:
     return {"c1_start": float(idk_steps_mean) + step, "step": step,
             "c2": -math.log(0.1) / (4.0 * std), "position": 0, "direction": 1,
             "best_position": None, "best_f": None, "scores": {}, "stopped": False,
-            "stage": 1, "stage_iteration": 0}
+            "stage": 1, "stage_iteration": 0, "stage_best_f": None,
+            "stage_best_iteration": None, "continue_from": None}
 
 
 def c1_of(state: dict, position: int | None = None) -> float:
@@ -284,9 +299,13 @@ def e_step(session: trainer.Session, params, meta: dict, iteration: int) -> tupl
                      for k, v in session.selection.metrics().items()}}
 
 
-def curriculum_step(meta: dict, record: dict) -> dict:
+def curriculum_step(meta: dict, record: dict, save_best=None) -> dict:
     """``run_iterations``' hook after each evaluation: advances the stage and, at its end, climbs
-    (``climb``); updates ``meta["curriculum"]`` (checkpointed) and returns the metrics to log."""
+    (``climb``); updates ``meta["curriculum"]`` (checkpointed) and returns the metrics to log.
+
+    With ``--stage_continue=best`` the stage's best iteration so far (by f) is tracked,
+    ``save_best(iteration)`` keeps its parameters, and at the stage's end its f scores the stage
+    and ``continue_from`` names it for the next E-step."""
     state = meta["curriculum"]
     precision, idk_rate = record["eval/precision"], record["eval/idk_rate"]
     previous = meta["last_eval"]
@@ -297,16 +316,27 @@ def curriculum_step(meta: dict, record: dict) -> dict:
               "curriculum/stage": state["stage"]}
     if state["stopped"]:
         return {**logged, "curriculum/stage_end": 0, "curriculum/stopped": 1}
-    state = {**state, "stage_iteration": state["stage_iteration"] + 1}
+    state = {**state, "stage_iteration": state["stage_iteration"] + 1, "continue_from": None}
+    f = record["eval/f"]
+    if STAGE_CONTINUE.value == "best":
+        if state["stage_best_f"] is None or f > state["stage_best_f"]:
+            state.update(stage_best_f=f, stage_best_iteration=meta["iteration"])
+            if save_best is not None:
+                save_best(meta["iteration"])
     ended = stage_ended(state, (abs(precision - previous[0]), abs(idk_rate - previous[1])),
                         stage_iterations=STAGE_ITERATIONS.value,
                         tolerance=CONVERGE_TOLERANCE.value)
     if ended:
-        state = climb(state, record["eval/f"])
-        state.update(stage=state["stage"] + 1, stage_iteration=0)
+        best = STAGE_CONTINUE.value == "best"
+        state = climb(state, state["stage_best_f"] if best else f)
+        if best and state["stage_best_iteration"] != meta["iteration"]:
+            state["continue_from"] = state["stage_best_iteration"]
+        state.update(stage=state["stage"] + 1, stage_iteration=0, stage_best_f=None,
+                     stage_best_iteration=None)
     meta["curriculum"] = state
     return {**logged, "curriculum/stage_end": int(ended), "curriculum/stopped":
             int(state["stopped"]), "curriculum/next_c1": c1_of(state),
+            "curriculum/continue_from": state["continue_from"],
             "curriculum/best_c1": (c1_of(state, state["best_position"])
                                    if state["best_position"] is not None else None),
             "curriculum/best_f": state["best_f"]}
@@ -357,20 +387,39 @@ def run(config) -> dict:
                                                                _MIN_TEMP)
         meta["last_eval"] = [before["eval/precision"], before["eval/idk_rate"]]
 
+    # The parameters of each stage's best iteration so far (--stage_continue=best), kept beside
+    # the run's checkpoints so that a resumed run samples from the same policy.
+    stage_best = checkpoint_lib.Checkpointer(os.path.join(config.workdir, "stage_best"))
+    latest = {}
+
+    def save_best(iteration):
+        if iteration not in stage_best.all_steps():       # a redone iteration: same params
+            stage_best.save(iteration, {"params": latest["params"]}, {})
+
     def iterate(params, meta, iteration):
         t0 = time.time()
+        continue_from = (meta["curriculum"] or {}).get("continue_from")
+        if continue_from is not None:       # the last stage's best iteration, not its last
+            state, _, _ = stage_best.restore(
+                continue_from, checkpoint_lib.abstract_like({"params": base_params}))
+            params = jax.device_get(state["params"])
         kept, record = e_step(session, params, meta, iteration)
         t_sample = time.time()
         # M-step from the starting model every iteration (the code trains its base afresh).
         params, metrics, skipped = self_training.fine_tune(
             session, base_params, kept, iteration=iteration, epochs=SFT_EPOCHS.value,
             batch_size=SFT_BATCH_SIZE.value)
+        latest["params"] = params
         record.update(metrics, rollout_s=t_sample - t0, update_s=time.time() - t_sample,
                       **{"train/resampling_temp": meta["resampling_temp"]})
         return params, record, skipped
 
-    return self_training.run_iterations(session, params, meta, iterate,
-                                        after_evaluation=curriculum_step)
+    try:
+        return self_training.run_iterations(
+            session, params, meta, iterate,
+            after_evaluation=lambda meta, record: curriculum_step(meta, record, save_best))
+    finally:
+        stage_best.close()
 
 
 def main(argv):
@@ -381,6 +430,7 @@ def main(argv):
 if __name__ == "__main__":
     flags.FLAGS.set_default("iterations", 6)          # two stages of 3 (code: until the climb
     #                                                   stops; kept small here)
+    flags.FLAGS.set_default("group_size", 8)          # n per problem (paper: 16)
     flags.FLAGS.set_default("eval_every", 1)          # the curriculum reads every evaluation
     flags.FLAGS.set_default("learning_rate", 1e-3)    # M-step SFT lr for the tiny model
     app.run(main)

@@ -2,6 +2,7 @@
 start and climb against the spec, the IDK answer form of the embedded task, an end-to-end run on
 a tiny IDK-speaking model and its exact resume."""
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -142,6 +143,44 @@ def test_stage_ends_at_its_length_or_when_both_numbers_converge():
                                 tolerance=0.003)
 
 
+def _parsed_flags():
+    from absl import flags
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+def test_a_stage_is_scored_by_its_best_iteration_and_the_next_samples_from_it():
+    """--stage_continue=best (the code): a 2-iteration stage whose first iteration has the larger
+    f is scored by it, and the next stage continues from that iteration's parameters."""
+    from absl.testing import flagsaver
+    _parsed_flags()
+    state = auto_cei.initial_curriculum(idk_steps_mean=2.0, steps_std=1.0)
+    meta = {"curriculum": state, "last_eval": [0.3, 0.2]}
+    saved = []
+    with flagsaver.flagsaver(stage_iterations=2, stage_continue="best"):
+        for iteration, (precision, idk_rate) in enumerate([(0.5, 0.2), (0.4, 0.3)], start=1):
+            meta["iteration"] = iteration
+            record = {"eval/precision": precision, "eval/idk_rate": idk_rate,
+                      "eval/f": auto_cei.objective(precision, idk_rate, 0.2)}
+            logged = auto_cei.curriculum_step(meta, record, saved.append)
+    state = meta["curriculum"]
+    assert saved == [1] and logged["curriculum/stage_end"] == 1
+    assert state["continue_from"] == 1 and state["stage"] == 2
+    assert state["scores"] == {"0": pytest.approx(0.8 * 0.5 + 0.2 * 0.8)}
+    assert state["position"] == 1                           # the first stage moves c1 up
+    # --stage_continue=last: scored by the last iteration, which the next stage continues from.
+    meta = {"curriculum": auto_cei.initial_curriculum(2.0, 1.0), "last_eval": [0.3, 0.2]}
+    with flagsaver.flagsaver(stage_iterations=2, stage_continue="last"):
+        for iteration, (precision, idk_rate) in enumerate([(0.5, 0.2), (0.4, 0.3)], start=1):
+            meta["iteration"] = iteration
+            auto_cei.curriculum_step(meta, {"eval/precision": precision,
+                                            "eval/idk_rate": idk_rate,
+                                            "eval/f": auto_cei.objective(precision, idk_rate,
+                                                                         0.2)})
+    assert meta["curriculum"]["continue_from"] is None
+    assert meta["curriculum"]["scores"] == {"0": pytest.approx(0.8 * 0.4 + 0.2 * 0.7)}
+
+
 def test_idk_metrics_on_a_hand_made_sample():
     correct = np.array([[1, 0], [0, 0]])
     responses = ["1+2=3. \\boxed{3}", "1+2=3, 3*4=12. I don't know.",
@@ -194,6 +233,37 @@ def test_idk_demonstrations_give_up_only_on_hard_problems():
                                  hard_min_steps=3, hard_min_value=20)
 
 
+def test_idk_recipe_fine_tunes_its_base_and_is_cached_under_its_own_alias(tiny_model, tmp_path,
+                                                                          monkeypatch):
+    from offpolicy_jax import models, tiny_arith
+    recipe = tiny_arith.TinyArithIdkRecipe(examples=64, sft_steps=2, sft_batch_size=8)
+    directory = tiny_arith.build_idk(str(tmp_path / "idk"), recipe, base_dir=tiny_model,
+                                     log_fn=lambda *_: None)
+    with open(os.path.join(directory, tiny_arith.STAMP_FILE)) as f:
+        assert json.load(f)["examples"] == 64
+    assert models.load_hf_checkpoint(directory)[0].hidden_size == 64       # the base's shape
+    tokenizer = models.load_tokenizer(directory)
+    text = "Q: 9*9-5-8\nA: 9*9=81. I don't know."
+    assert tokenizer.decode(tokenizer.encode(text, add_special_tokens=False)) == text
+    # The mix: solving demonstrations and some IDK answers.
+    examples = tiny_arith.idk_examples(recipe)
+    assert len(examples) == 64 and 0 < sum(arith.is_idk(r) for _, r in examples) < 32
+    # Cached under its own alias (built once, then loaded); --model=tiny-arith-idk resolves to it.
+    built = []
+
+    def fake_build(directory, recipe, **_):          # writes only the stamp
+        built.append(directory)
+        with open(os.path.join(directory, tiny_arith.STAMP_FILE), "w") as f:
+            json.dump(dataclasses.asdict(recipe), f)
+
+    monkeypatch.setattr(tiny_arith, "build_idk", fake_build)
+    cached = tiny_arith.ensure_idk(str(tmp_path / "cache"), recipe)
+    assert cached == str(tmp_path / "cache" / f"{tiny_arith.IDK_ALIAS}-v{recipe.version}")
+    assert tiny_arith.ensure_idk(str(tmp_path / "cache"), recipe) == cached and len(built) == 1
+    monkeypatch.setattr(tiny_arith, "ensure_idk", lambda: "resolved")
+    assert tiny_arith.resolve_model("tiny-arith-idk") == "resolved"
+
+
 # ---------------------------------------------------------------------------------------------
 # End to end.
 
@@ -239,10 +309,8 @@ def test_bad_flags_are_refused_naming_the_flag(tmp_path):
     result = _run("--model=tiny-arith-idk", f"--workdir={tmp_path}", "--idk_lambda=1.5",
                   check=False)
     assert result.returncode != 0 and "--idk_lambda must be in [0, 1]" in result.stderr
-    from absl import flags
     from absl.testing import flagsaver
-    if not flags.FLAGS.is_parsed():
-        flags.FLAGS.mark_as_parsed()
+    _parsed_flags()
     config = types.SimpleNamespace(eval_every=1, eval_every_rollouts=0, dataset="arith")
     for overrides, message in (({"stage_iterations": 0}, "--stage_iterations must be >= 1"),
                                ({"resampling_temp": -1.0}, "--resampling_temp must be >= 0"),
