@@ -177,6 +177,79 @@ def ensure_verify(cache_dir: str | None = None,
                                                         log_fn=log_fn))
 
 
+IDK_ALIAS = "tiny-arith-idk"
+
+
+@dataclasses.dataclass(frozen=True)
+class TinyArithIdkRecipe:
+    """``tiny-arith-idk``: ``tiny-arith`` fine-tuned further on demonstrations that answer
+    "I don't know" (``data.arith.IDK_PHRASE``) on part of the problems beyond its reach, so
+    Auto-CEI (``experiments/auto_cei.py``) has an IDK answer form to reward. ``tiny-arith``
+    itself is untouched.
+
+    Beyond its reach, measured (tiny-arith, 256 held-out problems, 8 samples at temperature 1):
+    sampled accuracy 0.59 on 1-step problems, 0.31 on 2-step, 0.15 on 3-step; 0.37 when every
+    value is below 10 and 0.11 when one reaches 40-99. The hard problems (``data.arith.is_hard``)
+    are those with ``hard_min_steps`` steps and a value of at least ``hard_min_value``.
+
+    Changing any field (or the base recipe) rebuilds the cached model.
+
+    Attributes:
+      base: the ``tiny-arith`` recipe it starts from (built first if needed).
+      examples: demonstrations in the mix (``data.arith.idk_demonstrations``).
+      idk_fraction: share of the hard problems answered "I don't know" (after one to all of
+        their steps); the rest, and every other problem, are solved, slipping at the base
+        recipe's rate so the solving skill is kept.
+    """
+
+    version: int = 1
+    base: TinyArithRecipe = TinyArithRecipe()
+    examples: int = 12_000
+    idk_fraction: float = 0.7
+    hard_min_steps: int = 3
+    hard_min_value: int = 20
+    sft_steps: int = 300
+    sft_batch_size: int = 64
+    sft_learning_rate: float = 3e-3
+    seed: int = 2
+
+
+def idk_examples(recipe: TinyArithIdkRecipe) -> list[tuple[str, str]]:
+    """The fine-tuning mix of ``recipe`` (solving and IDK demonstrations, one list)."""
+    return arith.idk_demonstrations(
+        recipe.examples, seed=recipe.seed, slip_probability=recipe.base.slip_probability,
+        idk_fraction=recipe.idk_fraction, hard_min_steps=recipe.hard_min_steps,
+        hard_min_value=recipe.hard_min_value)
+
+
+def build_idk(directory: str, recipe: TinyArithIdkRecipe = TinyArithIdkRecipe(), *,
+              base_dir: str | None = None, cache_dir: str | None = None,
+              log_fn=print) -> str:
+    """Fine-tunes the base model (``base_dir``, default the cached ``recipe.base`` build) on
+    ``idk_examples(recipe)`` and saves it with its tokenizer in ``directory``."""
+    base_dir = base_dir or ensure(cache_dir, recipe.base, log_fn=log_fn)
+    tokenizer_lib.build_char_tokenizer(directory)
+    tokenizer = models.load_tokenizer(directory)
+    cfg, params = models.load_hf_checkpoint(base_dir, dtype=jnp.float32)
+    examples = idk_examples(recipe)
+    log_fn(f"{IDK_ALIAS}: fine-tuning {base_dir} on {len(examples)} solving and "
+           f"I-don't-know demonstrations ({recipe.sft_steps} steps)")
+    params = fine_tune(cfg, params, tokenizer, examples, recipe, log_fn)
+    models.save_hf_checkpoint(directory, cfg, params)
+    with open(os.path.join(directory, STAMP_FILE), "w") as f:
+        json.dump(dataclasses.asdict(recipe), f, indent=1)
+    return directory
+
+
+def ensure_idk(cache_dir: str | None = None, recipe: TinyArithIdkRecipe = TinyArithIdkRecipe(),
+               *, log_fn=print) -> str:
+    """The cached ``tiny-arith-idk`` directory, built first (after its base) if missing or
+    stale; locking and staging as in ``ensure``."""
+    return _ensure_built(cache_dir, IDK_ALIAS, recipe,
+                         lambda directory: build_idk(directory, recipe, cache_dir=cache_dir,
+                                                     log_fn=log_fn))
+
+
 def default_cache_dir() -> str:
     return os.environ.get("OFFPOLICY_JAX_CACHE",
                           os.path.join(os.path.expanduser("~"), ".cache", "offpolicy_jax"))
@@ -227,16 +300,19 @@ def _is_current(directory: str, recipe: TinyArithRecipe) -> bool:
 
 
 def resolve_model(name: str) -> str:
-    """``--model`` to a checkpoint directory: the alias ``tiny-arith`` (or ``tiny-arith-verify``)
-    or an existing directory."""
+    """``--model`` to a checkpoint directory: the alias ``tiny-arith`` (or ``tiny-arith-verify``,
+    ``tiny-arith-idk``) or an existing directory."""
     if name == ALIAS:
         return ensure()
     if name == VERIFY_ALIAS:
         return ensure_verify()
+    if name == IDK_ALIAS:
+        return ensure_idk()
     if os.path.isdir(name):
         if not os.path.exists(os.path.join(name, "config.json")):
             raise FileNotFoundError(f"--model={name!r}: the directory has no config.json; expected "
                                     f"a Hugging Face checkpoint directory")
         return name
     raise FileNotFoundError(f"--model={name!r} is neither the alias {ALIAS!r} (or "
-                            f"{VERIFY_ALIAS!r}) nor an existing checkpoint directory")
+                            f"{VERIFY_ALIAS!r}, {IDK_ALIAS!r}) nor an existing checkpoint "
+                            f"directory")

@@ -500,9 +500,9 @@ def checked_response(solution: str, rng: random.Random | None = None,
     Each ``a op b=c`` step is copied and followed by the checker's own result ``v`` of ``a op b``
     and "ok" (``v == c``) or "no"; with probability ``check_slip_probability`` the checker
     miscalculates ``v`` (off by 1 or 2), as the solving demonstrations slip, so an imperfect
-    checker can call a right step wrong. The rating is 1 when every step is confirmed and the boxed answer is
-    the last step's result, -0.5 at the first step (or box) that is not, and -1 (no steps checked)
-    when the solution ends without a boxed integer.
+    checker can call a right step wrong. The rating is 1 when every step is confirmed and the
+    boxed answer is the last step's result, -0.5 at the first step (or box) that is not, and -1
+    (no steps checked) when the solution ends without a boxed integer.
     """
     box = _FINAL_ANSWER.search(solution)
     if box is None:
@@ -549,4 +549,65 @@ def verification_demonstrations(num: int, seed: int, config: ArithConfig = Arith
             solution = solution[:rng.randint(1, solution.rindex(" \\boxed{"))]
         pairs.append((verification_prompt(problem.prompt, solution),
                       checked_response(solution, rng, check_slip_probability)))
+    return pairs
+
+
+# ---------------------------------------------------------------------------------------------
+# "I don't know": the answer form of Auto-CEI (arXiv 2410.07627) on the embedded task. A model
+# that gives up writes some working steps and then the fixed phrase instead of a boxed answer:
+#
+#     response:  "7*3=21, 12+21=33. I don't know."
+#
+# The verifier finds no boxed answer in it (reward 0, counted as wrong by the plain evaluation);
+# Auto-CEI rewards it by the number of steps written before giving up.
+
+IDK_PHRASE = "I don't know."
+
+
+def idk_response(steps: list[str] | tuple[str, ...]) -> str:
+    """The IDK answer after the working ``steps`` (none: the phrase alone)."""
+    return ", ".join(steps) + ". " + IDK_PHRASE if steps else IDK_PHRASE
+
+
+def is_idk(response: str) -> bool:
+    """Whether ``response`` gives up: it contains the IDK phrase (case and the final full stop
+    ignored; anywhere in the text, as the official Auto-CEI code matches its phrases)."""
+    return IDK_PHRASE.rstrip(".").lower() in response.lower()
+
+
+def reasoning_steps(response: str) -> int:
+    """The number of ``a op b=c`` working steps of a response: before the IDK phrase for an IDK
+    answer, before the boxed answer otherwise (Auto-CEI's reasoning length d)."""
+    cut = response.lower().find(IDK_PHRASE.rstrip(".").lower())
+    text = response if cut < 0 else response[:cut]
+    return len(_STEP.findall(text.split("\\boxed")[0]))
+
+
+def is_hard(problem: Problem, min_steps: int, min_value: int) -> bool:
+    """Whether ``problem`` has at least ``min_steps`` steps and a value (an operand, an
+    intermediate result or the answer) of at least ``min_value`` in absolute value: the part of
+    the task the warm-started model rarely solves (see ``tiny_arith.TinyArithIdkRecipe``)."""
+    values = [abs(int(n)) for n in re.findall(r"-?\d+", " ".join(problem.steps))]
+    return len(problem.steps) >= min_steps and max(values) >= min_value
+
+
+def idk_demonstrations(num: int, seed: int, config: ArithConfig = ArithConfig(), *,
+                       slip_probability: float, idk_fraction: float, hard_min_steps: int,
+                       hard_min_value: int) -> list[tuple[str, str]]:
+    """``num`` training ``(prompt, response)`` pairs (train split) in which a hard problem
+    (``is_hard``) is, with probability ``idk_fraction``, answered "I don't know" after a uniform
+    number of its (slipped) working steps, from one to all of them; every other problem gets a
+    solving demonstration slipping at ``slip_probability`` per step (``slipped_response``)."""
+    if not 0.0 <= idk_fraction <= 1.0:
+        raise ValueError(f"idk_fraction must be in [0, 1], got {idk_fraction}")
+    if not 0.0 <= slip_probability < 1.0:
+        raise ValueError(f"slip_probability must be in [0, 1), got {slip_probability}")
+    rng = random.Random(f"arith/idk/{seed}")
+    pairs = []
+    for problem in generate_problems(num, "train", seed, config):
+        solution = slipped_response(problem, rng, slip_probability)
+        if is_hard(problem, hard_min_steps, hard_min_value) and rng.random() < idk_fraction:
+            steps = solution.rpartition(". ")[0].split(", ")
+            solution = idk_response(steps[:rng.randint(1, len(steps))])
+        pairs.append((problem.prompt, solution))
     return pairs
