@@ -272,20 +272,30 @@ def test_bfloat16_sampling_tracks_the_bfloat16_forward(checkpoints):
     assert np.max(np.abs(out.logprobs - np.stack(expected))) < 0.1
 
 
-def test_compacting_finished_rows_keeps_every_sample(qwen2, monkeypatch):
-    cfg, params = qwen2
+def _long_tailed_setting(cfg, params):
+    """Sampling arguments and EOS ids under which the 32 rows end far apart (long-tailed)."""
     kwargs = dict(max_new_tokens=40, temperature=1.0, seed=3, num_samples=8,
                   steps_per_dispatch=4)
-    # EOS ids that the free-running samples emit at different times: long-tailed lengths.
+    # EOS ids that the free-running samples emit at different times.
     free = sampling.generate(cfg, params, PROMPTS, eos_token_ids=(), compact=False, **kwargs)
     counts = np.bincount(free.tokens[:, :20].ravel(), minlength=cfg.vocab_size)
-    eos = tuple(int(t) for t in np.argsort(counts)[-3:])
+    return kwargs, tuple(int(t) for t in np.argsort(counts)[-3:])
+
+
+def _count_compactions(monkeypatch) -> list[int]:
+    """Wraps ``sampler._compact``; the returned list gets each compaction's new batch size."""
+    sizes, compact = [], sampler._compact
+    monkeypatch.setattr(sampler, "_compact", lambda cache, state, keep, **kw: (
+        sizes.append(int(keep.shape[0])), compact(cache, state, keep, **kw))[1])
+    return sizes
+
+
+def test_compacting_finished_rows_keeps_every_sample(qwen2, monkeypatch):
+    cfg, params = qwen2
+    kwargs, eos = _long_tailed_setting(cfg, params)
     static = sampling.generate(cfg, params, PROMPTS, eos_token_ids=eos, compact=False, **kwargs)
     assert static.lengths.min() < 8 and static.lengths.max() > 16   # rows end far apart
-    compactions = []
-    compact = sampler._compact
-    monkeypatch.setattr(sampler, "_compact", lambda cache, state, keep, **kw: (
-        compactions.append(int(keep.shape[0])), compact(cache, state, keep, **kw))[1])
+    compactions = _count_compactions(monkeypatch)
     compacted = sampling.generate(cfg, params, PROMPTS, eos_token_ids=eos, **kwargs)
     # 32 rows; batches halve as rows finish (down to MIN_DECODE_ROWS).
     assert compactions and compactions == sorted(compactions, reverse=True)
@@ -296,10 +306,17 @@ def test_compacting_finished_rows_keeps_every_sample(qwen2, monkeypatch):
     np.testing.assert_allclose(compacted.truncated_logprobs, static.truncated_logprobs,
                                atol=1e-5)
     assert compacted.num_decode_steps == static.num_decode_steps
-    # On a mesh the compacted batch stays a multiple of the rows' devices (data x fsdp = 4).
-    compactions.clear()
+
+
+@pytest.mark.slow    # ~10 s of compiles; the single-device test above runs by default
+def test_compacting_on_a_mesh_keeps_every_sample(qwen2, monkeypatch):
+    cfg, params = qwen2
+    kwargs, eos = _long_tailed_setting(cfg, params)
+    static = sampling.generate(cfg, params, PROMPTS, eos_token_ids=eos, compact=False, **kwargs)
+    compactions = _count_compactions(monkeypatch)
     meshed = sampling.generate(cfg, params, PROMPTS, eos_token_ids=eos,
                                mesh=models.make_mesh("2,2,2"), **kwargs)
+    # The compacted batch stays a multiple of the rows' devices (data x fsdp = 4).
     assert compactions and all(rows % 4 == 0 for rows in compactions)
     np.testing.assert_array_equal(meshed.tokens, static.tokens)
     np.testing.assert_allclose(meshed.logprobs, static.logprobs, atol=1e-5)
