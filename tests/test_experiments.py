@@ -97,12 +97,8 @@ EXPERIMENTS = [
 # default test (the GRPO engine by the grpo variants above, LoRA by test_trainer and
 # test_lora_export, PPO with a value head by `ppo`, expert iteration by its options run, the
 # offline dataset by `topr --task=verifier` and test_pairs; TOPR's default run by the
-# kill-and-resume test below, RISE's by test_rise_resumes_exactly, B-STaR's by test_bstar's resume
-# test).
+# kill-and-resume test below).
 SLOW_EXPERIMENTS = {"grpo --variant=dr_grpo", "grpo --variant=cispo", "topr",
-                    "rise --verify_solutions=2",
-                    "bstar --batches_per_iteration=2 --sft_batch_size=8 --dev_size=4 "
-                    "--dev_samples=4 --bstar_temperatures=0.7,1.0 --threshold_step=0.05",
                     "topr --mode=offline --offline_prompts=8",
                     "ppo --lora_rank=4 --lora_targets=q,v,down --learning_rate=1e-3",
                     "expert_iteration --batches_per_iteration=2 --sft_batch_size=8",
