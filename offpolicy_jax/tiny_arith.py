@@ -94,10 +94,30 @@ def build(directory: str, recipe: TinyArithRecipe = TinyArithRecipe(), *, log_fn
     params = fine_tune(cfg, params, tokenizer, examples, recipe, log_fn)
     cfg = dataclasses.replace(cfg, eos_token_id=tokenizer.eos_token_id,
                               bos_token_id=tokenizer.bos_token_id)
+    return _save(directory, cfg, params, recipe)
+
+
+def _save(directory: str, cfg, params, recipe) -> str:
+    """Saves the checkpoint and the recipe's stamp (what ``_is_current`` compares) there."""
     models.save_hf_checkpoint(directory, cfg, params)
     with open(os.path.join(directory, STAMP_FILE), "w") as f:
         json.dump(dataclasses.asdict(recipe), f, indent=1)
     return directory
+
+
+def _fine_tune_base(directory: str, recipe, examples, what: str, alias: str, *,
+                    base_dir: str | None, cache_dir: str | None, log_fn) -> str:
+    """A recipe built on ``tiny-arith``: fine-tunes the base model (``base_dir``, default the
+    cached ``recipe.base`` build) on ``examples`` and saves it with its tokenizer and stamp in
+    ``directory``."""
+    base_dir = base_dir or ensure(cache_dir, recipe.base, log_fn=log_fn)
+    tokenizer_lib.build_char_tokenizer(directory)
+    tokenizer = models.load_tokenizer(directory)
+    cfg, params = models.load_hf_checkpoint(base_dir, dtype=jnp.float32)
+    log_fn(f"{alias}: fine-tuning {base_dir} on {len(examples)} {what} demonstrations "
+           f"({recipe.sft_steps} steps)")
+    params = fine_tune(cfg, params, tokenizer, examples, recipe, log_fn)
+    return _save(directory, cfg, params, recipe)
 
 
 VERIFY_ALIAS = "tiny-arith-verify"
@@ -153,18 +173,9 @@ def build_verify(directory: str, recipe: TinyArithVerifyRecipe = TinyArithVerify
                  log_fn=print) -> str:
     """Fine-tunes the base model (``base_dir``, default the cached ``recipe.base`` build) on
     ``verify_examples(recipe)`` and saves it with its tokenizer in ``directory``."""
-    base_dir = base_dir or ensure(cache_dir, recipe.base, log_fn=log_fn)
-    tokenizer_lib.build_char_tokenizer(directory)
-    tokenizer = models.load_tokenizer(directory)
-    cfg, params = models.load_hf_checkpoint(base_dir, dtype=jnp.float32)
-    examples = verify_examples(recipe)
-    log_fn(f"{VERIFY_ALIAS}: fine-tuning {base_dir} on {len(examples)} solving and verification "
-           f"demonstrations ({recipe.sft_steps} steps)")
-    params = fine_tune(cfg, params, tokenizer, examples, recipe, log_fn)
-    models.save_hf_checkpoint(directory, cfg, params)
-    with open(os.path.join(directory, STAMP_FILE), "w") as f:
-        json.dump(dataclasses.asdict(recipe), f, indent=1)
-    return directory
+    return _fine_tune_base(directory, recipe, verify_examples(recipe),
+                           "solving and verification", VERIFY_ALIAS, base_dir=base_dir,
+                           cache_dir=cache_dir, log_fn=log_fn)
 
 
 def ensure_verify(cache_dir: str | None = None,
@@ -227,18 +238,9 @@ def build_idk(directory: str, recipe: TinyArithIdkRecipe = TinyArithIdkRecipe(),
               log_fn=print) -> str:
     """Fine-tunes the base model (``base_dir``, default the cached ``recipe.base`` build) on
     ``idk_examples(recipe)`` and saves it with its tokenizer in ``directory``."""
-    base_dir = base_dir or ensure(cache_dir, recipe.base, log_fn=log_fn)
-    tokenizer_lib.build_char_tokenizer(directory)
-    tokenizer = models.load_tokenizer(directory)
-    cfg, params = models.load_hf_checkpoint(base_dir, dtype=jnp.float32)
-    examples = idk_examples(recipe)
-    log_fn(f"{IDK_ALIAS}: fine-tuning {base_dir} on {len(examples)} solving and "
-           f"I-don't-know demonstrations ({recipe.sft_steps} steps)")
-    params = fine_tune(cfg, params, tokenizer, examples, recipe, log_fn)
-    models.save_hf_checkpoint(directory, cfg, params)
-    with open(os.path.join(directory, STAMP_FILE), "w") as f:
-        json.dump(dataclasses.asdict(recipe), f, indent=1)
-    return directory
+    return _fine_tune_base(directory, recipe, idk_examples(recipe),
+                           "solving and I-don't-know", IDK_ALIAS, base_dir=base_dir,
+                           cache_dir=cache_dir, log_fn=log_fn)
 
 
 def ensure_idk(cache_dir: str | None = None, recipe: TinyArithIdkRecipe = TinyArithIdkRecipe(),
