@@ -140,16 +140,13 @@ def keep_correct(rollouts, records: list[dict], tokenizer, max_per_prompt: int
                  ) -> list[tuple[str, str]]:
     """E-step filter: ``(prompt text, response text)`` of the verified-correct responses, at most
     ``max_per_prompt`` per problem (EOS is re-added by the SFT packer)."""
-    kept, per_prompt = [], {}
-    for row in np.nonzero(rollouts.rewards > 0)[0]:
-        prompt = int(rollouts.group_index[row])
-        if per_prompt.get(prompt, 0) >= max_per_prompt:
-            continue
-        per_prompt[prompt] = per_prompt.get(prompt, 0) + 1
+    kept = []
+    for row in process_values.select_by_outcome(rollouts.group_index, rollouts.rewards,
+                                                max_per_prompt):
         length = int(rollouts.lengths[row])
         text = tokenizer.decode(rollouts.tokens[row, :length].tolist(),
                                 skip_special_tokens=True)
-        kept.append((records[prompt]["prompt"], text))
+        kept.append((records[int(rollouts.group_index[row])]["prompt"], text))
     return kept
 
 
