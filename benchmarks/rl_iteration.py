@@ -14,13 +14,15 @@ regimes, set through the EOS logit (the checkpoint is random, so lengths are wha
   ~1/40 (geometric lengths, mean ~40, a few rows past 100) under a budget of 256 — the
   long-tailed lengths RL produces, where padding to the budget wastes most of the work.
 
-Three columns, each measured in this process on the same checkpoint and prompts, the median of
+Four columns, each measured in this process on the same checkpoint and prompts, the median of
 ``--iterations`` iterations after ``--warmup``:
 
 * ``ours``: the trainer as it runs by default (``training.trainer.Learner.iteration``).
-* ``ours, padded``: the same with the two savings of the speed issue turned off — a separate
-  forward for the old policy's log-probs, and the update at the full response budget — i.e. the
-  trainer before them.
+* ``ours, unpacked``: the same with ``--pack_sequences=false``: the update on rows padded to the
+  batch's longest response (rounded up to a quarter of the budget) instead of packed rows.
+* ``ours, padded``: the savings of the speed issue turned off — a separate forward for the old
+  policy's log-probs, the update at the full response budget, no packing — i.e. the trainer
+  before them.
 * ``TRL``: ``trl.GRPOTrainer`` (``beta=0``, one iteration per generation), when ``trl`` is
   importable; otherwise the script says so and prints our columns only.
 
@@ -162,7 +164,8 @@ def grpo_algorithm():
                      reward_fn=reward_fn)
 
 
-def make_learner(model_dir: str, dataset: str, workdir: str, max_new_tokens: int, args):
+def make_learner(model_dir: str, dataset: str, workdir: str, max_new_tokens: int, args, *,
+                 pack: bool = True):
     from offpolicy_jax.training import trainer
     from offpolicy_jax.training.config import RunConfig
 
@@ -171,25 +174,29 @@ def make_learner(model_dir: str, dataset: str, workdir: str, max_new_tokens: int
         workdir=workdir, model=model_dir, dataset=dataset, prompt_format="raw",
         batch_size=args.prompts, group_size=args.group_size, max_new_tokens=max_new_tokens,
         num_minibatches=1, num_passes=1, temperature=1.0, learning_rate=1e-6, eval_size=1,
-        eval_samples=1, progress=False)
+        eval_samples=1, progress=False, pack_sequences=pack)
     config.validate(algorithm)
     return trainer.Learner(trainer.Session(config, "grpo", reward_fn=algorithm.reward_fn),
                            algorithm)
 
 
 def time_ours(model_dir: str, dataset: str, workdir: str, max_new_tokens: int, args) -> dict:
-    """Both of our columns, their iterations interleaved (ours, padded, ours, ...) so that a
-    change in the machine's load hits both alike. Each learner samples from its own policy with
-    the same seeds, so both see the same lengths up to round-off."""
+    """Our columns, their iterations interleaved (ours, unpacked, padded, ours, ...) so that a
+    change in the machine's load hits all alike. Each learner samples from its own policy with
+    the same seeds, so all see the same lengths up to round-off."""
     learners = {"ours": make_learner(model_dir, dataset, os.path.join(workdir, "ours"),
-                                     max_new_tokens, args)}
+                                     max_new_tokens, args),
+                "ours_unpacked": make_learner(model_dir, dataset,
+                                              os.path.join(workdir, "unpacked"),
+                                              max_new_tokens, args, pack=False)}
     with padded_trainer():
         learners["ours_padded"] = make_learner(model_dir, dataset,
                                                os.path.join(workdir, "padded"),
-                                               max_new_tokens, args)
+                                               max_new_tokens, args, pack=False)
     records = {name: [] for name in learners}
     for iteration in range(1, args.warmup + args.iterations + 1):
-        records["ours"].append(learners["ours"].iteration(iteration))
+        for name in ("ours", "ours_unpacked"):
+            records[name].append(learners[name].iteration(iteration))
         with padded_trainer():
             records["ours_padded"].append(learners["ours_padded"].iteration(iteration))
     for learner in learners.values():
@@ -207,8 +214,11 @@ def summarise(records: list[dict], warmup: int) -> dict:
             "first_iteration_s": records[0]["step_s"],
             "mean_length": float(np.mean([r["response_length"] for r in measured])),
             "widths": sorted({int(r["response_width"]) for r in measured}),
-            "useful_token_fraction": float(np.mean([r["useful_token_fraction"]
-                                                    for r in measured]))}
+            # The share of the update's forward positions that are real tokens (prompt and
+            # response), of the padded rows and, when packed, of the packed rows.
+            "token_fraction": float(np.mean([r.get("packed_token_fraction",
+                                                   r["padded_token_fraction"])
+                                             for r in measured]))}
 
 
 # -- TRL ---------------------------------------------------------------------------------------
@@ -299,20 +309,21 @@ def main(argv=None):
 
 
 def print_row(name: str, workload: dict, row: dict) -> None:
-    ours, padded = row["ours"], row["ours_padded"]
+    ours, unpacked, padded = row["ours"], row["ours_unpacked"], row["ours_padded"]
     print(f"\n{name}: budget {workload['max_new_tokens']}, mean response length "
           f"{ours['mean_length']:.1f}, {row['checkpoint']['params_millions']}M parameters")
-    for label, r in (("ours", ours), ("ours, padded", padded)):
-        print(f"  {label:13s} {r['iteration_s']:6.2f} s/iteration (rollout {r['rollout_s']:.2f}, "
+    for label, r in (("ours", ours), ("ours, unpacked", unpacked), ("ours, padded", padded)):
+        print(f"  {label:15s} {r['iteration_s']:6.2f} s/iteration (rollout {r['rollout_s']:.2f}, "
               f"prepare {r['prepare_s']:.2f}, update {r['update_s']:.2f}; first "
-              f"{r['first_iteration_s']:.1f} s; useful tokens {r['useful_token_fraction']:.2f}, "
-              f"widths {r['widths']})")
-    print(f"  padded / ours: {padded['iteration_s'] / ours['iteration_s']:.2f}x")
+              f"{r['first_iteration_s']:.1f} s; real tokens {r['token_fraction']:.2f} of the "
+              f"update's positions, widths {r['widths']})")
+    print(f"  unpacked / ours: {unpacked['iteration_s'] / ours['iteration_s']:.2f}x, "
+          f"padded / ours: {padded['iteration_s'] / ours['iteration_s']:.2f}x")
     if "trl" in row:
         trl_row = row["trl"]
         generation = (f"generation+scoring {trl_row['generation_s']:.2f}, "
                       if trl_row["generation_s"] is not None else "")
-        print(f"  {'TRL':13s} {trl_row['iteration_s']:6.2f} s/iteration ({generation}first "
+        print(f"  {'TRL':15s} {trl_row['iteration_s']:6.2f} s/iteration ({generation}first "
               f"{trl_row['first_iteration_s']:.1f} s)")
         print(f"  TRL / ours: {trl_row['iteration_s'] / ours['iteration_s']:.2f}x")
     sys.stdout.flush()

@@ -333,7 +333,8 @@ def _check_tokens(tokens) -> None:
 
 
 def apply_hidden(cfg: ModelConfig, params: dict, tokens: Array, attention_mask: Array | None = None,
-                 positions: Array | None = None, *, remat: bool | str = False) -> Array:
+                 positions: Array | None = None, *, segment_ids: Array | None = None,
+                 remat: bool | str = False) -> Array:
     """Final-normed hidden states [B, T, D] in the compute dtype.
 
     Args:
@@ -343,17 +344,27 @@ def apply_hidden(cfg: ModelConfig, params: dict, tokens: Array, attention_mask: 
         A query sees key s iff s ≤ t and ``attention_mask[b, s]``.
       positions: [B, T] RoPE positions; default ``cumsum(mask) − 1`` clipped at 0, so that a
         left-padded row numbers its first real token 0.
+      segment_ids: [B, T] int, for rows that hold several sequences one after another (sequence
+        packing): a query sees key s iff s ≤ t and both carry the same id; 0 marks padding.
+        Replaces ``attention_mask``; ``positions`` must then restart at 0 in every segment.
       remat: recompute each layer in the backward pass (activation checkpointing): True for
         full recomputation, or the name of a ``jax.checkpoint_policies`` policy.
     """
     _check_tokens(tokens)
     batch, length = tokens.shape
+    causal = jnp.tril(jnp.ones((length, length), bool))
+    if segment_ids is not None:
+        if attention_mask is not None or positions is None:
+            raise ValueError("segment_ids replaces attention_mask and needs explicit positions")
+        same = segment_ids[:, :, None] == segment_ids[:, None, :]
+        allowed = causal[None, :, :] & same & (segment_ids > 0)[:, None, :]
+        model = Decoder(cfg, remat=remat)
+        return model.apply({"params": params}, tokens, positions, allowed)
     if attention_mask is None:
         attention_mask = jnp.ones((batch, length), bool)
     attention_mask = attention_mask.astype(bool)
     if positions is None:
         positions = default_positions(attention_mask)
-    causal = jnp.tril(jnp.ones((length, length), bool))
     allowed = causal[None, :, :] & attention_mask[:, None, :]
     model = Decoder(cfg, remat=remat)
     return model.apply({"params": params}, tokens, positions, allowed)

@@ -28,11 +28,13 @@ An :class:`Algorithm` is plain data plus pure functions, so an experiment file r
   math verifier), and how prompts are chosen (default: ``--prompt_selection``, the shuffled
   prompt stream unless it names MoPPS, ``training.selection``).
 
-The loss inputs (a dict of ``[B, ...]`` arrays; B rows of the minibatch): ``tokens``,
-``attention_mask``, ``positions`` ([B, P + R], see ``rollout.pack_sequences``), ``mask`` [B, R]
+The loss inputs (a dict of ``[B, ...]`` arrays; B rows of the minibatch): ``mask`` [B, R]
 (1 on generated tokens up to and including EOS), the rollout rows' ``behaviour_logp``,
-``rewards``, ``group_index``, ``policy_version`` (``training.batch``), the forward outputs above
-and ``prepare``'s arrays.
+``rewards``, ``group_index``, ``policy_version`` (``training.batch``), the forward outputs above,
+``prepare``'s arrays, and the model's inputs: ``tokens``, ``attention_mask``, ``positions``
+([B, P + R], see ``rollout.pack_sequences``), or with ``--pack_sequences`` their packed form
+(``rollout.pack_segments``), which a loss should not read. ``prepare`` always sees the padded
+rows.
 """
 
 from __future__ import annotations

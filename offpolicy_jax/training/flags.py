@@ -112,6 +112,10 @@ DTYPE = flags.DEFINE_enum("dtype", _DEFAULTS.dtype, ["float32", "bfloat16"], "Pa
 REMAT = flags.DEFINE_string("remat", _DEFAULTS.remat, "Activation recomputation in the training "
                             "backward pass: 'none', 'full', or a jax.checkpoint_policies name "
                             "(default: keep matmul outputs, recompute the elementwise ops).")
+PACK_SEQUENCES = flags.DEFINE_bool("pack_sequences", _DEFAULTS.pack_sequences, "Train on packed "
+                                   "rows: the batch's sequences laid end to end, so the forward "
+                                   "and backward passes skip the padding (same results within "
+                                   "float32 round-off); false: the padded layout.")
 COMPILATION_CACHE = flags.DEFINE_string("compilation_cache", None, "JAX's persistent "
                                         "compilation cache: compiled programs are reused by "
                                         "later runs on this machine (default: "
@@ -163,7 +167,8 @@ def run_config(experiment_name: str) -> RunConfig:
         eval_every=EVAL_EVERY.value, eval_every_rollouts=EVAL_EVERY_ROLLOUTS.value,
         eval_size=EVAL_SIZE.value, eval_samples=EVAL_SAMPLES.value,
         eval_temperature=EVAL_TEMPERATURE.value, ckpt_every=CKPT_EVERY.value, dtype=DTYPE.value,
-        remat=REMAT.value, compilation_cache=COMPILATION_CACHE.value, progress=PROGRESS.value,
+        remat=REMAT.value, pack_sequences=PACK_SEQUENCES.value,
+        compilation_cache=COMPILATION_CACHE.value, progress=PROGRESS.value,
         lora_rank=LORA_RANK.value, lora_alpha=LORA_ALPHA.value, lora_targets=LORA_TARGETS.value,
         lora_init=LORA_INIT.value, export_final=EXPORT_FINAL.value,
         wandb_project=WANDB_PROJECT.value, wandb_entity=WANDB_ENTITY.value,

@@ -140,8 +140,17 @@ def response_log_probs(cfg, params, tokens, attention_mask, positions, *, num_re
     total = tokens.shape[1]
     # Column P + j - 1 predicts response token j.
     predicting = hidden[:, total - num_response - 1:total - 1]
-    logits = models.hidden_to_logits(cfg, params, predicting)
     targets = tokens[:, total - num_response:]
+    return _token_outputs(cfg, params, predicting, targets, temperature=temperature,
+                          with_vocab_mean=with_vocab_mean, with_entropy=with_entropy,
+                          with_hidden=with_hidden)
+
+
+def _token_outputs(cfg, params, predicting, targets, *, temperature, with_vocab_mean,
+                   with_entropy, with_hidden) -> dict:
+    """``response_log_probs``' outputs from the hidden states ``predicting`` [..., D] that
+    predict ``targets`` [...]."""
+    logits = models.hidden_to_logits(cfg, params, predicting)
     # Greedy rollouts (T = 0) are scored at T = 1, as the sampler documents.
     temperature = temperature or 1.0
     out = {}
@@ -155,3 +164,145 @@ def response_log_probs(cfg, params, tokens, attention_mask, positions, *, num_re
     if with_hidden:
         out["hidden"] = predicting
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Sequence packing: the training forward over real tokens only.
+
+# The keys of a segment-packed batch (``pack_segments``); they replace ``tokens``,
+# ``attention_mask`` and ``positions`` of the padded layout.
+SEGMENT_KEYS = ("segment_tokens", "segment_positions", "segment_ids", "token_index")
+PADDED_KEYS = ("tokens", "attention_mask", "positions")
+
+
+def pack_segments(tokens: np.ndarray, attention_mask: np.ndarray, num_response: int, *,
+                  num_microbatches: int = 1, num_shards: int = 1, parts: int = 8) -> dict:
+    """Lays the sequences of a padded batch end to end in as few rows as fit (sequence packing).
+
+    A padded batch holds N rows of width W = P + R, but with long-tailed response lengths most
+    of it is padding that every forward and backward pass computes as if it were real: on the
+    long-tailed workload of ``benchmarks/`` (mean response 46 of a 128-256 width) about 70-80 %.
+    Here each row's real tokens (its prompt, then its response) become one *segment*, and the
+    segments are placed first-fit-decreasing into rows of the same width W, so every sequence
+    fits in one row and a packed row holds several; attention stays inside a segment
+    (``models.apply_hidden(segment_ids=...)``) and positions restart at 0 in each, so every
+    token sees exactly what it sees in the padded layout.
+
+    The train step splits a batch into microbatches (row m of every M) and shards rows over the
+    mesh's batch axes in contiguous blocks; so that both splits cut the packed rows where they
+    cut the original rows, the rows of each (microbatch, shard) group are packed on their own,
+    every group into the same number of rows, and the groups are interleaved like the rows.
+    That number is rounded up to a multiple of 1/``parts`` of the group's row count, which
+    keeps the number of distinct shapes (compiles) at most ``parts`` per width.
+
+    Args:
+      tokens, attention_mask: [N, P + R] padded batch (``pack_sequences``).
+      num_response: R; the last R columns are the response.
+      num_microbatches: M of the train step this batch feeds (1 for a plain forward).
+      num_shards: S, the batch's split over the mesh's batch axes.
+      parts: see above.
+
+    Returns: dict of numpy arrays: ``segment_tokens``, ``segment_positions``, ``segment_ids``
+    [M * S * Pr, W] (segment ids count from 1 in each row; 0 is padding), and ``token_index``
+    [N, R] int32: where, in its group's packed rows read as one flat sequence of Pr * W
+    positions, the hidden state that predicts each response token sits; Pr * W (one past the
+    end) where there is no response token.
+    """
+    tokens, attention_mask = np.asarray(tokens), np.asarray(attention_mask).astype(bool)
+    num_rows, width = tokens.shape
+    groups = num_microbatches * num_shards
+    if num_rows % groups:
+        raise ValueError(f"pack_segments: {num_rows} rows do not split into {num_microbatches} "
+                         f"microbatches x {num_shards} shards")
+    group_rows = num_rows // groups
+    prompt_width = width - num_response
+    prompt_lengths = attention_mask[:, :prompt_width].sum(axis=1)
+    lengths = attention_mask.sum(axis=1)
+    if np.any(prompt_lengths < 1):
+        raise ValueError(f"pack_segments: rows {np.flatnonzero(prompt_lengths < 1).tolist()} "
+                         "have an empty prompt (no token predicts their first response token)")
+    # Row r belongs to microbatch r % M; within it, to shard (r // M) // group_rows.
+    row_ids = np.arange(num_rows)
+    group_of = ((row_ids % num_microbatches) * num_shards
+                + (row_ids // num_microbatches) // group_rows)
+    placements = {}          # row -> (packed row within its group, offset)
+    bins_used = []
+    for group in range(groups):
+        members = row_ids[group_of == group]
+        free: list[int] = []
+        for row in members[np.argsort(-lengths[members], kind="stable")]:
+            slot = next((b for b, room in enumerate(free) if room >= lengths[row]), None)
+            if slot is None:
+                slot = len(free)
+                free.append(width)
+            placements[row] = (slot, width - free[slot])
+            free[slot] -= lengths[row]
+        bins_used.append(len(free))
+    quantum = -(-group_rows // parts)
+    packed_rows = min(group_rows, -(-max(bins_used) // quantum) * quantum)
+    total = groups * packed_rows
+    segment_tokens = np.zeros((total, width), np.int32)
+    segment_positions = np.zeros((total, width), np.int32)
+    segment_ids = np.zeros((total, width), np.int32)
+    token_index = np.full((num_rows, num_response), packed_rows * width, np.int32)
+    segments_in_row = np.zeros(total, np.int32)
+    for row in range(num_rows):
+        slot, offset = placements[row]
+        microbatch, shard = divmod(group_of[row], num_shards)
+        # Microbatch m of the step takes packed rows m, m + M, ...; shard s a contiguous block.
+        packed = (shard * packed_rows + slot) * num_microbatches + microbatch
+        length = lengths[row]
+        segment_tokens[packed, offset:offset + length] = tokens[row][attention_mask[row]]
+        segment_positions[packed, offset:offset + length] = np.arange(length)
+        segments_in_row[packed] += 1
+        segment_ids[packed, offset:offset + length] = segments_in_row[packed]
+        response_length = length - prompt_lengths[row]
+        # The hidden state at the segment's position P_r + j - 1 predicts response token j.
+        first = slot * width + offset + prompt_lengths[row] - 1
+        token_index[row, :response_length] = first + np.arange(response_length)
+    return {"segment_tokens": segment_tokens, "segment_positions": segment_positions,
+            "segment_ids": segment_ids, "token_index": token_index}
+
+
+def packed_response_log_probs(cfg, params, batch: dict, *, num_response: int, num_shards: int = 1,
+                              temperature: float = 1.0, with_vocab_mean: bool = False,
+                              with_entropy: bool = False, with_hidden: bool = False,
+                              remat: bool | str = False) -> dict:
+    """``response_log_probs`` of a segment-packed batch (``pack_segments``, one microbatch of
+    it): the same outputs, in the same [N, R] layout, from a forward over the packed rows.
+
+    The vocabulary projection runs on every packed position (prompt tokens included, padding
+    only at row ends); each response token's outputs are then read at its ``token_index`` within
+    its shard's rows, and positions without a response token read 0 (their mask is 0).
+    """
+    segment_tokens = batch["segment_tokens"]
+    hidden = models.apply_hidden(cfg, params, segment_tokens, positions=batch["segment_positions"],
+                                 segment_ids=batch["segment_ids"], remat=remat)
+    # The target of position c is the token at c + 1 (read only where that is the same segment).
+    targets = jnp.concatenate([segment_tokens[:, 1:], segment_tokens[:, :1]], axis=1)
+    out = _token_outputs(cfg, params, hidden, targets, temperature=temperature,
+                         with_vocab_mean=with_vocab_mean, with_entropy=with_entropy,
+                         with_hidden=with_hidden)
+    token_index = batch["token_index"]
+    rows = token_index.shape[0]
+
+    def to_rows(value):
+        # [S * Pr, W, ...] -> per shard one flat sequence plus a zero slot, read at token_index.
+        flat = value.reshape((num_shards, -1) + value.shape[2:])
+        flat = jnp.concatenate([flat, jnp.zeros_like(flat[:, :1])], axis=1)
+        index = token_index.reshape(num_shards, rows // num_shards, num_response)
+        picked = jax.vmap(lambda f, i: jnp.take(f, i, axis=0))(flat, index)
+        return picked.reshape((rows, num_response) + value.shape[2:])
+
+    return {name: to_rows(value) for name, value in out.items()}
+
+
+def policy_outputs(cfg, params, batch: dict, *, num_response: int, num_shards: int = 1,
+                   **options) -> dict:
+    """``response_log_probs`` of a training batch in either layout: segment-packed when it holds
+    ``segment_tokens`` (``pack_segments``), else padded."""
+    if "segment_tokens" in batch:
+        return packed_response_log_probs(cfg, params, batch, num_response=num_response,
+                                         num_shards=num_shards, **options)
+    return response_log_probs(cfg, params, batch["tokens"], batch["attention_mask"],
+                              batch["positions"], num_response=num_response, **options)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import time
 
@@ -234,16 +235,18 @@ class Session:
 # The RL learner: state, jitted functions, stored policies, rollout pipeline.
 
 
-def make_forward_fn(cfg, algorithm: Algorithm, outputs: tuple[str, ...], temperature: float):
+def make_forward_fn(cfg, algorithm: Algorithm, outputs: tuple[str, ...], temperature: float,
+                    num_shards: int = 1):
     """Jitted no-gradient forward outputs (``logp``, ``vocab_mean``, ``values``, ``entropy``) of a
-    packed batch under some parameters (the old policy, a stored policy); ``num_response`` (R,
-    static) is the batch's response width."""
+    batch's model inputs (padded or segment-packed, ``rollout.policy_outputs``) under some
+    parameters (the old policy, a stored policy); ``num_response`` (R, static) is the batch's
+    response width, ``num_shards`` its split over the mesh's batch axes."""
 
     @functools.partial(jax.jit, static_argnames="num_response")
     def forward(params, batch, num_response):
-        out = rollout.response_log_probs(
-            cfg, params, batch["tokens"], batch["attention_mask"], batch["positions"],
-            num_response=num_response, temperature=temperature,
+        out = rollout.policy_outputs(
+            cfg, params, batch, num_response=num_response, num_shards=num_shards,
+            temperature=temperature,
             with_vocab_mean="vocab_mean" in outputs, with_entropy="entropy" in outputs,
             with_hidden="values" in outputs)
         if "values" in outputs:
@@ -253,21 +256,24 @@ def make_forward_fn(cfg, algorithm: Algorithm, outputs: tuple[str, ...], tempera
     return forward
 
 
-def make_loss_fn(cfg, algorithm: Algorithm, config: RunConfig, *, old_from_current=False):
+def make_loss_fn(cfg, algorithm: Algorithm, config: RunConfig, *, old_from_current=False,
+                 num_shards: int = 1):
     """``(params, batch, rng, iteration) -> (loss, metrics)``: the current policy's forward
     outputs, then the algorithm's loss; adds the mean response entropy to the metrics.
 
     ``old_from_current``: the batch makes a single update, so the old policy's outputs
-    (``old_logp``, ...) are the current ones under stop-gradient, taken from this forward."""
+    (``old_logp``, ...) are the current ones under stop-gradient, taken from this forward.
+    ``num_shards``: the batch's split over the mesh's batch axes (a segment-packed batch is
+    packed per shard)."""
     old_outputs = algorithm.outputs("old") if old_from_current else ()
     outputs = tuple(o for o in algorithm_lib.OUTPUTS
                     if o in algorithm.outputs("current") or o in old_outputs)
     remat = remat_policy(config.remat)
 
     def loss_fn(params, batch, rng, iteration):
-        current = rollout.response_log_probs(
-            cfg, params, batch["tokens"], batch["attention_mask"], batch["positions"],
-            num_response=batch["mask"].shape[1], temperature=config.temperature,
+        current = rollout.policy_outputs(
+            cfg, params, batch, num_response=batch["mask"].shape[1], num_shards=num_shards,
+            temperature=config.temperature,
             with_vocab_mean="vocab_mean" in outputs, with_entropy=True,
             with_hidden="values" in outputs, remat=remat)
         if "correction_weights" in batch:
@@ -377,8 +383,10 @@ class Learner:
         self.state_sharding = step_lib.state_shardings(state, param_specs, mesh)
         self.state = jax.device_put(state, self.state_sharding)
         self.old_in_update = old_outputs_in_update(algorithm, config)
+        self.num_shards = math.prod(mesh.shape[axis] for axis in step_lib.BATCH_AXES)
         self.train_step = step_lib.make_train_step(
-            make_loss_fn(cfg, algorithm, config, old_from_current=self.old_in_update),
+            make_loss_fn(cfg, algorithm, config, old_from_current=self.old_in_update,
+                         num_shards=self.num_shards),
             self.optimizer, num_microbatches=config.num_microbatches, mesh=mesh,
             state_sharding=self.state_sharding,
             learning_rate_fn=optim.make_schedule(opt_config),
@@ -396,7 +404,8 @@ class Learner:
                 # The correction compares the trainer's policy with the sampler's.
                 outputs = ("logp", *outputs)
             if outputs and outputs not in by_outputs:
-                by_outputs[outputs] = make_forward_fn(cfg, algorithm, outputs, config.temperature)
+                by_outputs[outputs] = make_forward_fn(cfg, algorithm, outputs, config.temperature,
+                                                      self.num_shards)
             if outputs:
                 self.forward[policy] = by_outputs[outputs]
         self.pipeline = stages.RolloutPipeline(session.selection, session.sampler,
@@ -406,6 +415,7 @@ class Learner:
             (policies.behind("sampler", config.rollout_lag),) if config.rollout_lag else (),
             params)
         self.correction_metrics = {}
+        self.token_fractions = {}   # of the last batch's forward inputs (model_inputs)
         self.response_width = config.max_new_tokens   # of the last batch (Learner.prepare)
         self.guard = step_lib.NonFiniteGuard(config.max_nonfinite_steps)
 
@@ -474,8 +484,8 @@ class Learner:
         # Before any update: the old policy is the current one; stored policies as of now.
         scored_with = {"old": self.state.params,
                        **self.policies.for_iteration(iteration, self.state.params)}
-        placed = distributed.host_to_global(
-            {k: batch[k] for k in ("tokens", "attention_mask", "positions")}, self.batch_sharding)
+        placed = distributed.host_to_global(self.model_inputs(batch, num_microbatches=1),
+                                            self.batch_sharding)
         for policy, forward in self.forward.items():
             outputs = distributed.to_host(forward(self.policy_params(scored_with[policy]),
                                                   placed, num_response=width))
@@ -501,6 +511,23 @@ class Learner:
             batch.update({k: np.asarray(v) for k, v in targets.items()})
         return batch
 
+    def model_inputs(self, batch: dict, num_microbatches: int) -> dict:
+        """The forward's inputs of ``batch``'s rows: segment-packed for a step of
+        ``num_microbatches`` (``--pack_sequences``, ``rollout.pack_segments``) or the padded
+        rows; records the share of the positions computed that are real tokens."""
+        real = int(np.sum(batch["attention_mask"]))
+        self.token_fractions = {"padded_token_fraction": real / batch["tokens"].size}
+        if (not self.config.pack_sequences
+                or batch["tokens"].shape[0] % (num_microbatches * self.num_shards)):
+            # Packing needs every (microbatch, shard) group to hold whole rows; the padded rows
+            # are resharded inside the step instead.
+            return {k: batch[k] for k in rollout.PADDED_KEYS}
+        packed = rollout.pack_segments(batch["tokens"], batch["attention_mask"],
+                                       batch["mask"].shape[1], num_microbatches=num_microbatches,
+                                       num_shards=self.num_shards)
+        self.token_fractions["packed_token_fraction"] = real / packed["segment_tokens"].size
+        return packed
+
     def update(self, batch: dict, iteration: int) -> list[dict]:
         """``--num_passes`` passes over the batch, each split into ``--num_minibatches``
         optimizer updates (rows of one unit stay together); returns each update's metrics."""
@@ -518,6 +545,9 @@ class Learner:
                     # rows so that each microbatch is a contiguous run of whole units.
                     rows = rows.reshape(config.num_microbatches, -1).T.reshape(-1)
                 minibatch = {k: np.asarray(v)[rows] for k, v in batch.items()}
+                inputs = self.model_inputs(minibatch, config.num_microbatches)
+                minibatch = {**{k: v for k, v in minibatch.items()
+                                if k not in rollout.PADDED_KEYS}, **inputs}
                 frozen = () if self.adapted is None else (self.adapted.base,)
                 self.state, metrics = self.train_step(
                     self.state, distributed.host_to_global(minibatch, self.batch_sharding),
@@ -538,6 +568,7 @@ class Learner:
             "response_width": self.response_width,
             "useful_token_fraction": float(np.sum(rollouts.lengths))
             / (len(rollouts.lengths) * self.response_width),
+            **self.token_fractions,
             "rollouts": self.session.sampler.generated,
             "staleness_mean": float(np.mean(staleness)),
             "staleness_max": int(np.max(staleness)),
