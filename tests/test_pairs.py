@@ -137,7 +137,9 @@ def test_learner_update_never_splits_a_pair(num_microbatches):
         train_step=step_lib.make_train_step(loss_fn, optimizer,
                                             num_microbatches=num_microbatches),
         batch_sharding=device, replicated=device, guard=step_lib.NonFiniteGuard(5),
-        adapted=None)
+        adapted=None,
+        # The model's inputs as the padded layout passes them (no model here to pack for).
+        model_inputs=lambda minibatch, num_microbatches: {"tokens": minibatch["tokens"]})
     learner.config.validate(learner.algorithm)
     batch = {"tokens": np.zeros((2 * num_pairs, 1), np.int32),
              "row_id": np.arange(2 * num_pairs, dtype=np.int32)}

@@ -151,7 +151,9 @@ def test_learner_update_feeds_the_loss_whole_groups(num_microbatches):
         train_step=step_lib.make_train_step(loss_fn, optimizer,
                                             num_microbatches=num_microbatches),
         batch_sharding=device, replicated=device, guard=step_lib.NonFiniteGuard(5),
-        adapted=None)
+        adapted=None,
+        # The model's inputs as the padded layout passes them (no model here to pack for).
+        model_inputs=lambda minibatch, num_microbatches: {"tokens": minibatch["tokens"]})
     learner.config.validate(learner.algorithm)
     batch = {"tokens": np.zeros((num_rows, 1), np.int32),
              "row_id": np.arange(num_rows, dtype=np.int32)}

@@ -88,7 +88,7 @@ class RunConfig:
     max_nonfinite_steps: int = 5
     dtype: str = "float32"
     remat: str = rollout.DEFAULT_REMAT
-    pack_sequences: bool = False
+    pack_sequences: bool = True
     compilation_cache: str | None = None
     progress: bool = True
     lora_rank: int = 0
