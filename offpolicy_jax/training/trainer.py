@@ -484,8 +484,8 @@ class Learner:
         # Before any update: the old policy is the current one; stored policies as of now.
         scored_with = {"old": self.state.params,
                        **self.policies.for_iteration(iteration, self.state.params)}
-        placed = distributed.host_to_global(self.model_inputs(batch, num_microbatches=1),
-                                            self.batch_sharding)
+        placed = self.forward and distributed.host_to_global(
+            self.model_inputs(batch, num_microbatches=1), self.batch_sharding)
         for policy, forward in self.forward.items():
             outputs = distributed.to_host(forward(self.policy_params(scored_with[policy]),
                                                   placed, num_response=width))
