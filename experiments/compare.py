@@ -214,12 +214,16 @@ def summarise(runs: list[dict]) -> dict:
         mean_curve = [{"rollouts": ok[0]["curve"][i]["rollouts"],
                        "pass@1": sum(r["curve"][i]["pass@1"] for r in ok) / len(ok)}
                       for i in range(length)]
+        finals = [r["curve"][length - 1]["pass@1"] for r in ok]
         table[method] = {
             # The last evaluation is the run's last iteration (always evaluated).
             "seeds": len(ok), "iterations": ok[0]["curve"][-1]["iteration"],
             "rollouts": mean_curve[-1]["rollouts"],
             "pass@1_before": mean_curve[0]["pass@1"],
             "pass@1_after": mean_curve[-1]["pass@1"],
+            # Each seed's final pass@1, and the standard error of their mean (None: one seed).
+            "pass@1_after_by_seed": finals,
+            "pass@1_after_se": standard_error(finals),
             "pass@1_best": max(p["pass@1"] for p in mean_curve),
             "rollouts_to_grpo_final": (None if grpo_final is None
                                        else rollouts_to_reach(mean_curve, grpo_final)),
@@ -259,33 +263,57 @@ def write_markdown(results: dict, path: str, command: str) -> None:
         f.write(text)
 
 
-def lag_table(results: dict) -> dict:
-    """``{method: {lag: final pass@1}}`` of the ``<method>_lag<k>`` rows."""
+def standard_error(values: list[float]) -> float | None:
+    """Standard error of the mean of ``values`` (sample standard deviation / sqrt(n)); None for
+    fewer than two."""
+    if len(values) < 2:
+        return None
+    mean = sum(values) / len(values)
+    variance = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
+    return math.sqrt(variance / len(values))
+
+
+def lag_table(results: dict, key: str = "pass@1_after") -> dict:
+    """``{method: {lag: value}}`` of the ``<method>_lag<k>`` rows: the seeds' mean final pass@1,
+    or another summary ``key`` (``pass@1_after_se``: its standard error; rows without one are
+    left out)."""
     table = {}
     for name, r in results["methods"].items():
         method, _, lag = name.rpartition("_lag")
-        if method and lag.isdigit() and not r.get("failed"):
-            table.setdefault(method, {})[int(lag)] = r["pass@1_after"]
+        if method and lag.isdigit() and not r.get("failed") and r.get(key) is not None:
+            table.setdefault(method, {})[int(lag)] = r[key]
     return table
 
 
-def write_lag_markdown(table: dict, lags: list[int]) -> str:
+def write_lag_markdown(table: dict, lags: list[int], errors: dict | None = None) -> str:
+    """The method x lag table; ``errors`` (``lag_table(results, "pass@1_after_se")``) adds
+    ``± standard error`` where there are several seeds."""
+    errors = errors or {}
     rows = ["| method | " + " | ".join(f"lag {k}" for k in lags) + " |",
             "|---|" + "---|" * len(lags)]
-    for method, by_lag in table.items():
-        rows.append(f"| {method} | " + " | ".join(
-            f"{by_lag[k]:.3f}" if k in by_lag else "—" for k in lags) + " |")
+
+    def cell(method, k):
+        if k not in table[method]:
+            return "—"
+        error = errors.get(method, {}).get(k)
+        return f"{table[method][k]:.3f}" + ("" if error is None else f" ± {error:.3f}")
+
+    for method in table:
+        rows.append(f"| {method} | " + " | ".join(cell(method, k) for k in lags) + " |")
     return "\n".join(rows)
 
 
-def plot_lags(table: dict, lags: list[int], path: str) -> None:
+def plot_lags(table: dict, lags: list[int], path: str, errors: dict | None = None) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    errors = errors or {}
     figure, axis = plt.subplots(figsize=(6.4, 4.0), dpi=100)
     for method, by_lag in table.items():
         shown = [k for k in lags if k in by_lag]
-        axis.plot(shown, [by_lag[k] for k in shown], marker="o", label=method)
+        spread = [errors.get(method, {}).get(k) or 0.0 for k in shown]
+        axis.errorbar(shown, [by_lag[k] for k in shown], yerr=spread, marker="o", capsize=3,
+                      label=method)
     axis.set_xlabel("rollout lag k (iterations the sampler is behind)")
     axis.set_ylabel("final held-out pass@1")
     axis.set_title("tiny-arith: final pass@1 vs staleness")
@@ -347,10 +375,11 @@ def main(argv):
     plot(results, os.path.join(out, "comparison.png"))
     if ROLLOUT_LAGS.value:
         by_lag, lag_values = lag_table(results), [int(k) for k in ROLLOUT_LAGS.value]
+        errors = lag_table(results, "pass@1_after_se")
         with open(os.path.join(out, "results.md"), "a") as f:
-            f.write("\nFinal held-out pass@1 by rollout lag (seeds averaged):\n\n"
-                    + write_lag_markdown(by_lag, lag_values) + "\n")
-        plot_lags(by_lag, lag_values, os.path.join(out, "staleness.png"))
+            f.write("\nFinal held-out pass@1 by rollout lag (mean over seeds ± its standard "
+                    "error):\n\n" + write_lag_markdown(by_lag, lag_values, errors) + "\n")
+        plot_lags(by_lag, lag_values, os.path.join(out, "staleness.png"), errors)
     print(open(os.path.join(out, "results.md")).read())
     failed = [r["method"] for r in runs if r["returncode"] != 0]
     if failed:

@@ -104,3 +104,18 @@ def test_lagged_runs_form_a_method_by_lag_table_and_plot(tmp_path):
     assert "| grpo | 0.400 | 0.300 |" in text and "| topr | 0.350 | — |" in text
     compare.plot_lags(table, [0, 4], str(tmp_path / "staleness.png"))
     assert (tmp_path / "staleness.png").read_bytes()[:4] == b"\x89PNG"
+
+    # A second seed of grpo_lag0 (final 0.5): the mean 0.45 and its standard error,
+    # std([0.4, 0.5]) / sqrt(2) = 0.05; one-seed cells stay without one.
+    _write_metrics(tmp_path / "grpo_lag0_s1", [(0, 0.2), (100, 0.5)])
+    runs.append({"method": "grpo_lag0", "seed": "1", "workdir": str(tmp_path / "grpo_lag0_s1"),
+                 "returncode": 0, "wall_s": 1.0})
+    results = compare.summarise(runs)
+    assert results["methods"]["grpo_lag0"]["pass@1_after_by_seed"] == [
+        pytest.approx(0.4), pytest.approx(0.5)]
+    errors = compare.lag_table(results, "pass@1_after_se")
+    assert errors == {"grpo": {0: pytest.approx(0.05)}}
+    text = compare.write_lag_markdown(compare.lag_table(results), [0, 4], errors)
+    assert "| grpo | 0.450 ± 0.050 | 0.300 |" in text
+    compare.plot_lags(compare.lag_table(results), [0, 4], str(tmp_path / "bands.png"), errors)
+    assert (tmp_path / "bands.png").read_bytes()[:4] == b"\x89PNG"

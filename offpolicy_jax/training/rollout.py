@@ -10,6 +10,11 @@ Layout of one packed batch (N rows = prompts x group size):
 The log-prob of response token ``j`` (at column ``P + j``) comes from the hidden state at column
 ``P + j - 1``, so only the last ``R`` hidden states are projected to the vocabulary; the prompt's
 logits are never materialised.
+
+The trainer's forward passes take the same rows segment-packed (``pack_segments``, on by default:
+``--pack_sequences``): the sequences laid end to end in fewer rows, with a ``token_index`` that
+reads every response token's outputs back into the ``[N, R]`` layout above, so the losses never
+see the difference (``policy_outputs`` takes either layout).
 """
 
 import dataclasses
