@@ -83,15 +83,16 @@ OPTIONS = dict(temperature=0.7, with_vocab_mean=True, with_entropy=True, with_hi
 def test_packed_outputs_equal_the_padded_ones(num_shards):
     cfg, params, packed = _model_and_batch()
     budget = packed.num_response_tokens
-    padded = jax.jit(lambda p, b: rollout.policy_outputs(cfg, p, b, num_response=budget,
-                                                          **OPTIONS))(params,
-                                                                      packed.model_inputs())
+
+    def forward(params, batch):
+        return rollout.policy_outputs(cfg, params, batch, num_response=budget,
+                                      num_shards=num_shards, **OPTIONS)
+
+    padded = jax.jit(forward)(params, packed.model_inputs())
     segments = rollout.pack_segments(packed.tokens, packed.attention_mask, budget,
                                      num_shards=num_shards)
     assert segments["segment_tokens"].size < packed.tokens.size
     for use_jit in (True, False):
-        forward = lambda p, b: rollout.policy_outputs(cfg, p, b, num_response=budget,  # noqa
-                                                      num_shards=num_shards, **OPTIONS)
         out = (jax.jit(forward) if use_jit else forward)(params, segments)
         mask = packed.response_mask
         for name in ("logp", "vocab_mean", "entropy"):
