@@ -174,9 +174,7 @@ def _token_outputs(cfg, params, predicting, targets, *, temperature, with_vocab_
 # ---------------------------------------------------------------------------------------------
 # Sequence packing: the training forward over real tokens only.
 
-# The keys of a segment-packed batch (``pack_segments``); they replace ``tokens``,
-# ``attention_mask`` and ``positions`` of the padded layout.
-SEGMENT_KEYS = ("segment_tokens", "segment_positions", "segment_ids", "token_index")
+# The model inputs of the padded layout, which ``pack_segments``' arrays replace.
 PADDED_KEYS = ("tokens", "attention_mask", "positions")
 
 
