@@ -41,6 +41,7 @@ from concurrent import futures
 
 from absl import app, flags
 
+from offpolicy_jax.eval import test_time
 from offpolicy_jax.training import flags as shared_flags
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -223,7 +224,8 @@ def summarise(runs: list[dict]) -> dict:
             "pass@1_after": mean_curve[-1]["pass@1"],
             # Each seed's final pass@1, and the standard error of their mean (None: one seed).
             "pass@1_after_by_seed": finals,
-            "pass@1_after_se": standard_error(finals),
+            "pass@1_after_se": (test_time.standard_error(finals) if len(finals) > 1
+                                else None),
             "pass@1_best": max(p["pass@1"] for p in mean_curve),
             "rollouts_to_grpo_final": (None if grpo_final is None
                                        else rollouts_to_reach(mean_curve, grpo_final)),
@@ -261,16 +263,6 @@ def write_markdown(results: dict, path: str, command: str) -> None:
             "diagnostics over each run's iterations (first seed).\n")
     with open(path, "w") as f:
         f.write(text)
-
-
-def standard_error(values: list[float]) -> float | None:
-    """Standard error of the mean of ``values`` (sample standard deviation / sqrt(n)); None for
-    fewer than two."""
-    if len(values) < 2:
-        return None
-    mean = sum(values) / len(values)
-    variance = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
-    return math.sqrt(variance / len(values))
 
 
 def lag_table(results: dict, key: str = "pass@1_after") -> dict:
