@@ -75,6 +75,11 @@ RATIO_LEVEL = flags.DEFINE_enum("ratio_level", "sequence", ["sequence", "sequenc
                                                             "token"],
                                 "Importance ratio: trajectory product (the paper's), length-"
                                 "normalised (verl), or per token (Trinity-RFT/ROLL).")
+OBJECTIVE = flags.DEFINE_enum("objective", "topr", ["topr", "naive_reinforce"], "topr: the "
+                              "paper's loss (negatives' weight [π/μ]_0^1). naive_reinforce: the "
+                              "same rewards and baseline with every weight 1, i.e. REINFORCE on "
+                              "off-policy data without any correction (the paper's Eq. 4, whose "
+                              "negative term is unbounded), the baseline the paper shows collapsing.")
 NEGATIVE_REWARD = flags.DEFINE_float("negative_reward", -1.0, "Reward of a wrong answer (the paper "
                                      "uses R in {+1, -1}; the verifier gives 1 for correct).")
 
@@ -84,6 +89,9 @@ def make_algorithm(dataset: str = "arith", batch_size: int = 0,
     negative_reward = NEGATIVE_REWARD.value
     baseline = BASELINE.value
     ratio_level = RATIO_LEVEL.value
+    # TOPR's canonical bounds (a+, b+) = (1, 1), (a-, b-) = (0, 1); naive REINFORCE weights every
+    # sequence by 1 (losses.topr's docstring).
+    negative_bounds = (0.0, 1.0) if OBJECTIVE.value == "topr" else (1.0, 1.0)
 
     def signed_rewards(inputs, info) -> dict:
         """R = +1 for a verified answer, ``negative_reward`` otherwise (TOPR §4: R ∈ {+1, −1})."""
@@ -94,7 +102,8 @@ def make_algorithm(dataset: str = "arith", batch_size: int = 0,
     def loss(inputs, info):
         del info
         return losses.topr(inputs["logp"], inputs["behaviour_logp"], inputs["advantages"],
-                           inputs["mask"], baseline=baseline, ratio_level=ratio_level)
+                           inputs["mask"], baseline=baseline, ratio_level=ratio_level,
+                           negative_bounds=negative_bounds)
 
     if TASK.value == "verifier":
         return verifier_algorithm(loss, signed_rewards, dataset, batch_size, prompt_format)
