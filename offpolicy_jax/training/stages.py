@@ -22,6 +22,7 @@ own metrics, which the trainer writes to ``metrics.jsonl`` as ``<stage name>/<me
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import jax
 import numpy as np
@@ -51,6 +52,8 @@ class RolloutSampler:
       pad_id, eos_ids: the tokenizer's padding and end-of-sequence ids.
       reward_fn: ``(records, responses, pool) -> [n] rewards``.
       generated: responses sampled so far in this run (the "rollouts" budget); checkpointed.
+      reward_seconds: wall time spent decoding responses and in ``reward_fn`` so far (the
+        verifier's share of the rollout stage; not checkpointed).
     """
 
     cfg: object
@@ -62,6 +65,7 @@ class RolloutSampler:
     eos_ids: tuple
     reward_fn: object = verifier_reward
     generated: int = 0
+    reward_seconds: float = 0.0
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)
@@ -91,12 +95,14 @@ class RolloutSampler:
         # Every process holds all rows (generate gathers them); each scores its own share and
         # the rewards are all-gathered, so all processes continue with identical host data.
         mine = distributed.process_rows(tokens.shape[0])
+        start = time.time()
         responses = [self.tokenizer.decode(tokens[i, :lengths[i]].tolist(),
                                            skip_special_tokens=True)
                      for i in range(mine.start, mine.stop)]
         scores = (reward_fn or self.reward_fn)([records[i] for i in group_index[mine]],
                                                responses, self.pool)
         row_rewards = distributed.gather_rows(np.asarray(scores, np.float32), tokens.shape[0])
+        self.reward_seconds += time.time() - start
         prompt_array, prompt_lengths = batch_lib.prompts_to_array(
             [prompt_tokens[i] for i in group_index], self.pad_id)
         return Rollouts(

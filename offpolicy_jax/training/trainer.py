@@ -438,7 +438,7 @@ class Learner:
 
     def iteration(self, iteration: int) -> dict:
         """Collect → prepare → update; returns the iteration's metrics record."""
-        t0 = time.time()
+        t0, reward_seconds = time.time(), self.session.sampler.reward_seconds
         params, version = self.sampling_params(iteration)
         rollouts = self.pipeline.collect(params, iteration, policy_version=version)
         t_rollout = time.time()
@@ -450,6 +450,8 @@ class Learner:
         record = self.metrics(rollouts, step_metrics, iteration)
         record.update({
             "rollout_s": t_rollout - t0, "prepare_s": t_prepare - t_rollout,
+            # The verifier's part of rollout_s (decoding the responses included).
+            "reward_s": self.session.sampler.reward_seconds - reward_seconds,
             "update_s": t_update - t_prepare,
             "step_s": time.time() - t0,
             "tokens_per_s": float(np.sum(rollouts.lengths) * self.config.num_passes)
