@@ -10,18 +10,29 @@ rollout counts (``--eval_every_rollouts``). Nothing here depends on the method: 
 the command-line configuration in ``METHODS``. Then it reads every run's ``metrics.jsonl`` and
 writes
 
-* ``results.json`` — every run's evaluation curve and summary;
-* ``results.md`` — a table (pass@1 before/after, best, rollouts needed to reach the GRPO run's
-  final pass@1, wall time);
-* ``comparison.png`` — held-out pass@1 against rollouts consumed (matplotlib, Agg backend).
+* ``results.json`` — every run's evaluation curve and summary, each final number per seed with
+  the seeds' mean and its standard error (a later run diffs against it: ``--diff_against``);
+* ``results.md`` — the table grouped by family (``FAMILIES``): pass@1 before, pass@1 and pass@4
+  after (mean ± standard error over seeds), best, rollouts needed to reach the GRPO run's final
+  pass@1 with its spread over seeds, wall time; then the runs' training diagnostics;
+* ``comparison.png`` — held-out pass@1 against rollouts consumed, a band of ± one standard error
+  over seeds (matplotlib, Agg backend).
 
-Command (embedded default, 2 CPU cores; measured 24 minutes on an idle machine):
+A run whose workdir already holds a summary that spent the budget is not run again, so an
+interrupted comparison resumes where it stopped (a run killed midway resumes from its own last
+checkpoint).
+
+Command (embedded default: six methods, three seeds, two runs at a time on 2 CPU cores; one seed
+measured 24 minutes on an idle machine, so about 75 minutes):
 
     python experiments/compare.py --out=docs/comparison
 
 Methods: grpo, topr, remix, rover, arpo, rloo (default), ppo, dapo, dr_grpo, gspo, cispo,
-decoupled_ppo, expert_iteration, grpo_dynamic (DAPO's dynamic sampling), grpo_mopps and
-topr_mopps (MoPPS prompt selection), dpo, spin and veripo (preference and self-play training).
+decoupled_ppo, expert_iteration, bstar, auto_cei (on its own IDK-capable model), grpo_dynamic
+(DAPO's dynamic sampling), grpo_mopps and topr_mopps (MoPPS prompt selection), rise
+(self-verification), dpo, spin and veripo (preference and self-play training), and TOPR on the
+paper's off-policy data against naive REINFORCE on the same data (topr_offline,
+reinforce_offline).
 
 Bounded staleness: ``--rollout_lags=0,2,4,8`` runs every method at each ``--rollout_lag`` (rows
 ``<method>_lag<k>``) and adds a method × lag table of final pass@1 and ``staleness.png``:
@@ -45,6 +56,12 @@ from offpolicy_jax.eval import test_time
 from offpolicy_jax.training import flags as shared_flags
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+# The offline methods' flags; {iterations}, {prompts} and {eval_every} are filled in by ``plan``
+# from the budget (the on-policy iterations it buys, budget / group size, and iterations between
+# evaluation points).
+OFFLINE = ["--offline_prompts={prompts}", "--iterations={iterations}", "--rollout_budget=0",
+           "--eval_every_rollouts=0", "--eval_every={eval_every}"]
 
 # name -> (experiment file, its flags). Every method runs with its file's own defaults otherwise.
 METHODS = {
@@ -76,12 +93,45 @@ METHODS = {
     "dpo": ("dpo", []),
     "spin": ("spin", []),
     "veripo": ("veripo", []),
+    # TOPR's claim that truncating the negatives' weights keeps off-policy training stable, on
+    # the paper's own off-policy data: one dataset of the whole budget drawn from the initial
+    # policy (--mode=offline), then one pass over it in the on-policy methods' iteration count,
+    # TOPR against naive REINFORCE on the same data (every weight 1). The dataset is drawn at
+    # iteration 1, so the budget cannot end these runs and evaluations go by iterations.
+    "topr_offline": ("topr", ["--mode=offline", *OFFLINE]),
+    "reinforce_offline": ("topr", ["--mode=offline", "--objective=naive_reinforce", *OFFLINE]),
+    "rise": ("rise", []),
+    "bstar": ("bstar", []),
+    # Auto-CEI needs a model that can answer "I don't know": its own embedded checkpoint, which
+    # replaces --model (a method's flags come after the shared ones); its curriculum reads an
+    # evaluation after every iteration.
+    "auto_cei": ("auto_cei", ["--model=tiny-arith-idk", "--eval_every_rollouts=0"]),
 }
 DEFAULT_METHODS = ["grpo", "topr", "remix", "rover", "arpo", "rloo"]
 
+# The published table's groups, in order (a method in none of them is listed under "other").
+FAMILIES = {
+    "on-policy baselines": ["grpo", "dr_grpo", "dapo", "rloo", "ppo", "gspo", "cispo",
+                            "decoupled_ppo"],
+    "off-policy seed methods": ["topr", "topr_offline", "reinforce_offline", "remix", "rover",
+                                "arpo"],
+    "prompt selection and curricula": ["grpo_dynamic", "grpo_mopps", "topr_mopps"],
+    "self-verification": ["rise"],
+    "preference and self-play": ["dpo", "spin", "veripo"],
+    "expert iteration": ["expert_iteration", "bstar", "auto_cei"],
+}
+
+
+def family(name: str) -> str:
+    """The family of a table row: its method's, ``<method>_lag<k>`` rows included."""
+    method, _, lag = name.rpartition("_lag")
+    method = method if method and lag.isdigit() else name
+    return next((f for f, members in FAMILIES.items() if method in members), "other")
+
 METHOD_NAMES = flags.DEFINE_list("methods", DEFAULT_METHODS, f"Methods to run, from "
                                  f"{sorted(METHODS)}.")
-SEEDS = flags.DEFINE_list("seeds", ["0"], "Seeds; every method runs once per seed.")
+SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds; every method runs once per seed "
+                          "(three for the published table: a mean with a standard error).")
 EVAL_POINTS = flags.DEFINE_integer("eval_points", 8, "Held-out evaluations along each run "
                                    "(besides the start), at equal rollout counts.")
 OUT = flags.DEFINE_string("out", None, "Where results.md/json and comparison.png go "
@@ -92,6 +142,9 @@ REPORT_ONLY = flags.DEFINE_bool("report_only", False, "Do not run anything: rebu
 ROLLOUT_LAGS = flags.DEFINE_list("rollout_lags", None, "Run every method at each of these "
                                   "--rollout_lag values (rows <method>_lag<k>); default: the "
                                   "methods' own (on-policy) sampling.")
+DIFF_AGAINST = flags.DEFINE_string("diff_against", None, "An earlier results.json: add a table "
+                                   "of each method's final pass@1 then and now, with the "
+                                   "difference's standard error, to results.md.")
 EXTRA_FLAGS = flags.DEFINE_list("extra_flags", [], "Flags passed to every run, e.g. "
                                 "--extra_flags=--max_new_tokens=32.")
 
@@ -109,16 +162,22 @@ def plan(method: str, seed: str, lag: str | None = None) -> dict:
         raise ValueError(f"--rollout_budget must be >= 1 for a comparison, got {budget}")
     batch, group = shared_flags.BATCH_SIZE.value, shared_flags.GROUP_SIZE.value
     on_policy_iterations = math.ceil(budget / (batch * group))
+    extra = [flag.format(iterations=on_policy_iterations, prompts=budget // group,
+                         eval_every=max(1, on_policy_iterations // max(EVAL_POINTS.value, 1)))
+             for flag in extra]
     workdir = os.path.join(root_workdir(), f"{method}_seed{seed}")
-    command = [sys.executable, str(ROOT / "experiments" / f"{experiment}.py"), *extra,
+    # The method's own flags follow the shared ones (so they win where both set one, e.g.
+    # auto_cei's --model) and --extra_flags come last (they win over both).
+    command = [sys.executable, str(ROOT / "experiments" / f"{experiment}.py"),
                f"--model={shared_flags.MODEL.value}", f"--workdir={workdir}", f"--seed={seed}",
                f"--rollout_budget={budget}", f"--iterations={4 * on_policy_iterations}",
                f"--eval_every_rollouts={max(1, budget // max(EVAL_POINTS.value, 1))}",
                f"--batch_size={batch}", f"--group_size={group}",
                f"--eval_size={shared_flags.EVAL_SIZE.value}",
                f"--eval_samples={shared_flags.EVAL_SAMPLES.value}", "--progress=false",
-               *EXTRA_FLAGS.value]
-    return {"method": method, "seed": seed, "workdir": workdir, "command": command}
+               *extra, *EXTRA_FLAGS.value]
+    return {"method": method, "seed": seed, "workdir": workdir, "command": command,
+            "rollout_budget": budget}
 
 
 def root_workdir() -> str:
@@ -126,7 +185,13 @@ def root_workdir() -> str:
 
 
 def execute(run: dict) -> dict:
-    """Runs one experiment; its stdout/stderr go to ``<workdir>/log.txt``."""
+    """Runs one experiment; its stdout/stderr go to ``<workdir>/log.txt``. A run whose workdir
+    holds a summary that spent the budget is not started again (its own wall time is kept)."""
+    done = finished(run)
+    if done["returncode"] == 0 and done["rollouts"] >= run["rollout_budget"]:
+        print(f"{run['method']} seed {run['seed']}: finished before ({done['wall_s']:.0f} s)",
+              flush=True)
+        return done
     os.makedirs(run["workdir"], exist_ok=True)
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
@@ -146,12 +211,13 @@ def finished(run: dict) -> dict:
         return dict(run, returncode=1, wall_s=0.0)
     with open(path) as f:
         summary = json.load(f)
-    return dict(run, returncode=0, wall_s=summary["wall_s"])
+    return dict(run, returncode=0, wall_s=summary["wall_s"], rollouts=summary["rollouts"])
 
 
 
 def read_curve(workdir: str) -> list[dict]:
-    """``[{"iteration", "rollouts", "pass@1"}]`` of every evaluation in ``metrics.jsonl``."""
+    """``[{"iteration", "rollouts", "pass@1"[, "pass@4"]}]`` of every evaluation in
+    ``metrics.jsonl``."""
     path = os.path.join(workdir, "metrics.jsonl")
     if not os.path.exists(path):
         return []
@@ -160,9 +226,11 @@ def read_curve(workdir: str) -> list[dict]:
         for line in f:
             record = json.loads(line)
             if "eval/pass@1" in record:
-                curve.append({"iteration": record["iteration"],
-                              "rollouts": record.get("rollouts", 0),
-                              "pass@1": record["eval/pass@1"]})
+                point = {"iteration": record["iteration"], "rollouts": record.get("rollouts", 0),
+                         "pass@1": record["eval/pass@1"]}
+                if "eval/pass@4" in record:
+                    point["pass@4"] = record["eval/pass@4"]
+                curve.append(point)
     return curve
 
 
@@ -196,8 +264,15 @@ def rollouts_to_reach(curve: list[dict], target: float) -> int | None:
     return None
 
 
+def mean_and_error(values: list[float]) -> tuple[float, float | None]:
+    """The mean of the seeds' values and its standard error (None for a single seed)."""
+    return (sum(values) / len(values),
+            test_time.standard_error(values) if len(values) > 1 else None)
+
+
 def summarise(runs: list[dict]) -> dict:
-    """Per-method results (seeds averaged at each evaluation point)."""
+    """Per-method results: the seeds' mean curve (with its standard error at each evaluation)
+    and, for each final number, every seed's value, their mean and its standard error."""
     methods = {}
     for run in runs:
         run["curve"] = read_curve(run["workdir"])
@@ -212,11 +287,14 @@ def summarise(runs: list[dict]) -> dict:
             table[method] = {"failed": True}
             continue
         length = min(len(r["curve"]) for r in ok)
-        mean_curve = [{"rollouts": ok[0]["curve"][i]["rollouts"],
-                       "pass@1": sum(r["curve"][i]["pass@1"] for r in ok) / len(ok)}
-                      for i in range(length)]
-        finals = [r["curve"][length - 1]["pass@1"] for r in ok]
-        table[method] = {
+        curves = [r["curve"][:length] for r in ok]
+        mean_curve = []
+        for i in range(length):
+            mean, error = mean_and_error([c[i]["pass@1"] for c in curves])
+            mean_curve.append({"rollouts": curves[0][i]["rollouts"], "pass@1": mean,
+                               "pass@1_se": error})
+        finals = [c[-1]["pass@1"] for c in curves]
+        entry = {
             # The last evaluation is the run's last iteration (always evaluated).
             "seeds": len(ok), "iterations": ok[0]["curve"][-1]["iteration"],
             "rollouts": mean_curve[-1]["rollouts"],
@@ -224,30 +302,70 @@ def summarise(runs: list[dict]) -> dict:
             "pass@1_after": mean_curve[-1]["pass@1"],
             # Each seed's final pass@1, and the standard error of their mean (None: one seed).
             "pass@1_after_by_seed": finals,
-            "pass@1_after_se": (test_time.standard_error(finals) if len(finals) > 1
-                                else None),
+            "pass@1_after_se": mean_and_error(finals)[1],
             "pass@1_best": max(p["pass@1"] for p in mean_curve),
             "rollouts_to_grpo_final": (None if grpo_final is None
                                        else rollouts_to_reach(mean_curve, grpo_final)),
+            # Each seed's own rollouts to the target (None: that seed never reached it).
+            "rollouts_to_grpo_final_by_seed": (
+                None if grpo_final is None
+                else [rollouts_to_reach(c, grpo_final) for c in curves]),
             "wall_s": sum(r["wall_s"] for r in ok) / len(ok),
             "training": training_means(ok[0]["workdir"]),
             "curve": mean_curve,
         }
+        if all("pass@4" in c[-1] for c in curves):
+            entry["pass@4_after_by_seed"] = [c[-1]["pass@4"] for c in curves]
+            entry["pass@4_after"], entry["pass@4_after_se"] = mean_and_error(
+                entry["pass@4_after_by_seed"])
+        table[method] = entry
     return {"grpo_final_pass@1": grpo_final, "methods": table}
 
 
+def with_error(mean: float, error: float | None, digits: int = 3) -> str:
+    return f"{mean:.{digits}f}" + ("" if error is None else f" ± {error:.{digits}f}")
+
+
+def reach_cell(r: dict) -> str:
+    """Rollouts to GRPO's final pass@1: one seed's value, or over several seeds the mean ± its
+    standard error of those that reached it and how many did."""
+    by_seed = r.get("rollouts_to_grpo_final_by_seed")
+    if not by_seed:
+        return "—"
+    reached = [v for v in by_seed if v is not None]
+    if len(by_seed) == 1:
+        return "—" if not reached else str(reached[0])
+    if not reached:
+        return f"— (0/{len(by_seed)})"
+    mean, error = mean_and_error(reached)
+    return f"{with_error(mean, error, 0)} ({len(reached)}/{len(by_seed)})"
+
+
+def by_family(names) -> dict:
+    """``{family: [row names]}`` in ``FAMILIES``' order, "other" last."""
+    groups = {name: [] for name in [*FAMILIES, "other"]}
+    for name in names:
+        groups[family(name)].append(name)
+    return {name: rows for name, rows in groups.items() if rows}
+
+
 def write_markdown(results: dict, path: str, command: str) -> None:
-    rows = ["| method | iterations | rollouts | pass@1 start | pass@1 end | best | rollouts to "
-            "GRPO's final pass@1 | wall (s) |", "|---|---|---|---|---|---|---|---|"]
-    for method, r in results["methods"].items():
-        if r.get("failed"):
-            rows.append(f"| {method} | failed | | | | | | |")
-            continue
-        reach = r["rollouts_to_grpo_final"]
-        rows.append(f"| {method} | {r['iterations']} | {r['rollouts']} | "
-                    f"{r['pass@1_before']:.3f} | "
-                    f"{r['pass@1_after']:.3f} | {r['pass@1_best']:.3f} | "
-                    f"{'—' if reach is None else reach} | {r['wall_s']:.0f} |")
+    columns = ["method", "seeds", "iterations", "rollouts", "pass@1 start", "pass@1 end",
+               "pass@4 end", "best", "rollouts to GRPO's final pass@1", "wall per run (s)"]
+    rows = ["| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
+    for group, names in by_family(results["methods"]).items():
+        rows.append(f"| **{group}** |" + " |" * (len(columns) - 1))
+        for method in names:
+            r = results["methods"][method]
+            if r.get("failed"):
+                rows.append(f"| {method} | failed |" + " |" * (len(columns) - 2))
+                continue
+            pass4 = ("—" if "pass@4_after" not in r
+                     else with_error(r["pass@4_after"], r["pass@4_after_se"]))
+            rows.append(f"| {method} | {r['seeds']} | {r['iterations']} | {r['rollouts']} | "
+                        f"{r['pass@1_before']:.3f} | "
+                        f"{with_error(r['pass@1_after'], r['pass@1_after_se'])} | {pass4} | "
+                        f"{r['pass@1_best']:.3f} | {reach_cell(r)} | {r['wall_s']:.0f} |")
     logged = [k for k in TRAINING_METRICS
               if any(k in r.get("training", {}) for r in results["methods"].values())]
     if logged:
@@ -258,11 +376,36 @@ def write_markdown(results: dict, path: str, command: str) -> None:
             rows.append(f"| {method} | " + " | ".join(
                 f"{means[k]:.3f}" if k in means else "—" for k in logged) + " |")
     text = (f"Command: `{command}`\n\n" + "\n".join(rows) + "\n\n"
-            "pass@1: mean over the held-out samples per prompt; rollouts: fresh training "
-            "responses sampled (replayed ones not counted); the second table averages training "
-            "diagnostics over each run's iterations (first seed).\n")
+            "pass@1, pass@4: over the held-out samples per prompt, the mean over seeds ± its "
+            "standard error (no error: one seed); rollouts: fresh training responses sampled "
+            "(replayed ones not counted); rollouts to GRPO's final pass@1: the first evaluation "
+            "at or above it (several seeds: mean ± standard error over the seeds that reached "
+            "it, and how many did); the second table averages training diagnostics over each "
+            "run's iterations (first seed).\n")
+    if results.get("runs_wall_s") is not None:
+        text += (f"\nWall time: the runs' own times sum to {results['runs_wall_s'] / 3600:.2f} h"
+                 f" ({len(results.get('runs', []))} runs, {results.get('parallel')} at a time)")
+        elapsed = results.get("elapsed_s")
+        text += ("; this invocation took " + f"{elapsed / 60:.1f} min.\n" if elapsed is not None
+                 else ".\n")
     with open(path, "w") as f:
         f.write(text)
+
+
+def changes(results: dict, earlier: dict) -> str:
+    """A table of each method's final pass@1 now against ``earlier`` (another results.json):
+    the difference and its standard error, sqrt(se_now^2 + se_earlier^2), where both have one."""
+    rows = ["| method | earlier | now | change |", "|---|---|---|---|"]
+    for method, r in results["methods"].items():
+        before = earlier.get("methods", {}).get(method)
+        if r.get("failed") or not before or before.get("failed"):
+            continue
+        errors = (r.get("pass@1_after_se"), before.get("pass@1_after_se"))
+        error = (None if None in errors else math.sqrt(errors[0] ** 2 + errors[1] ** 2))
+        rows.append(f"| {method} | {with_error(before['pass@1_after'], errors[1])} | "
+                    f"{with_error(r['pass@1_after'], errors[0])} | "
+                    f"{with_error(r['pass@1_after'] - before['pass@1_after'], error)} |")
+    return "\n".join(rows)
 
 
 def lag_table(results: dict, key: str = "pass@1_after") -> dict:
@@ -317,20 +460,28 @@ def plot_lags(table: dict, lags: list[int], path: str, errors: dict | None = Non
 
 
 def plot(results: dict, path: str) -> None:
+    """Held-out pass@1 against fresh rollouts, one line per method (the seeds' mean) with a band
+    of ± one standard error where there are several seeds."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    figure, axis = plt.subplots(figsize=(6.4, 4.0), dpi=100)
+    figure, axis = plt.subplots(figsize=(7.2, 4.5), dpi=100)
     for method, r in results["methods"].items():
         if r.get("failed"):
             continue
-        axis.plot([p["rollouts"] for p in r["curve"]], [p["pass@1"] for p in r["curve"]],
-                  marker="o", label=method)
+        rollouts = [p["rollouts"] for p in r["curve"]]
+        mean = [p["pass@1"] for p in r["curve"]]
+        (line,) = axis.plot(rollouts, mean, marker="o", markersize=3, label=method)
+        if all(p.get("pass@1_se") is not None for p in r["curve"]):
+            errors = [p["pass@1_se"] for p in r["curve"]]
+            axis.fill_between(rollouts, [m - e for m, e in zip(mean, errors)],
+                              [m + e for m, e in zip(mean, errors)], color=line.get_color(),
+                              alpha=0.15, linewidth=0)
     axis.set_xlabel("fresh training rollouts")
-    axis.set_ylabel("held-out pass@1")
+    axis.set_ylabel("held-out pass@1 (band: ± standard error over seeds)")
     axis.set_title("tiny-arith: pass@1 vs rollouts consumed")
     axis.grid(alpha=0.3)
-    axis.legend()
+    axis.legend(fontsize=7, ncol=2)
     figure.tight_layout()
     figure.savefig(path)
     plt.close(figure)
@@ -347,12 +498,18 @@ def main(argv):
         raise ValueError(f"--rollout_lags: {bad_lags} are not integers >= 0")
     runs = [plan(method, seed, lag) for seed in SEEDS.value for method in METHOD_NAMES.value
             for lag in lags]
+    start = time.time()
     if REPORT_ONLY.value:
         runs = [finished(run) for run in runs]
     else:
         with futures.ThreadPoolExecutor(max_workers=max(PARALLEL.value, 1)) as pool:
             runs = list(pool.map(execute, runs))
     results = summarise(runs)
+    # Machine time: every run's own wall time, summed (runs finished before included); and how
+    # long this invocation took (None for a --report_only rebuild).
+    results["runs_wall_s"] = sum(r["wall_s"] for r in runs)
+    results["elapsed_s"] = None if REPORT_ONLY.value else time.time() - start
+    results["parallel"] = PARALLEL.value
     results["runs"] = [{k: v for k, v in r.items() if k != "command"} | {
         "command": " ".join(r["command"][1:])} for r in runs]
     out = OUT.value or root_workdir()
@@ -372,6 +529,12 @@ def main(argv):
             f.write("\nFinal held-out pass@1 by rollout lag (mean over seeds ± its standard "
                     "error):\n\n" + write_lag_markdown(by_lag, lag_values, errors) + "\n")
         plot_lags(by_lag, lag_values, os.path.join(out, "staleness.png"), errors)
+    if DIFF_AGAINST.value:
+        with open(DIFF_AGAINST.value) as f:
+            earlier = json.load(f)
+        with open(os.path.join(out, "results.md"), "a") as f:
+            f.write(f"\nFinal pass@1 against {DIFF_AGAINST.value}:\n\n"
+                    + changes(results, earlier) + "\n")
     print(open(os.path.join(out, "results.md")).read())
     failed = [r["method"] for r in runs if r["returncode"] != 0]
     if failed:

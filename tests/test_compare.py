@@ -35,13 +35,28 @@ def test_every_method_gets_the_same_budget_and_evaluation_points():
     for method, run in plans.items():
         experiment, extra = compare.METHODS[method]
         assert run["command"][1].endswith(f"experiments/{experiment}.py")
-        assert run["command"][2:2 + len(extra)] == extra
-        shared = run["command"][2 + len(extra):]
+        # The method's own flags come last, so they win over a shared one they also set.
+        if extra and "{" not in "".join(extra):
+            assert run["command"][len(run["command"]) - len(extra):] == extra
+        shared = run["command"][2:len(run["command"]) - len(extra)]
         # 1280 rollouts = 10 on-policy iterations of 16 x 8; the cap is never the binding limit.
         for flag in ("--rollout_budget=1280", "--iterations=40", "--eval_every_rollouts=320",
                      "--batch_size=16", "--group_size=8", "--progress=false"):
             assert flag in shared, (method, flag)
     assert "--reincarnation_fraction=0.5" in plans["remix"]["command"]
+    # Auto-CEI's IDK-capable model replaces the shared --model (absl keeps the last value).
+    auto_cei = plans["auto_cei"]["command"]
+    assert auto_cei.index("--model=tiny-arith-idk") > auto_cei.index("--model=tiny-arith")
+    # The offline runs: one dataset of the budget (1280 / 8 prompts), one pass over it in the
+    # on-policy iteration count, evaluated every 10 // 4 iterations; the budget switched off.
+    offline = plans["reinforce_offline"]["command"]
+    assert offline[-7:] == ["--mode=offline", "--objective=naive_reinforce",
+                            "--offline_prompts=160", "--iterations=10", "--rollout_budget=0",
+                            "--eval_every_rollouts=0", "--eval_every=2"]
+    # Every method of the repository sits in one family of the published table.
+    assert {compare.family(m) for m in compare.METHODS} == set(compare.FAMILIES)
+    assert compare.family("cispo_lag4") == "on-policy baselines"
+    assert compare.family("unknown") == "other"
 
 
 def _write_metrics(path, points):
@@ -73,7 +88,11 @@ def test_summary_table_and_plot(tmp_path):
     assert results["methods"]["rover"] == {"failed": True}
     compare.write_markdown(results, str(tmp_path / "results.md"), "python experiments/compare.py")
     table = (tmp_path / "results.md").read_text()
-    assert "| remix | 2 | 200 | 0.200 | 0.450 | 0.450 | 60 |" in table
+    # One seed: no standard errors; no pass@4 logged.
+    assert "| remix | 1 | 2 | 200 | 0.200 | 0.450 | — | 0.450 | 60 | 10 |" in table
+    # Grouped by family: GRPO's group first, then the off-policy methods.
+    assert table.index("**on-policy baselines**") < table.index("| grpo |") \
+        < table.index("**off-policy seed methods**") < table.index("| remix |")
     assert "| rover | failed |" in table
     # Training diagnostics averaged over the iterations: (0.25 + 0.5) / 2.
     assert remix["training"] == {"zero_gradient_group_fraction": pytest.approx(0.375)}
@@ -119,3 +138,58 @@ def test_lagged_runs_form_a_method_by_lag_table_and_plot(tmp_path):
     assert "| grpo | 0.450 ± 0.050 | 0.300 |" in text
     compare.plot_lags(compare.lag_table(results), [0, 4], str(tmp_path / "bands.png"), errors)
     assert (tmp_path / "bands.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_seeds_give_errors_spreads_bands_and_a_diff(tmp_path):
+    """Three seeds: every final number is the mean ± its standard error, hand-computed here;
+    rollouts to GRPO's final pass@1 are counted per seed."""
+    finals = {"grpo": (0.4, 0.5, 0.6), "topr": (0.5, 0.6, 0.4)}
+    runs = []
+    for method, values in finals.items():
+        for seed, final in enumerate(values):
+            workdir = tmp_path / f"{method}{seed}"
+            workdir.mkdir()
+            with open(workdir / "metrics.jsonl", "w") as f:
+                f.write(json.dumps({"iteration": 0, "eval/pass@1": 0.2, "eval/pass@4": 0.5})
+                        + "\n")
+                f.write(json.dumps({"iteration": 5, "rollouts": 100, "eval/pass@1": final,
+                                    "eval/pass@4": final + 0.2}) + "\n")
+            runs.append({"method": method, "seed": str(seed), "workdir": str(workdir),
+                         "returncode": 0, "wall_s": 60.0})
+    results = compare.summarise(runs)
+    topr = results["methods"]["topr"]
+    # mean 0.5; std(ddof=1) of (0.5, 0.6, 0.4) = 0.1, / sqrt(3) = 0.0577.
+    assert topr["pass@1_after"] == pytest.approx(0.5)
+    assert topr["pass@1_after_se"] == pytest.approx(0.1 / 3 ** 0.5)
+    assert topr["pass@4_after"] == pytest.approx(0.7)
+    assert topr["pass@4_after_se"] == pytest.approx(0.1 / 3 ** 0.5)
+    assert topr["curve"][0]["pass@1_se"] == pytest.approx(0.0)
+    # GRPO's final mean is 0.5: TOPR's seeds 0 and 1 reach it at 100 rollouts, seed 2 never.
+    assert topr["rollouts_to_grpo_final_by_seed"] == [100, 100, None]
+    assert compare.reach_cell(topr) == "100 ± 0 (2/3)"
+    compare.write_markdown(results, str(tmp_path / "results.md"), "cmd")
+    table = (tmp_path / "results.md").read_text()
+    assert "| topr | 3 | 5 | 100 | 0.200 | 0.500 ± 0.058 | 0.700 ± 0.058 | 0.500 |" in table
+    compare.plot(results, str(tmp_path / "bands.png"))
+    assert (tmp_path / "bands.png").read_bytes()[:4] == b"\x89PNG"
+
+    # Against an earlier results.json where TOPR ended at 0.4 ± 0.03 (and a method that is gone).
+    earlier = {"methods": {"topr": {"pass@1_after": 0.4, "pass@1_after_se": 0.03},
+                           "rover": {"pass@1_after": 0.3, "pass@1_after_se": None}}}
+    text = compare.changes(results, earlier)
+    error = ((0.1 / 3 ** 0.5) ** 2 + 0.03 ** 2) ** 0.5
+    assert f"| topr | 0.400 ± 0.030 | 0.500 ± 0.058 | 0.100 ± {error:.3f} |" in text
+    assert "rover" not in text and "grpo" not in text
+
+
+def test_a_finished_run_is_not_started_again(tmp_path):
+    """``execute`` reads a summary that spent the budget instead of running the command (here one
+    that would fail); a summary short of the budget runs it."""
+    workdir = tmp_path / "grpo_seed0"
+    workdir.mkdir()
+    (workdir / "summary.json").write_text(json.dumps({"rollouts": 1280, "wall_s": 321.0}))
+    run = {"method": "grpo", "seed": "0", "workdir": str(workdir), "rollout_budget": 1280,
+           "command": [sys.executable, "-c", "raise SystemExit(3)"]}
+    done = compare.execute(run)
+    assert done["returncode"] == 0 and done["wall_s"] == 321.0
+    assert compare.execute(dict(run, rollout_budget=2560))["returncode"] == 3

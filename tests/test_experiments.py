@@ -62,6 +62,8 @@ def metrics_without_timing(workdir) -> list[dict]:
 EXPERIMENTS = [
     ("topr", []),
     ("topr", ["--mode=offline", "--offline_prompts=8"]),
+    # The baseline of TOPR's claim: naive REINFORCE on the same offline data.
+    ("topr", ["--mode=offline", "--offline_prompts=8", "--objective=naive_reinforce"]),
     ("grpo", ["--variant=grpo", "--kl_coef=0.04", "--dynamic_sampling",
               "--max_sampling_rounds=2"]),
     ("grpo", ["--variant=dr_grpo"]),
@@ -100,6 +102,7 @@ EXPERIMENTS = [
 # kill-and-resume test below).
 SLOW_EXPERIMENTS = {"grpo --variant=dr_grpo", "grpo --variant=cispo", "topr",
                     "topr --mode=offline --offline_prompts=8",
+                    "topr --mode=offline --offline_prompts=8 --objective=naive_reinforce",
                     "ppo --lora_rank=4 --lora_targets=q,v,down --learning_rate=1e-3",
                     "expert_iteration --batches_per_iteration=2 --sft_batch_size=8",
                     # run by default (with its resume) in test_process_values
@@ -131,6 +134,10 @@ def test_experiment_runs_end_to_end(tiny_model, tmp_path, name, extra):
     assert 0.0 <= summary["pass@1_after"] <= 1.0
     records = metrics_without_timing(workdir)
     assert [r["iteration"] for r in records] == [0, 1, 2]
+    if name not in ("expert_iteration", "bstar"):      # the verifier's share of the rollouts
+        with open(workdir / "metrics.jsonl") as f:
+            timed = json.loads(f.readlines()[-1])
+        assert 0.0 < timed["reward_s"] < timed["rollout_s"]
     assert np.isfinite(records[-1]["train/loss"])
     assert 0.0 <= records[-1]["zero_gradient_group_fraction"] <= 1.0
     if "--prompt_selection=mopps" in extra:            # the selection stage's metrics are logged
@@ -145,6 +152,9 @@ def test_experiment_runs_end_to_end(tiny_model, tmp_path, name, extra):
     if "--dynamic_sampling" in extra:                  # extra rounds count in the budget
         assert all(r["rollouts"] >= 16 * r["iteration"] for r in records[1:])
         assert 1 <= records[-1]["dynamic_sampling/rounds"] <= 2
+    if "--objective=naive_reinforce" in extra:        # no importance weight at all
+        for r in records[1:]:
+            assert r["train/weight_min"] == r["train/weight_max"] == 1.0
     if "--rollout_lag=1" in extra:                     # iteration 2 samples from version 0
         assert [r["staleness_max"] for r in records[1:]] == [0, 1]
         assert "correction/weight_mean" in records[-1]
