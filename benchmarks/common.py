@@ -1,4 +1,5 @@
-"""Shared pieces of the benchmark scripts: timing and the machine's measured matmul peak."""
+"""Shared pieces of the benchmark scripts: timing, the machine's measured matmul peak and the
+model FLOPs a training token costs."""
 
 import time
 
@@ -28,3 +29,15 @@ def matmul_peak_flops(size: int = 2048, dtype=jnp.float32, repeats: int = 5) -> 
     matmul = jax.jit(lambda x, y: x @ y)
     seconds = time_call(matmul, a, b, repeats=repeats)
     return 2.0 * size ** 3 / seconds
+
+
+def model_flops_per_token(cfg, seq_len: float) -> float:
+    """Model FLOPs of one token's forward and backward pass (the PaLM appendix's count: 6 per
+    matmul parameter, the vocabulary projection included, plus 12 * layers * heads * head_dim *
+    seq_len for attention; recomputation is not counted)."""
+    d, f, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    per_layer = d * (cfg.num_heads + 2 * cfg.num_kv_heads) * hd + cfg.num_heads * hd * d \
+        + 3 * d * f
+    matmul_params = cfg.num_layers * per_layer + cfg.vocab_size * d
+    attention = 12 * cfg.num_layers * cfg.num_heads * hd * seq_len
+    return 6 * matmul_params + attention

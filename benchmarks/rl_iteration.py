@@ -26,6 +26,10 @@ Four columns, each measured in this process on the same checkpoint and prompts, 
 * ``TRL``: ``trl.GRPOTrainer`` (``beta=0``, one iteration per generation), when ``trl`` is
   importable; otherwise the script says so and prints our columns only.
 
+The update's model FLOPs on the real tokens (``benchmarks.common.model_flops_per_token``, the
+same work on both sides) give each side's update FLOP/s against the float32 matmul peak measured
+in the same run, and what our iteration would take with the update at that peak.
+
 Per-stage split: ours reports rollout (generation + reward), prepare (old/stored-policy passes,
 advantages) and update; TRL's step is split into generation+scoring and the rest. The ratio
 printed is TRL's time / ours (> 1: we are faster).
@@ -42,6 +46,9 @@ import tempfile
 import time
 
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.common import matmul_peak_flops, model_flops_per_token  # noqa: E402
 
 WORKLOADS = {"budget": {"max_new_tokens": 64, "eos_probability": 0.0},
              "longtail": {"max_new_tokens": 256, "eos_probability": 1 / 40}}
@@ -111,15 +118,26 @@ def make_checkpoint(directory: str, eos_probability: float) -> dict:
         offset = -1e4 / max(abs(h0), 1e-3)   # never
     params["lm_head"][0, eos] = offset / h0
     models.save_hf_checkpoint(directory, cfg, params)
-    return {"params_millions": round(cfg.num_params() / 1e6, 2), "h0": h0}
+    # The update's model FLOPs per real token (benchmarks.common): the matmul part, and the
+    # attention part per position of context.
+    return {"params_millions": round(cfg.num_params() / 1e6, 2), "h0": h0,
+            "flops_per_token": model_flops_per_token(cfg, 0),
+            "attention_flops_per_position": model_flops_per_token(cfg, 1)
+            - model_flops_per_token(cfg, 0)}
 
 
-def write_prompts(path: str, num: int) -> None:
-    """``num`` arith problems in the task's own prompt format, as a JSONL dataset (used raw)."""
+def write_prompts(path: str, num: int, model_dir: str) -> float:
+    """``num`` arith problems in the task's own prompt format, as a JSONL dataset (used raw);
+    returns their mean length in tokens."""
+    from offpolicy_jax import models
     from offpolicy_jax.data import prompts as prompts_lib
+    tokenizer = models.load_tokenizer(model_dir)
+    lengths = []
     with open(path, "w") as f:
         for record in prompts_lib.arith_records("heldout", num):
             f.write(json.dumps({"question": record["prompt"], "answer": record["gold"]}) + "\n")
+            lengths.append(len(tokenizer.encode(record["prompt"], add_special_tokens=False)))
+    return float(np.mean(lengths))
 
 
 def text_reward(text: str) -> float:
@@ -289,23 +307,47 @@ def main(argv=None):
     except ImportError:
         have_trl = False
         print("trl is not importable: the TRL column is not measured (pip install trl)")
+    # The float32 matmul peak of this machine, now: what an update could reach at best.
+    peak = matmul_peak_flops()
+    print(f"float32 matmul peak measured now: {peak / 1e9:.0f} GFLOP/s")
+    results["matmul_peak_flops"] = peak
     for name in args.workloads:
         workload = WORKLOADS[name]
         with tempfile.TemporaryDirectory() as tmp:
             model_dir, dataset = os.path.join(tmp, "model"), os.path.join(tmp, "prompts.jsonl")
             info = make_checkpoint(model_dir, workload["eos_probability"])
-            write_prompts(dataset, args.prompts * 2)
+            info["prompt_tokens"] = write_prompts(dataset, args.prompts * 2, model_dir)
             row = {"checkpoint": info, **time_ours(model_dir, dataset, tmp,
                                                    workload["max_new_tokens"], args)}
             if have_trl:
                 row["trl"] = time_trl(model_dir, dataset, os.path.join(tmp, "trl"),
                                       workload["max_new_tokens"], args)
+            row["update"] = update_throughput(row, args.prompts * args.group_size, peak)
             results[name] = row
         print_row(name, workload, row)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)
     return results
+
+
+def update_throughput(row: dict, rows: int, peak: float) -> dict:
+    """Model FLOP/s of the update, ours and TRL's (its step less generation and scoring), on the
+    iteration's real tokens (prompt and response, no padding) — the same work on both sides;
+    and what our iteration would take, and TRL's time over it, with the update at ``peak``."""
+    info, ours = row["checkpoint"], row["ours"]
+    sequence = info["prompt_tokens"] + ours["mean_length"]
+    flops = rows * sequence * (info["flops_per_token"]
+                               + info["attention_flops_per_position"] * sequence)
+    result = {"flops": flops, "ours_flops_per_s": flops / ours["update_s"],
+              "iteration_s_at_peak": ours["rollout_s"] + ours["prepare_s"] + flops / peak,
+              "peak_flops_per_s": peak}
+    trl_row = row.get("trl")
+    if trl_row and trl_row.get("generation_s") is not None:
+        rest = trl_row["iteration_s"] - trl_row["generation_s"]
+        result["trl_flops_per_s"] = flops / rest
+        result["trl_over_ours_at_peak"] = trl_row["iteration_s"] / result["iteration_s_at_peak"]
+    return result
 
 
 def print_row(name: str, workload: dict, row: dict) -> None:
@@ -326,6 +368,20 @@ def print_row(name: str, workload: dict, row: dict) -> None:
         print(f"  {'TRL':15s} {trl_row['iteration_s']:6.2f} s/iteration ({generation}first "
               f"{trl_row['first_iteration_s']:.1f} s)")
         print(f"  TRL / ours: {trl_row['iteration_s'] / ours['iteration_s']:.2f}x")
+    update = row["update"]
+    peak = update["peak_flops_per_s"]
+    line = (f"  update: {update['flops'] / 1e9:.0f} GFLOP of real tokens; ours "
+            f"{update['ours_flops_per_s'] / 1e9:.0f} GFLOP/s "
+            f"({update['ours_flops_per_s'] / peak:.0%} of the matmul peak)")
+    if "trl_flops_per_s" in update:
+        line += (f", TRL {update['trl_flops_per_s'] / 1e9:.0f} GFLOP/s "
+                 f"({update['trl_flops_per_s'] / peak:.0%})")
+    print(line)
+    line = (f"  with our update at the matmul peak: {update['iteration_s_at_peak']:.2f} "
+            f"s/iteration")
+    if "trl_over_ours_at_peak" in update:
+        line += f", TRL / ours {update['trl_over_ours_at_peak']:.2f}x"
+    print(line)
     sys.stdout.flush()
 
 

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from benchmarks.common import matmul_peak_flops  # noqa: E402
+from benchmarks.common import matmul_peak_flops, model_flops_per_token  # noqa: E402
 from offpolicy_jax import losses, models
 from offpolicy_jax.training import loop, optim, rollout, state as state_lib, step as step_lib
 
@@ -36,15 +36,6 @@ STEPS = flags.DEFINE_integer("steps", 5, "Timed steps (after one warm-up step)."
 MICROBATCHES = flags.DEFINE_integer("num_microbatches", 1, "Gradient accumulation.")
 REMAT = flags.DEFINE_string("remat", rollout.DEFAULT_REMAT, "Activation recomputation, as the RL "
                             "loop's --remat: 'none', 'full' or a jax.checkpoint_policies name.")
-
-
-def model_flops_per_token(cfg: models.ModelConfig, seq_len: int) -> float:
-    d, f, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
-    per_layer = d * (cfg.num_heads + 2 * cfg.num_kv_heads) * hd + cfg.num_heads * hd * d \
-        + 3 * d * f
-    matmul_params = cfg.num_layers * per_layer + cfg.vocab_size * d
-    attention = 12 * cfg.num_layers * cfg.num_heads * hd * seq_len
-    return 6 * matmul_params + attention
 
 
 def main(argv):
