@@ -80,7 +80,8 @@ OBJECTIVE = flags.DEFINE_enum("objective", "topr", ["topr", "naive_reinforce"], 
                               "paper's loss (negatives' weight [π/μ]_0^1). naive_reinforce: the "
                               "same rewards and baseline with every weight 1, i.e. REINFORCE on "
                               "off-policy data without any correction (the paper's Eq. 4, whose "
-                              "negative term is unbounded), the baseline the paper shows collapsing.")
+                              "negative term is unbounded), the baseline the paper shows "
+                              "collapsing.")
 NEGATIVE_REWARD = flags.DEFINE_float("negative_reward", -1.0, "Reward of a wrong answer (the paper "
                                      "uses R in {+1, -1}; the verifier gives 1 for correct).")
 
