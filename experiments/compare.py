@@ -302,7 +302,7 @@ def summarise(runs: list[dict]) -> dict:
             "pass@1_after": mean_curve[-1]["pass@1"],
             # Each seed's final pass@1, and the standard error of their mean (None: one seed).
             "pass@1_after_by_seed": finals,
-            "pass@1_after_se": mean_and_error(finals)[1],
+            "pass@1_after_se": mean_curve[-1]["pass@1_se"],
             "pass@1_best": max(p["pass@1"] for p in mean_curve),
             "rollouts_to_grpo_final": (None if grpo_final is None
                                        else rollouts_to_reach(mean_curve, grpo_final)),
@@ -430,8 +430,7 @@ def write_lag_markdown(table: dict, lags: list[int], errors: dict | None = None)
     def cell(method, k):
         if k not in table[method]:
             return "—"
-        error = errors.get(method, {}).get(k)
-        return f"{table[method][k]:.3f}" + ("" if error is None else f" ± {error:.3f}")
+        return with_error(table[method][k], errors.get(method, {}).get(k))
 
     for method in table:
         rows.append(f"| {method} | " + " | ".join(cell(method, k) for k in lags) + " |")
