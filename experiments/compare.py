@@ -34,6 +34,12 @@ decoupled_ppo, expert_iteration, bstar, auto_cei (on its own IDK-capable model),
 paper's off-policy data against naive REINFORCE on the same data (topr_offline,
 reinforce_offline).
 
+A sweep: ``--vary=flag=v1,v2`` (repeatable) adds one row ``<method>+<flag>=<v>`` per value, the
+method's configuration with that one flag changed, e.g. the ReMix sweep in the README:
+
+    python experiments/compare.py --methods=remix --seeds=0 --vary=num_passes=1,4 \
+        --vary=off_policy_fraction=0.2,0.6 --out=docs/comparison/remix_sweep
+
 Bounded staleness: ``--rollout_lags=0,2,4,8`` runs every method at each ``--rollout_lag`` (rows
 ``<method>_lag<k>``) and adds a method × lag table of final pass@1 and ``staleness.png``:
 
@@ -123,9 +129,11 @@ FAMILIES = {
 
 
 def family(name: str) -> str:
-    """The family of a table row: its method's, ``<method>_lag<k>`` rows included."""
-    method, _, lag = name.rpartition("_lag")
-    method = method if method and lag.isdigit() else name
+    """The family of a table row: its method's, ``<method>_lag<k>`` and ``<method>+<flag>=<v>``
+    rows included."""
+    base = name.partition("+")[0]
+    method, _, lag = base.rpartition("_lag")
+    method = method if method and lag.isdigit() else base
     return next((f for f, members in FAMILIES.items() if method in members), "other")
 
 METHOD_NAMES = flags.DEFINE_list("methods", DEFAULT_METHODS, f"Methods to run, from "
@@ -145,18 +153,27 @@ ROLLOUT_LAGS = flags.DEFINE_list("rollout_lags", None, "Run every method at each
 DIFF_AGAINST = flags.DEFINE_string("diff_against", None, "An earlier results.json: add a table "
                                    "of each method's final pass@1 then and now, with the "
                                    "difference's standard error, to results.md.")
+VARY = flags.DEFINE_multi_string("vary", [], "A one-at-a-time sweep around each method's "
+                                  "settings: 'flag=v1,v2' adds a row <method>+<flag>=<v> per "
+                                  "value, run with --<flag>=<v> after the method's own flags; "
+                                  "repeat for more flags (the unvaried row is kept).")
 EXTRA_FLAGS = flags.DEFINE_list("extra_flags", [], "Flags passed to every run, e.g. "
                                 "--extra_flags=--max_new_tokens=32.")
 
 
-def plan(method: str, seed: str, lag: str | None = None) -> dict:
+def plan(method: str, seed: str, lag: str | None = None,
+         setting: tuple[str, str] | None = None) -> dict:
     """The command line of one run: the budget, the evaluation points and an iteration cap that
     the budget always reaches first (4x the on-policy iterations); with ``lag``, sampling
-    ``lag`` iterations behind the trainer."""
+    ``lag`` iterations behind the trainer; with ``setting`` = (flag, value), that flag set
+    after the method's own (a ``--vary`` row)."""
     experiment, extra = METHODS[method]
     if lag is not None:
         extra = [*extra, f"--rollout_lag={lag}"]
         method = f"{method}_lag{lag}"
+    if setting is not None:
+        extra = [*extra, f"--{setting[0]}={setting[1]}"]
+        method = f"{method}+{setting[0]}={setting[1]}"
     budget = shared_flags.ROLLOUT_BUDGET.value
     if budget < 1:
         raise ValueError(f"--rollout_budget must be >= 1 for a comparison, got {budget}")
@@ -178,6 +195,19 @@ def plan(method: str, seed: str, lag: str | None = None) -> dict:
                *extra, *EXTRA_FLAGS.value]
     return {"method": method, "seed": seed, "workdir": workdir, "command": command,
             "rollout_budget": budget}
+
+
+def settings(vary: list[str]) -> list[tuple[str, str] | None]:
+    """The rows of a ``--vary`` sweep: None (the method as configured), then one
+    ``(flag, value)`` per value of each ``flag=v1,v2``."""
+    rows = [None]
+    for spec in vary:
+        flag, _, values = spec.partition("=")
+        flag = flag.strip().removeprefix("--")
+        if not flag or not values or any(not v.strip() for v in values.split(",")):
+            raise ValueError(f"--vary={spec!r}: expected 'flag=value1,value2,...'")
+        rows += [(flag, value.strip()) for value in values.split(",")]
+    return rows
 
 
 def root_workdir() -> str:
@@ -495,8 +525,8 @@ def main(argv):
     bad_lags = [lag for lag in lags if lag is not None and not lag.isdigit()]
     if bad_lags:
         raise ValueError(f"--rollout_lags: {bad_lags} are not integers >= 0")
-    runs = [plan(method, seed, lag) for seed in SEEDS.value for method in METHOD_NAMES.value
-            for lag in lags]
+    runs = [plan(method, seed, lag, setting) for seed in SEEDS.value
+            for method in METHOD_NAMES.value for lag in lags for setting in settings(VARY.value)]
     start = time.time()
     if REPORT_ONLY.value:
         runs = [finished(run) for run in runs]

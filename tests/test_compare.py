@@ -59,6 +59,29 @@ def test_every_method_gets_the_same_budget_and_evaluation_points():
     assert compare.family("unknown") == "other"
 
 
+def test_a_vary_sweep_adds_one_row_per_value_with_that_flag_last():
+    from absl import flags
+    from absl.testing import flagsaver
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+    rows = compare.settings(["num_passes=1,4", "--baseline=-0.5"])
+    assert rows == [None, ("num_passes", "1"), ("num_passes", "4"), ("baseline", "-0.5")]
+    with flagsaver.flagsaver(rollout_budget=1280, batch_size=16, group_size=8,
+                             workdir="/tmp/sweep"):
+        run = compare.plan("remix", "2", None, ("num_passes", "4"))
+        lagged = compare.plan("remix", "2", "4", ("num_passes", "4"))
+    assert run["method"] == "remix+num_passes=4"
+    assert run["workdir"] == "/tmp/sweep/remix+num_passes=4_seed2"
+    # After the method's own --num_passes default and its flags, so the varied value wins.
+    assert run["command"][-2:] == ["--reincarnation_fraction=0.5", "--num_passes=4"]
+    assert lagged["method"] == "remix_lag4+num_passes=4"
+    assert compare.family("remix+num_passes=4") == compare.family("remix_lag4+num_passes=4") \
+        == "off-policy seed methods"
+    for bad in ("num_passes", "num_passes=", "=1", "num_passes=1,,2"):
+        with pytest.raises(ValueError, match="--vary"):
+            compare.settings([bad])
+
+
 def _write_metrics(path, points):
     path.mkdir(parents=True)
     with open(path / "metrics.jsonl", "w") as f:
