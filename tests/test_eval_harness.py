@@ -223,11 +223,12 @@ def test_stop_token_ids_merge_tokenizer_config_and_generation_config(loaded, tmp
 def test_results_table_hand_values():
     table = harness.results_table({"gsm8k": {
         "pass@1": 0.125, "pass@4": 0.5, "maj@4": 0.25, "mean_length": 37.25,
-        "no_answer_fraction": 0.0625, "num_prompts": 4, "num_samples": 4, "num_too_long": 1}})
+        "no_answer_fraction": 0.0625, "distinct_correct": 0.75, "num_prompts": 4,
+        "num_samples": 4, "num_too_long": 1}})
     lines = table.splitlines()
     assert lines[0] == ("| benchmark | problems | n | pass@1 (%) | pass@4 (%) | maj@4 (%) | "
-                        "mean length | no answer (%) | too long |")
-    assert lines[2] == "| gsm8k | 4 | 4 | 12.5 | 50.0 | 25.0 | 37.2 | 6.2 | 1 |"
+                        "distinct correct | mean length | no answer (%) | too long |")
+    assert lines[2] == "| gsm8k | 4 | 4 | 12.5 | 50.0 | 25.0 | 0.75 | 37.2 | 6.2 | 1 |"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -263,6 +264,10 @@ def test_chunked_sampling_keeps_the_first_chunk_and_the_metrics_consistent(loade
         assert m["maj@3"] == metrics.mean_maj_at_k(
             [keys[p * 3:(p + 1) * 3] for p in range(4)], result.correct, 3)
         assert m["num_correct"] == int(result.correct.sum())
+        # Different correct texts per prompt, counted by hand from the prompt-major rows.
+        assert m["distinct_correct"] == pytest.approx(np.mean([
+            len({"".join(result.responses[p * 3 + j].split())
+                 for j in range(3) if result.correct[p, j]}) for p in range(4)]))
         assert m["mean_length"] == pytest.approx(result.lengths.mean())
         assert m["no_answer_fraction"] == pytest.approx(
             np.mean([e is None for e in result.extracted]))

@@ -87,3 +87,20 @@ def test_mean_maj_at_k_and_errors():
         metrics.maj_at_k(["1"], [True, False], 1)
     with pytest.raises(ValueError, match="k=3"):
         metrics.maj_at_k(["1", "2"], [True, False], 3)
+
+
+def test_distinct_correct_counts_different_correct_texts_up_to_whitespace():
+    responses = ["1+2=3 \\boxed{3}", "1+2 = 3 \\boxed{3}", "2+1=3 \\boxed{3}", "\\boxed{4}"]
+    # The first two differ only in whitespace; the wrong one never counts.
+    assert metrics.distinct_correct(responses, [True, True, True, False]) == 2
+    assert metrics.distinct_correct(responses, [False, False, False, True]) == 1
+    assert metrics.distinct_correct(responses, [False] * 4) == 0
+    # Problem means: (2 + 0) / 2; a problem with n copies of one solution counts 1.
+    assert metrics.mean_distinct_correct(
+        [responses[:3] + ["x"], ["a"] * 4], [[True, True, True, False], [False] * 4]) == 1.0
+    assert metrics.mean_distinct_correct([["a"] * 4], [[True] * 4]) == 1.0
+    with pytest.raises(ValueError, match="2 responses but 1 verdicts"):
+        metrics.distinct_correct(["a", "b"], [True])
+    with pytest.raises(ValueError, match=r"\[P, n\] with P = 2"):
+        metrics.mean_distinct_correct([["a"], ["b"]], [[True]])
+

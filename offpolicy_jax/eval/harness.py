@@ -360,9 +360,14 @@ def _with_error(block) -> str:
     return f"{100 * block['accuracy']:.1f} ± {100 * block['accuracy_stderr']:.1f}"
 
 
+def _number(value) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
 def results_table(benchmarks: dict) -> str:
-    """A markdown table, one row per benchmark: pass@k and maj@k in percent, mean response length
-    in tokens, the no-answer and too-long counts.
+    """A markdown table, one row per benchmark: pass@k and maj@k in percent, the different
+    correct responses per problem, mean response length in tokens, the no-answer and too-long
+    counts.
 
     Args:
       benchmarks: ``{name: metrics}`` as in ``results.json``'s ``"benchmarks"``.
@@ -376,7 +381,7 @@ def results_table(benchmarks: dict) -> str:
     methods = sorted({m["test_time"]["method"] for m in benchmarks.values() if "test_time" in m})
     header = (["benchmark", "problems", "n"] + [f"{k} (%)" for k in score_keys]
               + [f"{'/'.join(methods)} (%)"] * bool(methods)
-              + ["mean length", "no answer (%)", "too long"])
+              + ["distinct correct", "mean length", "no answer (%)", "too long"])
     lines = ["| " + " | ".join(header) + " |",
              "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
     for name, metrics in benchmarks.items():
@@ -384,7 +389,8 @@ def results_table(benchmarks: dict) -> str:
         row = ([name, str(metrics["num_prompts"]), str(metrics["num_samples"])]
                + [_percent(metrics.get(k)) for k in score_keys]
                + ([_with_error(metrics.get("test_time"))] if methods else [])
-               + ["-" if length is None else f"{length:.1f}",
+               + [_number(metrics.get("distinct_correct")),
+                  "-" if length is None else f"{length:.1f}",
                   _percent(metrics.get("no_answer_fraction")), str(metrics["num_too_long"])])
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)

@@ -16,6 +16,11 @@ the samples ("pass@1 averaged over n samples" in the RL papers).
 
 maj@k (self-consistency, Wang et al. 2022, https://arxiv.org/abs/2203.11171) takes the answer
 extracted most often among k samples and scores it against the gold answer.
+
+distinct correct counts a problem's correct samples that differ from each other as text (up to
+whitespace): n copies of one correct solution count 1. ROVER (arXiv 2509.24981) claims its
+policies keep several ways to a right answer where GRPO collapses to one; pass@k for large k and
+this count are the two views of that claim a verifier alone can measure.
 """
 
 from collections.abc import Callable, Sequence
@@ -157,3 +162,32 @@ def mean_maj_at_k(answers: Sequence[Sequence[str | None]], correct: np.ndarray, 
                          f"problems, got shape {correct.shape}")
     return float(np.mean([maj_at_k(list(a), list(c), k, same_answer=same_answer)
                           for a, c in zip(answers, correct)]))
+
+
+def distinct_correct(responses: Sequence[str], correct: Sequence[bool]) -> int:
+    """How many different correct responses one problem's samples hold (texts compared with all
+    whitespace removed, as ``_same_text`` compares answers).
+
+    Args:
+      responses: ``[n]`` sampled responses of the problem.
+      correct: ``[n]`` their verdicts.
+    """
+    if len(responses) != len(correct):
+        raise ValueError(f"distinct_correct: {len(responses)} responses but {len(correct)} "
+                         f"verdicts")
+    return len({"".join(r.split()) for r, ok in zip(responses, correct) if ok})
+
+
+def mean_distinct_correct(responses: Sequence[Sequence[str]], correct: np.ndarray) -> float:
+    """``distinct_correct`` averaged over problems (unsolved problems count 0).
+
+    Args:
+      responses: ``[P][n]`` sampled responses per problem.
+      correct: ``[P, n]`` verdicts.
+    """
+    correct = np.asarray(correct)
+    if correct.ndim != 2 or correct.shape[0] != len(responses) or correct.shape[0] == 0:
+        raise ValueError(f"mean_distinct_correct: correct must be [P, n] with P = "
+                         f"{len(responses)} problems, got shape {correct.shape}")
+    return float(np.mean([distinct_correct(list(r), list(c))
+                          for r, c in zip(responses, correct)]))

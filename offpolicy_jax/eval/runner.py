@@ -137,7 +137,8 @@ def evaluate_prompts(cfg, params, tokenizer, prompt_tokens: list[list[int]], gol
       on_samples: called with the number of samples just finished (for a progress bar).
 
     Returns:
-      An :class:`EvalResult`. ``metrics`` holds ``pass@{k}``, ``maj@{k}``, ``mean_length``
+      An :class:`EvalResult`. ``metrics`` holds ``pass@{k}``, ``maj@{k}``, ``distinct_correct``
+      (different correct responses per prompt, ``metrics.distinct_correct``), ``mean_length``
       (generated tokens per sampled response; None when nothing was sampled),
       ``no_answer_fraction`` and ``truncated_fraction`` (of the sampled responses),
       ``num_prompts``, ``num_samples`` (n), ``num_responses`` (sampled), ``num_correct``,
@@ -202,6 +203,8 @@ def evaluate_prompts(cfg, params, tokenizer, prompt_tokens: list[list[int]], gol
     per_prompt = [keys[p * n:(p + 1) * n] for p in range(num_prompts)]
     for k in maj_ks:
         results[f"maj@{k}"] = metrics_lib.mean_maj_at_k(per_prompt, correct, k)
+    results["distinct_correct"] = metrics_lib.mean_distinct_correct(
+        [responses[p * n:(p + 1) * n] for p in range(num_prompts)], correct)
     sampled = np.repeat(~too_long, n)
     num_sampled = int(sampled.sum())
     no_answer = np.array([e is None for e in extracted], bool) & sampled
