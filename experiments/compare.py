@@ -34,6 +34,11 @@ decoupled_ppo, expert_iteration, bstar, auto_cei (on its own IDK-capable model),
 paper's off-policy data against naive REINFORCE on the same data (topr_offline,
 reinforce_offline).
 
+With ``--final_eval_samples=n`` every finished run's last checkpoint is also evaluated by the
+harness (``python -m offpolicy_jax.eval``, the held-out arith set, n samples per problem) and the
+report adds pass@1/4/8/n and the different correct responses per problem, mean ± standard error
+over seeds: the measurements of ROVER's claim that pass@k stays high.
+
 A sweep: ``--vary=flag=v1,v2`` (repeatable) adds one row ``<method>+<flag>=<v>`` per value, the
 method's configuration with that one flag changed, e.g. the ReMix sweep in the README:
 
@@ -157,6 +162,13 @@ VARY = flags.DEFINE_multi_string("vary", [], "A one-at-a-time sweep around each 
                                   "settings: 'flag=v1,v2' adds a row <method>+<flag>=<v> per "
                                   "value, run with --<flag>=<v> after the method's own flags; "
                                   "repeat for more flags (the unvaried row is kept).")
+FINAL_EVAL_SAMPLES = flags.DEFINE_integer(
+    "final_eval_samples", 0, "n > 0: also evaluate every finished run's last checkpoint on the "
+    "held-out arith set (--final_eval_problems problems, n samples each, python -m "
+    "offpolicy_jax.eval) and add pass@1/4/8/n and distinct correct responses per problem to the "
+    "report (ROVER's diversity claim); 0: off.")
+FINAL_EVAL_PROBLEMS = flags.DEFINE_integer("final_eval_problems", 500, "Held-out problems of the "
+                                           "final-checkpoint evaluation (the arith set has 500).")
 EXTRA_FLAGS = flags.DEFINE_list("extra_flags", [], "Flags passed to every run, e.g. "
                                 "--extra_flags=--max_new_tokens=32.")
 
@@ -243,6 +255,46 @@ def finished(run: dict) -> dict:
         summary = json.load(f)
     return dict(run, returncode=0, wall_s=summary["wall_s"], rollouts=summary["rollouts"])
 
+
+
+def final_eval_dir(workdir: str, samples: int) -> str:
+    return os.path.join(workdir, f"final_eval_n{samples}")
+
+
+def final_eval(run: dict, samples: int, problems: int) -> dict:
+    """Evaluates a finished run's last checkpoint with the harness (``--final_eval_samples``),
+    once: an evaluation already in its folder is kept. Returns the run with
+    ``final_eval_returncode``."""
+    out = final_eval_dir(run["workdir"], samples)
+    if run["returncode"] != 0 or os.path.exists(os.path.join(out, "results.json")):
+        return run
+    # The run's own response budget and sampling temperature (its saved configuration).
+    with open(os.path.join(run["workdir"], "run_config.json")) as f:
+        config = json.load(f)["config"]
+    command = [sys.executable, "-m", "offpolicy_jax.eval", f"--model={run['workdir']}",
+               "--benchmarks=arith", f"--limit={problems}", f"--num_samples={samples}",
+               f"--k={','.join(str(k) for k in sorted({1, 4, 8, samples}) if k <= samples)}",
+               f"--temperature={config['eval_temperature']}", "--top_p=1",
+               f"--max_new_tokens={config['max_new_tokens']}",
+               f"--seed={run['seed']}", "--progress=false", f"--out={out}"]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "log.txt"), "w") as log:
+        result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+    print(f"{run['method']} seed {run['seed']}: final evaluation rc={result.returncode}",
+          flush=True)
+    return dict(run, final_eval_returncode=result.returncode)
+
+
+def read_final_eval(workdir: str, samples: int) -> dict | None:
+    """``{"pass@k": ..., "distinct_correct": ...}`` of a run's final-checkpoint evaluation."""
+    path = os.path.join(final_eval_dir(workdir, samples), "results.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        metrics = json.load(f)["benchmarks"]["arith"]
+    return {k: v for k, v in metrics.items() if k.startswith("pass@") or k == "distinct_correct"}
 
 
 def read_curve(workdir: str) -> list[dict]:
@@ -344,6 +396,13 @@ def summarise(runs: list[dict]) -> dict:
             "training": training_means(ok[0]["workdir"]),
             "curve": mean_curve,
         }
+        finals_n = [read_final_eval(r["workdir"], FINAL_EVAL_SAMPLES.value) for r in ok]
+        if FINAL_EVAL_SAMPLES.value and all(finals_n):
+            entry["final_eval"] = {"samples": FINAL_EVAL_SAMPLES.value}
+            for key in finals_n[0]:
+                by_seed = [f[key] for f in finals_n]
+                mean, error = mean_and_error(by_seed)
+                entry["final_eval"][key] = {"by_seed": by_seed, "mean": mean, "se": error}
         if all("pass@4" in c[-1] for c in curves):
             entry["pass@4_after_by_seed"] = [c[-1]["pass@4"] for c in curves]
             entry["pass@4_after"], entry["pass@4_after_se"] = mean_and_error(
@@ -396,6 +455,19 @@ def write_markdown(results: dict, path: str, command: str) -> None:
                         f"{r['pass@1_before']:.3f} | "
                         f"{with_error(r['pass@1_after'], r['pass@1_after_se'])} | {pass4} | "
                         f"{r['pass@1_best']:.3f} | {reach_cell(r)} | {r['wall_s']:.0f} |")
+    evaluated = {m: r["final_eval"] for m, r in results["methods"].items() if "final_eval" in r}
+    if evaluated:
+        keys = sorted({k for e in evaluated.values() for k in e if k.startswith("pass@")},
+                      key=lambda k: int(k.split("@")[1])) + ["distinct_correct"]
+        samples = next(iter(evaluated.values()))["samples"]
+        rows += ["", f"Last checkpoint, held-out arith, {samples} samples per problem "
+                 "(mean over seeds ± its standard error):", "",
+                 "| method | " + " | ".join(keys).replace("_", " ") + " |",
+                 "|---|" + "---|" * len(keys)]
+        for method, e in evaluated.items():
+            rows.append(f"| {method} | " + " | ".join(
+                with_error(e[k]["mean"], e[k]["se"], 2 if k == "distinct_correct" else 3)
+                if k in e else "—" for k in keys) + " |")
     logged = [k for k in TRAINING_METRICS
               if any(k in r.get("training", {}) for r in results["methods"].values())]
     if logged:
@@ -533,6 +605,9 @@ def main(argv):
     else:
         with futures.ThreadPoolExecutor(max_workers=max(PARALLEL.value, 1)) as pool:
             runs = list(pool.map(execute, runs))
+            if FINAL_EVAL_SAMPLES.value:
+                runs = list(pool.map(lambda run: final_eval(run, FINAL_EVAL_SAMPLES.value,
+                                                            FINAL_EVAL_PROBLEMS.value), runs))
     results = summarise(runs)
     # Machine time: every run's own wall time, summed (runs finished before included); and how
     # long this invocation took (None for a --report_only rebuild).

@@ -216,3 +216,36 @@ def test_a_finished_run_is_not_started_again(tmp_path):
     done = compare.execute(run)
     assert done["returncode"] == 0 and done["wall_s"] == 321.0
     assert compare.execute(dict(run, rollout_budget=2560))["returncode"] == 3
+
+
+def test_final_checkpoint_evaluations_are_read_once_and_tabulated(tmp_path):
+    """--final_eval_samples: each seed's harness results.json becomes a mean ± standard error
+    row; an evaluation already on disk is not run again (the run's command would fail)."""
+    from absl import flags
+    from absl.testing import flagsaver
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+    runs = []
+    for seed, (pass8, distinct) in enumerate([(0.7, 1.0), (0.8, 1.5)]):
+        workdir = tmp_path / f"rover_seed{seed}"
+        _write_metrics(workdir, [(0, 0.2), (100, 0.4)])
+        folder = pathlib.Path(compare.final_eval_dir(str(workdir), 16))
+        folder.mkdir()
+        (folder / "results.json").write_text(json.dumps({"benchmarks": {"arith": {
+            "pass@1": 0.4, "pass@8": pass8, "pass@16": 0.9, "maj@16": 0.5,
+            "distinct_correct": distinct, "mean_length": 20.0}}}))
+        runs.append({"method": "rover", "seed": str(seed), "workdir": str(workdir),
+                     "command": [sys.executable, "-c", "raise SystemExit(3)"],
+                     "returncode": 0, "wall_s": 1.0})
+    assert compare.final_eval(runs[0], 16, 8) is runs[0]
+    with flagsaver.flagsaver(final_eval_samples=16):
+        results = compare.summarise(runs)
+    final = results["methods"]["rover"]["final_eval"]
+    assert set(final) == {"samples", "pass@1", "pass@8", "pass@16", "distinct_correct"}
+    assert final["pass@8"]["by_seed"] == [0.7, 0.8]
+    assert final["pass@8"]["mean"] == pytest.approx(0.75)
+    assert final["pass@8"]["se"] == pytest.approx(0.05)     # sd 0.0707 / sqrt(2)
+    compare.write_markdown(results, str(tmp_path / "results.md"), "cmd")
+    table = (tmp_path / "results.md").read_text()
+    assert "| method | pass@1 | pass@8 | pass@16 | distinct correct |" in table
+    assert "| rover | 0.400 ± 0.000 | 0.750 ± 0.050 | 0.900 ± 0.000 | 1.25 ± 0.25 |" in table
