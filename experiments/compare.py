@@ -483,7 +483,8 @@ def write_markdown(results: dict, path: str, command: str) -> None:
             "(replayed ones not counted); rollouts to GRPO's final pass@1: the first evaluation "
             "at or above it (several seeds: mean ± standard error over the seeds that reached "
             "it, and how many did); the second table averages training diagnostics over each "
-            "run's iterations (first seed).\n")
+            "run's iterations (first seed). The plot leaves out offline rows: they draw their "
+            "whole dataset at iteration 1.\n")
     if results.get("runs_wall_s") is not None:
         text += (f"\nWall time: the runs' own times sum to {results['runs_wall_s'] / 3600:.2f} h"
                  f" ({len(results.get('runs', []))} runs, {results.get('parallel')} at a time)")
@@ -560,15 +561,26 @@ def plot_lags(table: dict, lags: list[int], path: str, errors: dict | None = Non
     plt.close(figure)
 
 
+def on_rollout_axis(curve: list[dict]) -> bool:
+    """Whether a curve's evaluations fall at different rollout counts (not so for an offline
+    run, whose every evaluation after the start is at the whole dataset's count)."""
+    rollouts = [p["rollouts"] for p in curve[1:]]
+    return len(set(rollouts)) == len(rollouts)
+
+
 def plot(results: dict, path: str) -> None:
     """Held-out pass@1 against fresh rollouts, one line per method (the seeds' mean) with a band
-    of ± one standard error where there are several seeds."""
+    of ± one standard error where there are several seeds. Offline rows (``topr_offline``...),
+    whose whole dataset is drawn at iteration 1, have no curve against rollouts and are left
+    out (the table has them)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     figure, axis = plt.subplots(figsize=(7.2, 4.5), dpi=100)
     for method, r in results["methods"].items():
         if r.get("failed"):
+            continue
+        if not on_rollout_axis(r["curve"]):
             continue
         rollouts = [p["rollouts"] for p in r["curve"]]
         mean = [p["pass@1"] for p in r["curve"]]

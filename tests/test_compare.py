@@ -122,6 +122,9 @@ def test_summary_table_and_plot(tmp_path):
     assert "| remix | 0.375 |" in table
     compare.plot(results, str(tmp_path / "comparison.png"))
     assert (tmp_path / "comparison.png").read_bytes()[:4] == b"\x89PNG"
+    # An offline run evaluates at its dataset's size every time: no curve against rollouts.
+    assert compare.on_rollout_axis(remix["curve"])
+    assert not compare.on_rollout_axis([{"rollouts": 0}, {"rollouts": 200}, {"rollouts": 200}])
 
 
 def test_lagged_runs_form_a_method_by_lag_table_and_plot(tmp_path):
