@@ -27,8 +27,8 @@ measured 24 minutes on an idle machine, so about 75 minutes):
 
     python experiments/compare.py --out=docs/comparison
 
-Methods: grpo, topr, remix, rover, arpo, rloo (default), ppo, dapo, dr_grpo, gspo, cispo,
-decoupled_ppo, expert_iteration, bstar, auto_cei (on its own IDK-capable model), grpo_dynamic
+Methods: grpo, topr, remix, rover, arpo, rloo (default), remix_ppo, ppo, dapo, dr_grpo, gspo,
+cispo, decoupled_ppo, expert_iteration, bstar, auto_cei (on its own IDK-capable model), grpo_dynamic
 (DAPO's dynamic sampling), grpo_mopps and topr_mopps (MoPPS prompt selection), rise
 (self-verification), dpo, spin and veripo (preference and self-play training), and TOPR on the
 paper's off-policy data against naive REINFORCE on the same data (topr_offline,
@@ -88,6 +88,8 @@ METHODS = {
     # T at half the run (the paper: T = 50 of 75-350 steps), counted in the iterations an
     # on-policy method takes to spend the budget.
     "remix": ("remix", ["--variant=grpo", "--reincarnation_fraction=0.5"]),
+    # ReMix-PPO, the paper's headline variant (value head and GAE), at the same T.
+    "remix_ppo": ("remix", ["--variant=ppo", "--reincarnation_fraction=0.5"]),
     "rover": ("rover", []),
     "arpo": ("arpo", []),
     "rloo": ("rloo", []),
@@ -124,8 +126,8 @@ DEFAULT_METHODS = ["grpo", "topr", "remix", "rover", "arpo", "rloo"]
 FAMILIES = {
     "on-policy baselines": ["grpo", "dr_grpo", "dapo", "rloo", "ppo", "gspo", "cispo",
                             "decoupled_ppo"],
-    "off-policy seed methods": ["topr", "topr_offline", "reinforce_offline", "remix", "rover",
-                                "arpo"],
+    "off-policy seed methods": ["topr", "topr_offline", "reinforce_offline", "remix",
+                                "remix_ppo", "rover", "arpo"],
     "prompt selection and curricula": ["grpo_dynamic", "grpo_mopps", "topr_mopps"],
     "self-verification": ["rise"],
     "preference and self-play": ["dpo", "spin", "veripo"],
