@@ -22,8 +22,8 @@ A run whose workdir already holds a summary that spent the budget is not run aga
 interrupted comparison resumes where it stopped (a run killed midway resumes from its own last
 checkpoint).
 
-Command (embedded default: six methods, three seeds, two runs at a time on 2 CPU cores; one seed
-measured 24 minutes on an idle machine, so about 75 minutes):
+Command (embedded default: six methods, three seeds, two runs at a time on 2 CPU cores; about
+1.5 hours: eight methods over three seeds took 111 minutes, ReMix's runs 19 minutes each):
 
     python experiments/compare.py --out=docs/comparison
 
@@ -655,8 +655,11 @@ def main(argv):
                     + changes(results, earlier) + "\n")
     print(open(os.path.join(out, "results.md")).read())
     failed = [r["method"] for r in runs if r["returncode"] != 0]
-    if failed:
-        raise SystemExit(f"runs failed: {failed} (see their log.txt)")
+    failed_evals = [f"{r['method']} seed {r['seed']}" for r in runs
+                    if r.get("final_eval_returncode", 0) != 0]
+    if failed or failed_evals:
+        raise SystemExit(f"runs failed: {failed} (see their log.txt); final evaluations failed: "
+                         f"{failed_evals} (see final_eval_n*/log.txt)")
 
 
 if __name__ == "__main__":
