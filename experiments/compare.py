@@ -228,6 +228,13 @@ def root_workdir() -> str:
     return shared_flags.WORKDIR.value or "workdirs/compare"
 
 
+def child_env() -> dict:
+    """The environment of a run or an evaluation: this checkout's package first on the path."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
 def execute(run: dict) -> dict:
     """Runs one experiment; its stdout/stderr go to ``<workdir>/log.txt``. A run whose workdir
     holds a summary that spent the budget is not started again (its own wall time is kept)."""
@@ -237,11 +244,10 @@ def execute(run: dict) -> dict:
               flush=True)
         return done
     os.makedirs(run["workdir"], exist_ok=True)
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     start = time.time()
     with open(os.path.join(run["workdir"], "log.txt"), "w") as log:
-        result = subprocess.run(run["command"], stdout=log, stderr=subprocess.STDOUT, env=env)
+        result = subprocess.run(run["command"], stdout=log, stderr=subprocess.STDOUT,
+                                env=child_env())
     run = dict(run, returncode=result.returncode, wall_s=time.time() - start)
     print(f"{run['method']} seed {run['seed']}: rc={result.returncode} "
           f"({run['wall_s']:.0f} s)", flush=True)
@@ -279,11 +285,9 @@ def final_eval(run: dict, samples: int, problems: int) -> dict:
                f"--temperature={config['eval_temperature']}", "--top_p=1",
                f"--max_new_tokens={config['max_new_tokens']}",
                f"--seed={run['seed']}", "--progress=false", f"--out={out}"]
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "log.txt"), "w") as log:
-        result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+        result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=child_env())
     print(f"{run['method']} seed {run['seed']}: final evaluation rc={result.returncode}",
           flush=True)
     return dict(run, final_eval_returncode=result.returncode)
@@ -398,8 +402,9 @@ def summarise(runs: list[dict]) -> dict:
             "training": training_means(ok[0]["workdir"]),
             "curve": mean_curve,
         }
-        finals_n = [read_final_eval(r["workdir"], FINAL_EVAL_SAMPLES.value) for r in ok]
-        if FINAL_EVAL_SAMPLES.value and all(finals_n):
+        finals_n = [read_final_eval(r["workdir"], FINAL_EVAL_SAMPLES.value)
+                    for r in ok] if FINAL_EVAL_SAMPLES.value else []
+        if finals_n and all(finals_n):
             entry["final_eval"] = {"samples": FINAL_EVAL_SAMPLES.value}
             for key in finals_n[0]:
                 by_seed = [f[key] for f in finals_n]

@@ -103,4 +103,3 @@ def test_distinct_correct_counts_different_correct_texts_up_to_whitespace():
         metrics.distinct_correct(["a", "b"], [True])
     with pytest.raises(ValueError, match=r"\[P, n\] with P = 2"):
         metrics.mean_distinct_correct([["a"], ["b"]], [[True]])
-

@@ -76,9 +76,13 @@ def mean_pass_at_k(correct: np.ndarray, k: int) -> float:
     return float(np.mean([pass_at_k(num_samples, int(c), k) for c in counts]))
 
 
+def _without_whitespace(text: str) -> str:
+    return "".join(text.split())
+
+
 def _same_text(a: str, b: str) -> bool:
     """Default answer identity for voting: equal after removing all whitespace."""
-    return "".join(a.split()) == "".join(b.split())
+    return _without_whitespace(a) == _without_whitespace(b)
 
 
 def majority_answer(answers: Sequence[str | None],
@@ -175,7 +179,7 @@ def distinct_correct(responses: Sequence[str], correct: Sequence[bool]) -> int:
     if len(responses) != len(correct):
         raise ValueError(f"distinct_correct: {len(responses)} responses but {len(correct)} "
                          f"verdicts")
-    return len({"".join(r.split()) for r, ok in zip(responses, correct) if ok})
+    return len({_without_whitespace(r) for r, ok in zip(responses, correct) if ok})
 
 
 def mean_distinct_correct(responses: Sequence[Sequence[str]], correct: np.ndarray) -> float:
